@@ -1,0 +1,386 @@
+"""A real local OpenAI-compatible server for tests and demos, with switchable misbehaviour.
+
+In-process:   async with FakeOpenAI() as fake: fake.base_url … fake.set_mode("rate_limit", times=1)
+Subprocess:   python -m devtools.fake_openai --port 0   (prints "fake_openai listening on <base_url>")
+              POST /_control {"mode": "hang"}  ·  GET /_requests  ·  DELETE /_requests  ·  GET /_state
+
+Modes: normal, hang (no headers ever), hang_mid (stalls after two pieces), status (any HTTP error,
+default 500), rate_limit (429 + Retry-After), cut (connection dropped mid-stream), truncate (stream
+ends cleanly without finish_reason or [DONE]), malformed (an event that is not JSON), wrong_type
+(200 text/html), think (<think> block split across events), reasoning (delta.reasoning_content
+first), json (ignores stream=true), error_event (an error object inside the 200 stream).
+Options (set_mode keywords or /_control keys): reply, status, message, retry_after, times, delay_s,
+chunk_chars, write_bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from aiohttp import web
+
+MODES = (
+    "normal",
+    "hang",
+    "hang_mid",
+    "status",
+    "rate_limit",
+    "cut",
+    "truncate",
+    "malformed",
+    "wrong_type",
+    "think",
+    "reasoning",
+    "json",
+    "error_event",
+)
+THINKING = "Let me think about this carefully. The user wants an answer."
+
+ReplyFn = Callable[[list[dict[str, Any]]], str]
+
+
+def default_reply(messages: list[dict[str, Any]]) -> str:
+    last = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+    return f"Fake model says: {last}"
+
+
+def _tokens(text: str) -> int:
+    return (len(text) + 3) // 4
+
+
+@dataclass
+class Behaviour:
+    mode: str = "normal"
+    reply: str | None = None  # fixed answer text; None = the reply function
+    status: int = 500  # for mode "status"
+    message: str = "the fake server was told to fail"
+    retry_after: str | None = "1"  # for mode "rate_limit"; None = no header
+    times: int | None = None  # misbehave this many times, then back to normal
+    delay_s: float = 0.0  # pause between events
+    chunk_chars: int = 0  # characters per content event; 0 = word by word
+    write_bytes: int = 0  # split the raw output into writes of this size; 0 = one write an event
+
+    @classmethod
+    def from_options(cls, mode: str = "normal", **options: Any) -> Behaviour:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"unknown options: {', '.join(sorted(unknown))}")
+        return cls(mode=mode, **options)
+
+
+class FakeOpenAI:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        reply_fn: ReplyFn = default_reply,
+        require_key: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.reply_fn = reply_fn
+        self.require_key = require_key  # when set, other keys get a 401 that echoes them back
+        self.behaviour = Behaviour()
+        self.requests: list[dict[str, Any]] = []
+        self.disconnects = 0
+        self.disconnected = asyncio.Event()  # set at every client disconnect seen mid-answer
+        self._runner: web.AppRunner | None = None
+        self._stopping = False
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def bodies(self) -> list[dict[str, Any]]:
+        return [r["body"] for r in self.requests if r["path"].endswith("/chat/completions")]
+
+    def set_mode(self, mode: str = "normal", **options: Any) -> None:
+        self.behaviour = Behaviour.from_options(mode, **options)
+
+    def reset(self) -> None:
+        self.behaviour = Behaviour()
+        self.requests.clear()
+        self.disconnects = 0
+        self.disconnected.clear()
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/_control", self._control)
+        app.router.add_get("/_requests", self._get_requests)
+        app.router.add_delete("/_requests", self._clear_requests)
+        app.router.add_get("/_state", self._state)
+        # handler_cancellation: a client hanging up cancels the handler, so we can count it.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server  # the bound port, when 0 asked the OS to pick one
+        if server is not None and server.sockets:  # type: ignore[union-attr]
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.base_url
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeOpenAI:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ---- control endpoints (for a fake running in another process)
+
+    async def _control(self, request: web.Request) -> web.Response:
+        options = await request.json()
+        try:
+            self.set_mode(**options)
+        except (TypeError, ValueError) as e:
+            return web.json_response({"error": str(e)}, status=400)
+        return web.json_response(asdict(self.behaviour))
+
+    async def _get_requests(self, request: web.Request) -> web.Response:
+        return web.json_response(self.requests)
+
+    async def _clear_requests(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"ok": True})
+
+    async def _state(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "behaviour": asdict(self.behaviour),
+                "requests": len(self.requests),
+                "disconnects": self.disconnects,
+            }
+        )
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
+    # ---- the chat endpoint
+
+    def _take_behaviour(self) -> Behaviour:
+        """The behaviour for this request; a `times`-limited one counts down to normal."""
+        current = self.behaviour
+        if current.times is not None:
+            current.times -= 1
+            if current.times <= 0:
+                self.behaviour = Behaviour(reply=current.reply, delay_s=current.delay_s)
+        return current
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.text()
+        try:
+            body: Any = json.loads(raw)
+        except ValueError:
+            body = raw
+        self.requests.append(
+            {
+                "path": request.path,
+                "authorization": request.headers.get("Authorization"),
+                "body": body,
+            }
+        )
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return _error(400, "messages: field required", "invalid_request_error")
+        presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if self.require_key is not None and presented != self.require_key:
+            return _error(401, f"Incorrect API key provided: {presented}", "invalid_api_key")
+        how = self._take_behaviour()
+        try:
+            return await self._answer(request, body, how)
+        except asyncio.CancelledError:
+            self._saw_disconnect()
+            raise
+        except ConnectionError:
+            self._saw_disconnect()
+            raise
+
+    def _saw_disconnect(self) -> None:
+        if not self._stopping:
+            self.disconnects += 1
+            self.disconnected.set()
+
+    async def _answer(self, request: web.Request, body: dict[str, Any], how: Behaviour) -> Any:
+        model = str(body.get("model") or "fake")
+        reply = how.reply if how.reply is not None else self.reply_fn(body["messages"])
+        if how.mode == "hang":
+            await asyncio.Event().wait()  # never answers; ends when the client hangs up
+        if how.mode == "status":
+            return _error(how.status, how.message, "fake_error")
+        if how.mode == "rate_limit":
+            headers = {"Retry-After": how.retry_after} if how.retry_after is not None else {}
+            return _error(429, "Rate limit reached, slow down", "rate_limit_exceeded", headers)
+        if how.mode == "wrong_type":
+            return web.Response(text="<html><body>Gateway login</body></html>", content_type="text/html")
+        usage = {
+            "prompt_tokens": sum(_tokens(str(m.get("content", ""))) for m in body["messages"]),
+            "completion_tokens": _tokens(reply),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if how.mode == "json" or body.get("stream") is not True:
+            return web.json_response(_completion(model, reply, usage))
+        return await self._stream(request, body, how, model, reply, usage)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        how: Behaviour,
+        model: str,
+        reply: str,
+        usage: dict[str, int],
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        stream = _Events(model)
+        content = f"<think>{THINKING}</think>\n\n{reply}" if how.mode == "think" else reply
+        pieces = _split(content, how.chunk_chars or (3 if how.mode == "think" else 0))
+        half = max(1, len(pieces) // 2)
+
+        async def send(data: bytes) -> None:
+            step = how.write_bytes or len(data)
+            for start in range(0, len(data), step):
+                await response.write(data[start : start + step])
+                if how.write_bytes:
+                    await asyncio.sleep(0.001)  # separate writes, so the client reads them apart
+            if how.delay_s:
+                await asyncio.sleep(how.delay_s)
+
+        await send(b": keep-alive comment\n\n" + stream.event({"role": "assistant", "content": ""}))
+        if how.mode == "reasoning":
+            for piece in _split(THINKING, 0):
+                await send(stream.event({"reasoning_content": piece}))
+        for i, piece in enumerate(pieces):
+            if how.mode == "hang_mid" and i == 2:
+                await asyncio.Event().wait()
+            if how.mode in ("cut", "truncate") and i == half:
+                break
+            if how.mode == "malformed" and i == half:
+                await send(b'data: {"choices": [{"delta": {"content": oops\n\n')
+            if how.mode == "error_event" and i == half:
+                await send(_sse({"error": {"message": "model overloaded", "type": "server_error"}}))
+                return response
+            await send(stream.event({"content": piece}))
+        if how.mode == "cut":
+            request.transport.close()  # type: ignore[union-attr]  # no final chunk: a broken stream
+            return response
+        if how.mode == "truncate":
+            await response.write_eof()
+            return response
+        await send(stream.event({}, finish_reason="stop"))
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            await send(_sse({**stream.envelope(), "choices": [], "usage": usage}))
+        await send(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+class _Events:
+    """chat.completion.chunk envelopes sharing one id, like a real stream."""
+
+    def __init__(self, model: str) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+        self.model = model
+        self.created = int(time.time())
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+        }
+
+    def event(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return _sse({**self.envelope(), "choices": [choice]})
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+def _split(text: str, size: int) -> list[str]:
+    """Word by word (each word keeps its following space), or fixed-size pieces."""
+    if size:
+        return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+    pieces: list[str] = []
+    for word in text.split(" "):
+        pieces.append(word + " ")
+    pieces[-1] = pieces[-1][:-1]
+    return [p for p in pieces if p] or [""]
+
+
+def _completion(model: str, reply: str, usage: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": usage,
+    }
+
+
+def _error(
+    status: int, message: str, kind: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "code": kind}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+async def _serve(host: str, port: int, mode: str, reply: str | None) -> None:
+    fake = FakeOpenAI(host=host, port=port)
+    fake.set_mode(mode, reply=reply)
+    await fake.start()
+    print(f"fake_openai listening on {fake.base_url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await fake.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
+    parser.add_argument("--mode", default="normal", choices=MODES)
+    parser.add_argument("--reply", default=None, help="a fixed answer instead of the computed one")
+    args = parser.parse_args()
+    asyncio.run(_serve(args.host, args.port, args.mode, args.reply))
+
+
+if __name__ == "__main__":
+    main()

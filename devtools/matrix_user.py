@@ -1,0 +1,448 @@
+"""A small async Matrix client for a human test user (aiohttp against the client-server API).
+
+A background /sync loop records every state and timeline event per room, invites and ephemeral
+events, so tests can wait for what the bot does and look back at what it already did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+Event = dict[str, Any]
+Predicate = Callable[[Event], bool]
+
+# A timeline limit this large means a test never sees a gapped ("limited") timeline.
+_SYNC_FILTER = json.dumps(
+    {
+        "room": {
+            "timeline": {"limit": 500},
+            "state": {"lazy_load_members": False},
+        },
+        "presence": {"not_types": ["*"]},
+    }
+)
+_txn_ids = itertools.count()
+
+
+class MatrixError(RuntimeError):
+    """A client-server API call failed."""
+
+    def __init__(self, method: str, path: str, status: int, body: Any) -> None:
+        super().__init__(f"{method} {path} -> {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+@dataclass
+class RoomLog:
+    """Everything the sync loop saw in one room, in arrival order."""
+
+    events: list[Event] = field(default_factory=list)  # state and timeline, deduplicated
+    ephemeral: list[Event] = field(default_factory=list)  # typing, receipts
+    account_data: dict[str, Any] = field(default_factory=dict)
+    seen_ids: set[str] = field(default_factory=set)
+
+    def add(self, event: Event) -> None:
+        event_id = event.get("event_id")
+        if event_id:
+            if event_id in self.seen_ids:
+                return
+            self.seen_ids.add(event_id)
+        self.events.append(event)
+
+
+def is_edit(event: Event) -> bool:
+    """True for an `m.replace` edit (its own event, not a new message)."""
+    rel = event.get("content", {}).get("m.relates_to") or {}
+    return rel.get("rel_type") == "m.replace"
+
+
+def is_message(event: Event, sender: str | None = None, msgtype: str | None = None) -> bool:
+    """An original (non-edit) m.room.message, optionally from a sender and of a msgtype."""
+    if event.get("type") != "m.room.message" or is_edit(event):
+        return False
+    if sender is not None and event.get("sender") != sender:
+        return False
+    return msgtype is None or event.get("content", {}).get("msgtype") == msgtype
+
+
+class MatrixUser:
+    """One logged-in user with a background sync loop. Use `await MatrixUser.login(...)` or `start()`."""
+
+    def __init__(self, homeserver_url: str, user_id: str, access_token: str) -> None:
+        self.homeserver_url = homeserver_url.rstrip("/")
+        self.user_id = user_id
+        self.access_token = access_token
+        self.rooms: dict[str, RoomLog] = {}
+        self.invites: dict[str, list[Event]] = {}  # room id -> stripped invite state
+        self.joined: set[str] = set()
+        self.left: set[str] = set()
+        self.account_data: dict[str, Any] = {}
+        self.next_batch: str | None = None
+        self.sync_count = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._sync_task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
+        self._sync_error: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    @classmethod
+    async def login(cls, homeserver_url: str, localpart: str, password: str) -> MatrixUser:
+        """Log in with a password and start syncing."""
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                homeserver_url.rstrip("/") + "/_matrix/client/v3/login",
+                json={
+                    "type": "m.login.password",
+                    "identifier": {"type": "m.id.user", "user": localpart},
+                    "password": password,
+                },
+            ) as resp:
+                data = await resp.json()
+                if resp.status != 200:
+                    raise MatrixError("POST", "/login", resp.status, data)
+        user = cls(homeserver_url, data["user_id"], data["access_token"])
+        await user.start()
+        return user
+
+    async def start(self) -> MatrixUser:
+        """Open the HTTP session and run /sync in the background; returns after the first sync."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {self.access_token}"},
+                timeout=aiohttp.ClientTimeout(total=90),
+            )
+        if self._sync_task is None:
+            self._sync_task = asyncio.create_task(self._sync_loop(), name=f"sync {self.user_id}")
+            await self.wait_until(lambda: self.sync_count > 0, timeout=30, what="first sync")
+        return self
+
+    async def close(self) -> None:
+        """Stop syncing and close the HTTP session."""
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            try:
+                await self._sync_task
+            except (asyncio.CancelledError, Exception):
+                pass  # the loop's own errors don't matter once we are closing
+            self._sync_task = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> MatrixUser:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- HTTP --------------------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        check: bool = True,
+    ) -> tuple[int, Any]:
+        """A client-server API call; raises MatrixError on >=300 unless check is False."""
+        if self._session is None:
+            raise RuntimeError("MatrixUser not started")
+        url = self.homeserver_url + path
+        async with self._session.request(method, url, json=body, params=query) as resp:
+            try:
+                data = await resp.json(content_type=None)
+            except (json.JSONDecodeError, aiohttp.ContentTypeError):
+                data = {"raw": await resp.text()}
+            if check and resp.status >= 300:
+                raise MatrixError(method, path, resp.status, data)
+            return resp.status, data
+
+    @staticmethod
+    def _q(value: str) -> str:
+        return urllib.parse.quote(value, safe="")
+
+    # -- sync --------------------------------------------------------------------------------------
+
+    async def _sync_loop(self) -> None:
+        backoff = 0.2
+        while True:
+            query = {"filter": _SYNC_FILTER, "timeout": "0" if self.next_batch is None else "30000"}
+            if self.next_batch:
+                query["since"] = self.next_batch
+            try:
+                _, data = await self.request("GET", "/_matrix/client/v3/sync", query=query)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # a restarting homeserver: keep trying, like a real client
+                self._sync_error = err
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.2
+            self._sync_error = None
+            self._apply_sync(data)
+            async with self._changed:
+                self.sync_count += 1
+                self._changed.notify_all()
+
+    def _room(self, room_id: str) -> RoomLog:
+        return self.rooms.setdefault(room_id, RoomLog())
+
+    def _apply_sync(self, data: dict[str, Any]) -> None:
+        self.next_batch = data["next_batch"]
+        for event in data.get("account_data", {}).get("events", []):
+            self.account_data[event["type"]] = event.get("content", {})
+        rooms = data.get("rooms", {})
+        for room_id, info in rooms.get("invite", {}).items():
+            self.invites[room_id] = info.get("invite_state", {}).get("events", [])
+        for section in ("join", "leave"):
+            for room_id, info in rooms.get(section, {}).items():
+                self._apply_room(room_id, info)
+                if section == "join":
+                    self.joined.add(room_id)
+                    self.left.discard(room_id)
+                    self.invites.pop(room_id, None)
+                else:
+                    self.joined.discard(room_id)
+                    self.left.add(room_id)
+                    self.invites.pop(room_id, None)
+
+    def _apply_room(self, room_id: str, info: dict[str, Any]) -> None:
+        log = self._room(room_id)
+        for event in info.get("state", {}).get("events", []):
+            log.add({**event, "room_id": room_id})
+        for event in info.get("timeline", {}).get("events", []):
+            log.add({**event, "room_id": room_id})
+        for event in info.get("ephemeral", {}).get("events", []):
+            log.ephemeral.append(event)
+        for event in info.get("account_data", {}).get("events", []):
+            log.account_data[event["type"]] = event.get("content", {})
+
+    # -- waiting -----------------------------------------------------------------------------------
+
+    async def wait_until(self, check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+        """Wait until `check()` is truthy after some sync (checked right away too); returns its value."""
+        deadline = time.monotonic() + timeout
+        async with self._changed:
+            while True:
+                value = check()
+                if value:
+                    return value
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    extra = f" (last sync error: {self._sync_error!r})" if self._sync_error else ""
+                    raise TimeoutError(f"{self.user_id}: timed out after {timeout}s waiting for {what}{extra}")
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+
+    def events(self, room_id: str) -> list[Event]:
+        """Every state and timeline event seen in a room so far."""
+        return list(self._room(room_id).events)
+
+    def find(self, room_id: str, predicate: Predicate, after: str | None = None) -> Event | None:
+        """The first seen event matching predicate (only events after event id `after`, if given)."""
+        for event in self._after(room_id, after):
+            if predicate(event):
+                return event
+        return None
+
+    def _after(self, room_id: str, after: str | None) -> Iterable[Event]:
+        events = self._room(room_id).events
+        if after is None:
+            return list(events)
+        for index, event in enumerate(events):
+            if event.get("event_id") == after:
+                return events[index + 1 :]
+        return []  # the anchor is not synced yet: nothing can be after it
+
+    async def wait_for(
+        self, room_id: str, predicate: Predicate, timeout: float = 10.0, after: str | None = None
+    ) -> Event:
+        """The first event matching predicate, including ones already seen."""
+        return await self.wait_until(
+            lambda: self.find(room_id, predicate, after), timeout, what=f"an event in {room_id}"
+        )
+
+    async def wait_for_invite(self, predicate: Callable[[str, list[Event]], bool] | None = None, timeout: float = 10.0) -> str:
+        """A room id we are invited to (optionally matching predicate(room_id, invite_state))."""
+
+        def check() -> str | None:
+            for room_id, state in self.invites.items():
+                if predicate is None or predicate(room_id, state):
+                    return room_id
+            return None
+
+        return await self.wait_until(check, timeout, what="an invite")
+
+    async def wait_for_notice(
+        self,
+        room_id: str,
+        contains: str,
+        sender: str | None = None,
+        timeout: float = 10.0,
+        after: str | None = None,
+    ) -> Event:
+        """An m.notice (by sender, if given) whose latest text contains `contains`."""
+
+        def match(event: Event) -> bool:
+            return is_message(event, sender, "m.notice") and contains in self.latest_text(room_id, event)
+
+        return await self.wait_for(room_id, match, timeout, after)
+
+    def latest_text(self, room_id: str, event: Event | str) -> str:
+        """A message's text after edits: the `m.new_content` body of the last edit by the same sender."""
+        if isinstance(event, str):
+            found = self.find(room_id, lambda e: e.get("event_id") == event)
+            if found is None:
+                raise KeyError(f"event {event} not seen in {room_id}")
+            event = found
+        text = str(event.get("content", {}).get("body", ""))
+        for other in self._room(room_id).events:
+            rel = other.get("content", {}).get("m.relates_to") or {}
+            if (
+                rel.get("rel_type") == "m.replace"
+                and rel.get("event_id") == event.get("event_id")
+                and other.get("sender") == event.get("sender")
+            ):
+                text = str(other["content"].get("m.new_content", {}).get("body", text))
+        return text
+
+    def messages(self, room_id: str, sender: str | None = None, after: str | None = None) -> list[Event]:
+        """Original (non-edit) messages in timeline order, optionally by sender / after an event."""
+        return [e for e in self._after(room_id, after) if is_message(e, sender)]
+
+    async def wait_for_text(
+        self, room_id: str, event_id: str, predicate: Callable[[str], bool], timeout: float = 10.0
+    ) -> str:
+        """Wait until a message's latest text (after edits) satisfies predicate; returns it."""
+
+        def check() -> str | None:
+            if self.find(room_id, lambda e: e.get("event_id") == event_id) is None:
+                return None
+            text = self.latest_text(room_id, event_id)
+            return text if predicate(text) else None
+
+        return await self.wait_until(check, timeout, what=f"text of {event_id}")
+
+    async def collect_replies(
+        self,
+        room_id: str,
+        after: str,
+        sender: str,
+        timeout: float = 10.0,
+        quiet: float = 1.0,
+    ) -> list[Event]:
+        """Messages from `sender` after event `after`: waits for the first, then until nothing new
+        (message or edit) arrives for `quiet` seconds. Read final texts with `latest_text`."""
+        await self.wait_for(room_id, lambda e: is_message(e, sender), timeout, after)
+        deadline = time.monotonic() + timeout
+        seen = len(self._room(room_id).events)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(quiet)
+            now = len(self._room(room_id).events)
+            if now == seen:
+                break
+            seen = now
+        return self.messages(room_id, sender, after)
+
+    # -- actions -----------------------------------------------------------------------------------
+
+    async def create_room(self, **body: Any) -> str:
+        _, data = await self.request("POST", "/_matrix/client/v3/createRoom", body)
+        return str(data["room_id"])
+
+    async def create_dm(self, other_mxid: str) -> str:
+        """A private room with an is_direct invite, recorded in m.direct like Element does."""
+        room_id = await self.create_room(
+            preset="trusted_private_chat", is_direct=True, invite=[other_mxid]
+        )
+        direct = dict(self.account_data.get("m.direct", {}))
+        direct[other_mxid] = [*direct.get(other_mxid, []), room_id]
+        path = f"/_matrix/client/v3/user/{self._q(self.user_id)}/account_data/m.direct"
+        await self.request("PUT", path, direct)
+        return room_id
+
+    async def join(self, room_id: str) -> str:
+        _, data = await self.request("POST", f"/_matrix/client/v3/join/{self._q(room_id)}", {})
+        return str(data["room_id"])
+
+    async def leave(self, room_id: str) -> None:
+        await self.request("POST", f"/_matrix/client/v3/rooms/{self._q(room_id)}/leave", {})
+
+    async def invite(self, room_id: str, user_id: str) -> None:
+        path = f"/_matrix/client/v3/rooms/{self._q(room_id)}/invite"
+        await self.request("POST", path, {"user_id": user_id})
+
+    async def send_event(self, room_id: str, event_type: str, content: dict[str, Any]) -> str:
+        txn = f"devtools.{time.time_ns()}.{next(_txn_ids)}"
+        path = f"/_matrix/client/v3/rooms/{self._q(room_id)}/send/{self._q(event_type)}/{txn}"
+        _, data = await self.request("PUT", path, content)
+        return str(data["event_id"])
+
+    async def send_text(self, room_id: str, text: str, msgtype: str = "m.text") -> str:
+        return await self.send_event(room_id, "m.room.message", {"msgtype": msgtype, "body": text})
+
+    async def edit_text(self, room_id: str, event_id: str, text: str) -> str:
+        """Edit one of our messages in place (m.replace)."""
+        return await self.send_event(
+            room_id,
+            "m.room.message",
+            {
+                "msgtype": "m.text",
+                "body": f"* {text}",
+                "m.new_content": {"msgtype": "m.text", "body": text},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": event_id},
+            },
+        )
+
+    async def redact(self, room_id: str, event_id: str, reason: str | None = None) -> str:
+        txn = f"devtools.{time.time_ns()}.{next(_txn_ids)}"
+        path = f"/_matrix/client/v3/rooms/{self._q(room_id)}/redact/{self._q(event_id)}/{txn}"
+        _, data = await self.request("PUT", path, {"reason": reason} if reason else {})
+        return str(data["event_id"])
+
+    async def send_state(self, room_id: str, event_type: str, state_key: str, content: dict[str, Any]) -> int:
+        """Send a state event; returns the HTTP status (tests assert 403 where power forbids it)."""
+        path = f"/_matrix/client/v3/rooms/{self._q(room_id)}/state/{self._q(event_type)}/{self._q(state_key)}"
+        status, _ = await self.request("PUT", path, content, check=False)
+        return status
+
+    async def get_state(self, room_id: str) -> list[Event]:
+        """The room's current state from the server (can be stale after being kicked)."""
+        _, data = await self.request("GET", f"/_matrix/client/v3/rooms/{self._q(room_id)}/state")
+        return list(data)
+
+    async def get_state_event(self, room_id: str, event_type: str, state_key: str = "") -> dict[str, Any] | None:
+        """One state event's content, or None when it does not exist (404)."""
+        path = f"/_matrix/client/v3/rooms/{self._q(room_id)}/state/{self._q(event_type)}/{self._q(state_key)}"
+        status, data = await self.request("GET", path, check=False)
+        if status == 404:
+            return None
+        if status >= 300:
+            raise MatrixError("GET", path, status, data)
+        return dict(data)
+
+    async def joined_rooms(self) -> list[str]:
+        _, data = await self.request("GET", "/_matrix/client/v3/joined_rooms")
+        return list(data["joined_rooms"])
+
+    async def set_typing(self, room_id: str, typing: bool, timeout_ms: int = 10000) -> None:
+        path = f"/_matrix/client/v3/rooms/{self._q(room_id)}/typing/{self._q(self.user_id)}"
+        body: dict[str, Any] = {"typing": typing}
+        if typing:
+            body["timeout"] = timeout_ms
+        await self.request("PUT", path, body)

@@ -1,0 +1,211 @@
+"""Run the plugin from the repo with `python -m maubot.standalone` against a SynapseServer.
+
+The bot is a freshly registered account (rate limit overridden). `start()` returns only once the
+plugin has started and the bot's first sync (which maubot drops) is done, so invites sent after
+it are seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from devtools import REPO_ROOT
+from devtools.configs import logging_config, plugin_config
+from devtools.procs import LogCursor, free_port, kill_process, log_tail, spawn, stop_process
+from devtools.synapse import SynapseServer
+
+# mautrix logs each finished /sync at TRACE with this text.
+SYNC_DONE = "(/v3/sync) completed in"
+STARTED = "Startup completed, running forever"
+# Account data the harness writes as the bot to wake its long-polling first sync after a restart.
+WAKE_TYPE = "dev.surfaces.devtools.wake"
+
+
+class BotError(RuntimeError):
+    """The bot process failed to start or become ready."""
+
+
+class StandaloneBot:
+    """One standalone maubot process running the repo's plugin as a fresh bot account."""
+
+    def __init__(
+        self,
+        synapse: SynapseServer,
+        config_overrides: dict[str, Any] | None = None,
+        *,
+        localpart: str | None = None,
+        password: str | None = None,
+        data_dir: Path | None = None,
+        database_url: str | None = None,
+        ignore_first_sync: bool = True,
+        displayname: str = "Surfaces",
+        repo_root: Path = REPO_ROOT,
+    ) -> None:
+        self.synapse = synapse
+        self.repo_root = Path(repo_root)
+        self.localpart = localpart or f"bot-{secrets.token_hex(4)}"
+        self.password = password or secrets.token_hex(12)
+        self.user_id = synapse.user_id(self.localpart)
+        self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="surfaces-bot-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir / "bot.log"
+        self.config_path = self.data_dir / "config.yaml"
+        self.base_path = self.data_dir / "base.yaml"
+        self.database_url = database_url or f"sqlite:{self.data_dir / 'bot.db'}"
+        self.port = free_port()
+        self.ignore_first_sync = ignore_first_sync
+        self.displayname = displayname
+        self.config_overrides = config_overrides or {}
+        self.access_token = synapse.register_user(self.localpart, self.password)
+        synapse.override_ratelimit(self.user_id)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._write_base()
+        self._write_config()
+
+    # -- configuration -----------------------------------------------------------------------------
+
+    def _write_base(self) -> None:
+        """Standalone's example config with plugin_config = the plugin's base-config.yaml.
+
+        Standalone resolves the plugin's base config from `-b`'s plugin_config; the packaged
+        example has `{}` there. Text-spliced, so base-config.yaml's comments survive.
+        """
+        example = resources.files("maubot.standalone").joinpath("example-config.yaml").read_text()
+        plugin_base = (self.repo_root / "base-config.yaml").read_text()
+        indented = "".join(f"    {line}" if line.strip() else line for line in plugin_base.splitlines(True))
+        if "plugin_config: {}\n" not in example:
+            raise BotError("maubot's standalone example-config.yaml changed: no `plugin_config: {}`")
+        self.base_path.write_text(example.replace("plugin_config: {}\n", f"plugin_config:\n{indented}\n"))
+
+    def _write_config(self) -> None:
+        config = {
+            "user": {
+                "credentials": {
+                    "id": self.user_id,
+                    "homeserver": self.synapse.url,
+                    "access_token": self.access_token,
+                    "device_id": None,
+                },
+                "sync": True,
+                "appservice": False,
+                "hs_token": None,
+                "autojoin": True,
+                "displayname": self.displayname,
+                "avatar_url": "disable",
+                "ignore_initial_sync": True,
+                "ignore_first_sync": self.ignore_first_sync,
+            },
+            "server": {
+                "hostname": "127.0.0.1",
+                "port": self.port,
+                "base_path": "/",
+                "public_url": f"http://127.0.0.1:{self.port}",
+            },
+            "database": self.database_url,
+            "crypto_db_pickle_key": "mau.crypto",
+            "database_opts": {"min_size": 1, "max_size": 10},
+            "plugin_config": plugin_config(self.config_overrides, self.repo_root),
+            "logging": logging_config(self.log_path),
+        }
+        # JSON is YAML; maubot rewrites the file in its own style at start.
+        self.config_path.write_text(json.dumps(config, indent=2))
+
+    def set_config_overrides(self, overrides: dict[str, Any]) -> None:
+        """Replace the plugin config overrides; takes effect at the next start()/restart()."""
+        self.config_overrides = overrides
+        self._write_config()
+
+    # -- process -----------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 60.0) -> StandaloneBot:
+        """Start maubot and wait until the plugin started and the dropped first sync is over."""
+        if self.running:
+            return self
+        cursor = LogCursor(self.log_path)
+        # MAUBOT_* variables override config keys (as strings): never inherit stray ones.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAUBOT_")}
+        self._proc = spawn(
+            [
+                sys.executable,
+                "-m",
+                "maubot.standalone",
+                "-c",
+                str(self.config_path),
+                "-m",
+                str(self.repo_root / "maubot.yaml"),
+                "-b",
+                str(self.base_path),
+            ],
+            cwd=self.data_dir,
+            log_path=self.data_dir / "stdout.log",
+            env=env,
+        )
+        self._wait_ready(cursor, timeout)
+        return self
+
+    def _wait_ready(self, cursor: LogCursor, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        woken = 0.0
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                raise BotError(f"maubot standalone exited during start\n{self._tails()}")
+            text = cursor.new_text()
+            if STARTED in text and SYNC_DONE in text:
+                return
+            if "Failed to start plugin" in text:
+                self.kill()
+                raise BotError(f"plugin failed to start\n{self._tails()}")
+            if time.monotonic() - woken > 3.0:
+                # After a restart the dropped first sync long-polls ~30 s; new account data ends it.
+                self._wake()
+                woken = time.monotonic()
+            time.sleep(0.05)
+        self.kill()
+        raise BotError(f"bot not ready after {timeout:.0f}s\n{self._tails()}")
+
+    def _wake(self) -> None:
+        path = f"/_matrix/client/v3/user/{quote(self.user_id)}/account_data/{WAKE_TYPE}"
+        self.synapse.request("PUT", path, {"ts": time.time()}, token=self.access_token)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after a bounded wait. Stop the bot before Synapse."""
+        stop_process(self._proc, timeout)
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, for tests of recovery."""
+        kill_process(self._proc)
+        self._proc = None
+
+    def restart(self, timeout: float = 60.0) -> StandaloneBot:
+        self.stop()
+        return self.start(timeout)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _tails(self) -> str:
+        return (
+            f"--- {self.log_path} ---\n{log_tail(self.log_path)}\n"
+            f"--- stdout/stderr ---\n{log_tail(self.data_dir / 'stdout.log')}"
+        )
+
+    def __enter__(self) -> StandaloneBot:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,36 @@
+"""The live backend instances behind the agent registry; rebuilt when their config changes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .backends import Backend, build_backend
+from .config import AgentSpec, BackendSpec, Settings
+
+
+class BackendRegistry:
+    def __init__(self, settings: Settings, log: logging.Logger) -> None:
+        self.log = log
+        self._backends: dict[str, Backend] = {}
+        self._retired: list[Backend] = []
+        self.apply(settings)
+
+    def apply(self, settings: Settings) -> None:
+        """Keep backends whose spec is unchanged; rebuild the rest (answers in flight finish)."""
+        fresh: dict[str, Backend] = {}
+        for backend_id, spec in settings.backends.items():
+            current = self._backends.get(backend_id)
+            fresh[backend_id] = current if current and current.spec == spec else build_backend(spec)
+        self._retired += [b for b in self._backends.values() if b not in fresh.values()]
+        self._backends = fresh
+
+    def for_agent(self, agent: AgentSpec) -> Backend:
+        return self._backends[agent.backend]
+
+    def specs(self) -> list[BackendSpec]:
+        return [backend.spec for backend in self._backends.values()]
+
+    async def close(self) -> None:
+        backends = list(self._backends.values()) + self._retired
+        await asyncio.gather(*(b.close() for b in backends), return_exceptions=True)

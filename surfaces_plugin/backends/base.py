@@ -1,0 +1,130 @@
+"""The one small interface every agent backend implements, and its typed error."""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+from ..config import BackendSpec
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    model: str
+    messages: list[ChatMessage]
+    temperature: float = 0.7
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of answer text, or (usually last, with empty text) the usage report."""
+
+    text: str = ""
+    usage: Usage | None = None
+
+
+class ErrorKind(str, Enum):
+    AUTH = "auth"
+    RATE_LIMITED = "rate_limited"
+    TIMEOUT = "timeout"
+    BAD_REQUEST = "bad_request"
+    SERVER = "server"
+    MALFORMED = "malformed"
+    UNREACHABLE = "unreachable"
+
+
+# Kinds worth another attempt when nothing was shown to the user yet.
+RETRYABLE_KINDS = frozenset({ErrorKind.RATE_LIMITED, ErrorKind.SERVER, ErrorKind.UNREACHABLE})
+
+
+class BackendError(Exception):
+    """A failed generation. `detail` is already free of secrets (backends redact before raising)."""
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        detail: str = "",
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.kind = kind
+        self.detail = detail
+        self.status = status
+        self.retry_after = retry_after
+        self.timeout_s = timeout_s
+        super().__init__(f"{kind.value}: {detail}" if detail else kind.value)
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in RETRYABLE_KINDS
+
+    def user_message(self, agent_id: str, command_prefix: str = "ai") -> str:
+        """One line for the room: which agent, what happened, what to do."""
+        agent = f"The agent `{agent_id}`"
+        retry = f"Send `!{command_prefix} retry` to try again"
+        status = f" (HTTP {self.status})" if self.status else ""
+        if self.kind is ErrorKind.AUTH:
+            return f"{agent} was refused by its provider{status}: the API key was not accepted. An admin needs to fix the backend's `api_key`."
+        if self.kind is ErrorKind.RATE_LIMITED:
+            wait = f" Wait {_seconds(self.retry_after)}, then" if self.retry_after else " Wait a moment, then"
+            return f"{agent} is rate limited by its provider.{wait} send `!{command_prefix} retry`."
+        if self.kind is ErrorKind.TIMEOUT:
+            within = f" within {_seconds(self.timeout_s)}" if self.timeout_s else " in time"
+            return f"{agent} did not answer{within}. {retry}."
+        if self.kind is ErrorKind.BAD_REQUEST:
+            said = f": {self.detail}" if self.detail else ""
+            return f"{agent} rejected the request{status}{said}. Check the agent's model and settings, or `!{command_prefix} compact` / `!{command_prefix} reset` if the conversation is too long."
+        if self.kind is ErrorKind.SERVER:
+            return f"{agent} had a problem on the provider's side{status}. {retry} in a little while."
+        if self.kind is ErrorKind.MALFORMED:
+            return f"{agent} sent an answer that could not be read ({self.detail or 'unexpected response'}). {retry}."
+        return f"{agent} could not be reached. {retry} later; if it keeps failing, an admin should check the backend's `base_url`."
+
+
+def _seconds(value: float | None) -> str:
+    return f"{value:.0f} s" if value and value >= 1 else "a second"
+
+
+class Backend(ABC):
+    """An agent provider. `stream` is an async generator; cancel the consuming task to stop it."""
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.spec = spec
+
+    async def create_chat(self) -> str:
+        # Opaque and unique; the backend id prefix makes ids readable in logs and room state.
+        return f"{self.spec.id}-{uuid.uuid4().hex}"
+
+    @abstractmethod
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Yield answer text as it arrives, then at most one usage-only chunk."""
+
+    async def complete(self, request: GenerationRequest) -> str:
+        """The whole answer as one string (summaries, non-streamed replies)."""
+        async with aclosing(self.stream(request)) as chunks:
+            return "".join([chunk.text async for chunk in chunks])
+
+    async def close(self) -> None:
+        """Release what the backend owns (its own HTTP session, if any)."""
+        return None  # nothing to release by default

@@ -1,0 +1,105 @@
+"""The `!ai` command tree: parsing, usage lines and error replies.
+
+Handlers stay thin: they validate arguments and call services. A handler signals bad input by
+raising `UsageError`; the tree answers with the message and the usage line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .context import Request
+
+Handler = Callable[["Request", str], Awaitable[None]]
+Where = Literal["anywhere", "working_room"]
+
+
+class UsageError(Exception):
+    """Bad input from the user; the message is shown with the command's usage line."""
+
+
+class Refusal(Exception):
+    """The user may not do this; the message is shown as is (no usage line)."""
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    name: str
+    args: str  # usage after the command name, e.g. "[agent] [title…]"
+    summary: str
+    handler: Handler
+    where: Where = "anywhere"
+    admin: bool = False
+
+    def usage(self, prefix: str) -> str:
+        return f"!{prefix} {self.name} {self.args}".rstrip()
+
+
+def split_command(body: str, prefix: str) -> tuple[str, str] | None:
+    """`!ai new writer Draft` → ("new", "writer Draft"); None when not a command for us."""
+    head, _, rest = body.strip().partition(" ")
+    if head.lower() != f"!{prefix}".lower():
+        return None
+    sub, _, args = rest.strip().partition(" ")
+    return sub.lower(), args.strip()
+
+
+class CommandTree:
+    def __init__(self, log: logging.Logger) -> None:
+        self._commands: dict[str, CommandSpec] = {}
+        self.log = log
+
+    def add(self, spec: CommandSpec) -> None:
+        self._commands[spec.name] = spec
+
+    def __iter__(self):
+        return iter(self._commands.values())
+
+    def get(self, name: str) -> CommandSpec | None:
+        return self._commands.get(name)
+
+    def help_text(self, prefix: str, *, is_admin: bool) -> str:
+        lines = ["**Surfaces commands**", ""]
+        for spec in self._commands.values():
+            if spec.admin and not is_admin:
+                continue
+            where = " (in a working room)" if spec.where == "working_room" else ""
+            admin = " (admins)" if spec.admin else ""
+            lines.append(f"- `{spec.usage(prefix)}`: {spec.summary}{where}{admin}")
+        lines.append("")
+        lines.append("In a working room, plain messages go to the room's agent.")
+        return "\n".join(lines)
+
+    async def run(self, request: Request, sub: str, args: str) -> None:
+        prefix = request.settings.command_prefix
+        spec = self._commands.get(sub)
+        if spec is None:
+            names = ", ".join(f"`{name}`" for name in self._commands)
+            what = f"Unknown command `{sub}`." if sub else "Which command?"
+            await request.reply(f"{what} Valid commands: {names}. Try `!{prefix} help`.")
+            return
+        if spec.admin and not request.is_admin:
+            await request.reply(f"`!{prefix} {spec.name}` is for admins only.")
+            return
+        if spec.where == "working_room" and await request.working_room() is None:
+            await request.reply(
+                f"`!{prefix} {spec.name}` works in one of your working rooms. "
+                f"Send `!{prefix} rooms` to find them."
+            )
+            return
+        try:
+            await spec.handler(request, args)
+        except UsageError as e:
+            await request.reply(f"{e}\nUsage: `{spec.usage(prefix)}`")
+        except Refusal as e:
+            await request.reply(str(e))
+        except Exception:
+            self.log.exception("Command %r failed", sub)
+            await request.reply(
+                f"Sorry, `!{prefix} {spec.name}` failed unexpectedly. "
+                "The operator can find the details in the bot's log."
+            )

@@ -1,0 +1,350 @@
+"""Typed, validated views of base-config.yaml.
+
+`Config` is maubot's proxy over the YAML; `parse_settings` turns its plain data into frozen
+dataclasses and raises `ConfigError` naming the offending key, so one clear message reaches the log.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from mautrix.util.config import BaseProxyConfig, ConfigUpdateHelper
+
+BACKEND_TYPES = ("echo", "openai")
+ACCESS_MODES = ("open", "allowlist", "approval")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_MXID_RE = re.compile(r"^@[^:\s]+:\S+$")
+
+# Every top-level key of base-config.yaml; do_update copies each one so none is reset.
+TOP_LEVEL_KEYS = (
+    "command_prefix",
+    "access",
+    "onboarding",
+    "spaces",
+    "backends",
+    "agents",
+    "default_agent",
+    "streaming",
+    "reconciliation",
+    "limits",
+)
+
+
+class Config(BaseProxyConfig):
+    def do_update(self, helper: ConfigUpdateHelper) -> None:
+        for key in TOP_LEVEL_KEYS:
+            helper.copy(key)
+
+
+def plain_config(config: BaseProxyConfig) -> dict[str, Any]:
+    """The top-level keys of a loaded proxy config as a plain mapping."""
+    return {key: config[key] for key in TOP_LEVEL_KEYS if key in config}
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; `key` is its dotted path."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"invalid config at `{key}`: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    id: str
+    type: Literal["echo", "openai"]
+    base_url: str = ""
+    api_key: str = field(default="", repr=False)  # never printed
+    timeout_s: float = 60.0
+    max_retries: int = 2
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    id: str
+    name: str
+    description: str
+    backend: str
+    model: str = ""
+    system_prompt: str = ""
+    context_tokens: int = 4096
+    temperature: float = 0.7
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    mode: Literal["open", "allowlist", "approval"] = "open"
+    allowed: tuple[str, ...] = ()
+    admins: tuple[str, ...] = ()
+
+    def is_admin(self, user_id: str) -> bool:
+        return user_id in self.admins
+
+    def matches_allowlist(self, user_id: str) -> bool:
+        return any(fnmatch.fnmatchcase(user_id, pattern) for pattern in self.allowed)
+
+
+@dataclass(frozen=True)
+class OnboardingSettings:
+    on_invite: bool = True
+    auto_start: bool = False
+
+
+@dataclass(frozen=True)
+class SpaceSettings:
+    name_template: str = "{displayname}'s agents"
+    first_room_title: str = "General"
+
+
+@dataclass(frozen=True)
+class StreamingSettings:
+    enabled: bool = True
+    edit_interval_ms: int = 800
+
+
+@dataclass(frozen=True)
+class ReconciliationSettings:
+    concurrency: int = 6
+    on_start: bool = True
+    interval_minutes: float = 0
+    dry_run: bool = False
+    catch_up_minutes: float = 1440
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_message_chars: int = 8000
+    per_user_requests_per_minute: int = 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    command_prefix: str
+    access: AccessSettings
+    onboarding: OnboardingSettings
+    spaces: SpaceSettings
+    backends: dict[str, BackendSpec]
+    agents: dict[str, AgentSpec]
+    default_agent: str
+    streaming: StreamingSettings
+    reconciliation: ReconciliationSettings
+    limits: LimitSettings
+
+    def agent(self, agent_id: str) -> AgentSpec | None:
+        return self.agents.get(agent_id)
+
+    def backend_for(self, agent: AgentSpec) -> BackendSpec:
+        return self.backends[agent.backend]
+
+    def describe_changes(self, old: Settings) -> list[str]:
+        """Top-level keys whose value differs from `old` (for the log; no values, so no secrets)."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(old, f.name)]
+
+
+def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(key, "must be a mapping")
+    return value
+
+
+def _str(data: dict[str, Any], key: str, path: str, default: str = "") -> str:
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ConfigError(path, "must be a string")
+    return value
+
+
+def _bool(data: dict[str, Any], key: str, path: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(path, "must be true or false")
+    return value
+
+
+def _number(
+    data: dict[str, Any], key: str, path: str, default: float, *, minimum: float = 0
+) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(path, "must be a number")
+    if value < minimum:
+        raise ConfigError(path, f"must be at least {minimum:g}")
+    return value
+
+
+def _int(data: dict[str, Any], key: str, path: str, default: int, *, minimum: int = 0) -> int:
+    value = _number(data, key, path, default, minimum=minimum)
+    if int(value) != value:
+        raise ConfigError(path, "must be a whole number")
+    return int(value)
+
+
+def _ident(data: dict[str, Any], key: str, path: str) -> str:
+    value = _str(data, key, path)
+    if not _ID_RE.match(value):
+        raise ConfigError(path, "must be a short id of letters, digits, '.', '_' or '-'")
+    return value
+
+
+def _str_list(data: dict[str, Any], key: str, path: str) -> tuple[str, ...]:
+    value = data.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(path, "must be a list of strings")
+    return tuple(value)
+
+
+def _parse_access(data: dict[str, Any]) -> AccessSettings:
+    section = _section(data, "access")
+    mode = _str(section, "mode", "access.mode", "open")
+    if mode not in ACCESS_MODES:
+        raise ConfigError("access.mode", f"must be one of {', '.join(ACCESS_MODES)}")
+    allowed = _str_list(section, "allowed", "access.allowed")
+    for i, pattern in enumerate(allowed):
+        if not pattern.startswith("@") or ":" not in pattern or pattern.count("[") != pattern.count("]"):
+            raise ConfigError(
+                f"access.allowed[{i}]", f"{pattern!r} is not a user id pattern like '@*:example.org'"
+            )
+    admins = _str_list(section, "admins", "access.admins")
+    for i, admin in enumerate(admins):
+        if not _MXID_RE.match(admin):
+            raise ConfigError(f"access.admins[{i}]", f"{admin!r} is not a Matrix user id")
+    return AccessSettings(mode=mode, allowed=allowed, admins=admins)  # type: ignore[arg-type]
+
+
+def _parse_backends(data: dict[str, Any]) -> dict[str, BackendSpec]:
+    items = data.get("backends") or []
+    if not isinstance(items, list) or not items:
+        raise ConfigError("backends", "must be a non-empty list")
+    backends: dict[str, BackendSpec] = {}
+    for i, item in enumerate(items):
+        path = f"backends[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(path, "must be a mapping")
+        backend_id = _ident(item, "id", f"{path}.id")
+        if backend_id in backends:
+            raise ConfigError(f"{path}.id", f"duplicate backend id {backend_id!r}")
+        kind = _str(item, "type", f"{path}.type")
+        if kind not in BACKEND_TYPES:
+            raise ConfigError(
+                f"{path}.type", f"unknown backend type {kind!r} (known: {', '.join(BACKEND_TYPES)})"
+            )
+        base_url = _str(item, "base_url", f"{path}.base_url")
+        if kind == "openai" and not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{path}.base_url", "an openai backend needs an http(s) base_url")
+        backends[backend_id] = BackendSpec(
+            id=backend_id,
+            type=kind,  # type: ignore[arg-type]
+            base_url=base_url.rstrip("/"),
+            api_key=_str(item, "api_key", f"{path}.api_key"),
+            timeout_s=_number(item, "timeout_s", f"{path}.timeout_s", 60, minimum=1),
+            max_retries=_int(item, "max_retries", f"{path}.max_retries", 2),
+        )
+    return backends
+
+
+def _parse_agents(data: dict[str, Any], backends: dict[str, BackendSpec]) -> dict[str, AgentSpec]:
+    items = data.get("agents") or []
+    if not isinstance(items, list) or not items:
+        raise ConfigError("agents", "must be a non-empty list")
+    agents: dict[str, AgentSpec] = {}
+    for i, item in enumerate(items):
+        path = f"agents[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(path, "must be a mapping")
+        agent_id = _ident(item, "id", f"{path}.id")
+        if agent_id in agents:
+            raise ConfigError(f"{path}.id", f"duplicate agent id {agent_id!r}")
+        backend = _str(item, "backend", f"{path}.backend")
+        if backend not in backends:
+            raise ConfigError(
+                f"{path}.backend",
+                f"agent {agent_id!r} names backend {backend!r}, which is not in `backends`",
+            )
+        agents[agent_id] = AgentSpec(
+            id=agent_id,
+            name=_str(item, "name", f"{path}.name") or agent_id,
+            description=_str(item, "description", f"{path}.description"),
+            backend=backend,
+            model=_str(item, "model", f"{path}.model"),
+            system_prompt=_str(item, "system_prompt", f"{path}.system_prompt"),
+            context_tokens=_int(item, "context_tokens", f"{path}.context_tokens", 4096, minimum=256),
+            temperature=_number(item, "temperature", f"{path}.temperature", 0.7),
+        )
+    return agents
+
+
+def parse_settings(data: dict[str, Any]) -> Settings:
+    """Validate the whole config; raise ConfigError naming the first bad key."""
+    prefix = _str(data, "command_prefix", "command_prefix", "ai").strip()
+    if not prefix or any(ch.isspace() for ch in prefix) or prefix.startswith("!"):
+        raise ConfigError("command_prefix", "must be one word without spaces or '!', e.g. 'ai'")
+    backends = _parse_backends(data)
+    agents = _parse_agents(data, backends)
+    default_agent = _str(data, "default_agent", "default_agent")
+    if default_agent not in agents:
+        raise ConfigError(
+            "default_agent", f"{default_agent!r} is not one of the agents ({', '.join(agents)})"
+        )
+    onboarding = _section(data, "onboarding")
+    spaces = _section(data, "spaces")
+    streaming = _section(data, "streaming")
+    recon = _section(data, "reconciliation")
+    limits = _section(data, "limits")
+    name_template = _str(spaces, "name_template", "spaces.name_template", "{displayname}'s agents")
+    try:
+        name_template.format(displayname="x", localpart="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(
+            "spaces.name_template", f"only {{displayname}} and {{localpart}} may be used ({e})"
+        ) from None
+    return Settings(
+        command_prefix=prefix,
+        access=_parse_access(data),
+        onboarding=OnboardingSettings(
+            on_invite=_bool(onboarding, "on_invite", "onboarding.on_invite", True),
+            auto_start=_bool(onboarding, "auto_start", "onboarding.auto_start", False),
+        ),
+        spaces=SpaceSettings(
+            name_template=name_template,
+            first_room_title=_str(spaces, "first_room_title", "spaces.first_room_title", "General")
+            or "General",
+        ),
+        backends=backends,
+        agents=agents,
+        default_agent=default_agent,
+        streaming=StreamingSettings(
+            enabled=_bool(streaming, "enabled", "streaming.enabled", True),
+            edit_interval_ms=_int(
+                streaming, "edit_interval_ms", "streaming.edit_interval_ms", 800
+            ),
+        ),
+        reconciliation=ReconciliationSettings(
+            concurrency=_int(recon, "concurrency", "reconciliation.concurrency", 6, minimum=1),
+            on_start=_bool(recon, "on_start", "reconciliation.on_start", True),
+            interval_minutes=_number(
+                recon, "interval_minutes", "reconciliation.interval_minutes", 0
+            ),
+            dry_run=_bool(recon, "dry_run", "reconciliation.dry_run", False),
+            catch_up_minutes=_number(
+                recon, "catch_up_minutes", "reconciliation.catch_up_minutes", 1440
+            ),
+        ),
+        limits=LimitSettings(
+            max_message_chars=_int(
+                limits, "max_message_chars", "limits.max_message_chars", 8000, minimum=1
+            ),
+            per_user_requests_per_minute=_int(
+                limits,
+                "per_user_requests_per_minute",
+                "limits.per_user_requests_per_minute",
+                20,
+                minimum=1,
+            ),
+        ),
+    )

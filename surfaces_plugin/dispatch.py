@@ -1,0 +1,308 @@
+"""Routing of plain messages to agents: per-room FIFO, typing, streaming, cancel and retry.
+
+Each room has one worker draining its queue, so a room answers one message at a time and in
+order, while different rooms run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mautrix.types import EventID, MessageEvent, RoomID
+
+from . import layout, replies
+from .backends import BackendError, Chunk
+from .chats import WorkingRoom
+
+if TYPE_CHECKING:
+    from .app import Surfaces
+
+TYPING_REFRESH_S = 20.0
+CANCELLED_MARK = "\n\n*(cancelled)*"
+
+
+@dataclass(frozen=True)
+class Job:
+    """Answer `event` (a user message) in `room_id`; `retry` answers a stored message again."""
+
+    room_id: str
+    event_id: str
+    sender: str
+    body: str
+    ts: int
+    retry: bool = False
+
+
+class RateLimiter:
+    """A sliding one-minute window per user."""
+
+    def __init__(self) -> None:
+        self._hits: dict[str, deque[float]] = defaultdict(deque)
+
+    def allow(self, user_id: str, per_minute: int, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        hits = self._hits[user_id]
+        while hits and now - hits[0] >= 60:
+            hits.popleft()
+        if len(hits) >= per_minute:
+            return False
+        hits.append(now)
+        return True
+
+
+class Dispatcher:
+    def __init__(self, app: Surfaces) -> None:
+        self.app = app
+        self._queues: dict[str, deque[Job]] = defaultdict(deque)
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._generating: dict[str, asyncio.Task[None]] = {}
+        self._told_not_owner: set[tuple[str, str]] = set()
+        self._seen: set[str] = set()  # event ids queued or answered in this process
+        self.limiter = RateLimiter()
+
+    # intake (synchronous: keeps arrival order)
+
+    def submit(self, evt: MessageEvent) -> None:
+        room = self.app.chats.room(evt.room_id)
+        if room is None:
+            return
+        if evt.sender != room.owner:
+            self._tell_not_owner_once(room, evt.sender)
+            return
+        self.enqueue(
+            Job(
+                room_id=evt.room_id,
+                event_id=evt.event_id,
+                sender=evt.sender,
+                body=evt.content.body or "",
+                ts=evt.timestamp,
+            )
+        )
+
+    def enqueue(self, job: Job) -> None:
+        if not job.retry:
+            if job.event_id in self._seen:
+                return
+            self._seen.add(job.event_id)
+        self._queues[job.room_id].append(job)
+        if job.room_id not in self._workers:
+            self._workers[job.room_id] = self.app.spawn(
+                self._drain(job.room_id), name=f"room worker {job.room_id}"
+            )
+
+    def _tell_not_owner_once(self, room: WorkingRoom, user_id: str) -> None:
+        key = (room.room_id, user_id)
+        if key in self._told_not_owner:
+            return
+        self._told_not_owner.add(key)
+        self.app.spawn(
+            self.app.send_notice(
+                RoomID(room.room_id),
+                f"{user_id}: this room is {room.owner}'s conversation with `{room.agent}`; "
+                "only they can talk to the agent here.",
+            ),
+            name="not-owner notice",
+        )
+
+    async def _drain(self, room_id: str) -> None:
+        queue = self._queues[room_id]
+        try:
+            while queue:
+                job = queue.popleft()
+                try:
+                    await self._answer(job)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.app.log.exception("Answering %s in %s failed", job.event_id, room_id)
+        finally:
+            self._workers.pop(room_id, None)
+
+    # the answer
+
+    async def _answer(self, job: Job) -> None:
+        app = self.app
+        room = app.chats.room(job.room_id)
+        if room is None:
+            return
+        settings = app.settings
+        prefix = settings.command_prefix
+        if not job.retry:
+            if await app.chats.is_answered(room, job.event_id, job.ts):
+                return
+            if len(job.body) > settings.limits.max_message_chars:
+                await app.send_notice(
+                    RoomID(room.room_id),
+                    f"That message has {len(job.body)} characters; the limit is "
+                    f"{settings.limits.max_message_chars}. Send a shorter one.",
+                )
+                await app.chats.mark_processed(room, job.event_id, job.ts)
+                return
+            if not self.limiter.allow(job.sender, settings.limits.per_user_requests_per_minute):
+                await app.send_notice(
+                    RoomID(room.room_id),
+                    f"You are sending messages faster than the limit "
+                    f"({settings.limits.per_user_requests_per_minute} a minute). "
+                    f"Wait a little, then send `!{prefix} retry`.",
+                )
+                await app.chats.mark_processed(room, job.event_id, job.ts)
+                return
+            await app.chats.add_user_turn(room, job.event_id, job.sender, job.body, job.ts)
+        task = asyncio.current_task()
+        assert task is not None
+        generation = asyncio.ensure_future(self._generate(room, job))
+        self._generating[room.room_id] = generation
+        try:
+            await generation
+        except asyncio.CancelledError:
+            if task.cancelling():
+                raise  # the worker itself is being stopped
+        finally:
+            self._generating.pop(room.room_id, None)
+
+    async def _generate(self, room: WorkingRoom, job: Job) -> None:
+        app = self.app
+        agent = app.settings.agent(room.agent) or app.settings.agent(app.settings.default_agent)
+        assert agent is not None
+        backend = app.backends.for_agent(agent)
+        request = await app.chats.build_request(room, agent)
+        marker = layout.turn_marker(room.platform_chat_id, agent.id)
+        stream = _StreamedReply(app, RoomID(room.room_id), marker)
+        typing = app.spawn(self._keep_typing(room.room_id), name="typing")
+        usage = None
+        try:
+            async for chunk in backend.stream(request):
+                usage = _usage_of(chunk) or usage
+                if chunk.text:
+                    await stream.add(chunk.text)
+            await stream.finish()
+        except asyncio.CancelledError:
+            await asyncio.shield(stream.cancelled())
+            if stream.event_id:
+                await app.chats.add_answer(room, stream.text + CANCELLED_MARK, stream.event_id, None)
+            await app.chats.mark_processed(room, job.event_id, job.ts)
+            raise
+        except BackendError as e:
+            app.log.warning("Agent %s failed in %s: %s", agent.id, room.room_id, e)
+            await stream.failed(e.user_message(agent.id, app.settings.command_prefix))
+            await app.chats.mark_processed(room, job.event_id, job.ts)
+            return
+        finally:
+            typing.cancel()
+            await self._stop_typing(room.room_id)
+        if stream.event_id:
+            await app.chats.add_answer(room, stream.text, stream.event_id, usage)
+        await app.chats.mark_processed(room, job.event_id, job.ts)
+
+    async def _keep_typing(self, room_id: str) -> None:
+        while True:
+            await self.app.gateway.write(
+                "show typing",
+                lambda: self.app.client.set_typing(
+                    RoomID(room_id), timeout=int(TYPING_REFRESH_S * 1500)
+                ),
+            )
+            await asyncio.sleep(TYPING_REFRESH_S)
+
+    async def _stop_typing(self, room_id: str) -> None:
+        try:
+            await self.app.client.set_typing(RoomID(room_id), timeout=0)
+        except Exception:  # typing is cosmetic; never fail an answer for it
+            pass
+
+    # commands
+
+    def cancel(self, room_id: str) -> bool:
+        generation = self._generating.get(room_id)
+        if generation is None or generation.done():
+            return False
+        generation.cancel()
+        return True
+
+    async def retry(self, room: WorkingRoom) -> bool:
+        last = await self.app.chats.last_user_turn(room)
+        if last is None:
+            return False
+        self.enqueue(
+            Job(room.room_id, last.event_id or "", last.sender or room.owner, last.content,
+                last.ts, retry=True)
+        )
+        return True
+
+    async def catch_up(self) -> None:
+        """Answer what was sent while the bot was down (after reconciliation)."""
+        for job in await self.app.chats.missed_messages():
+            self.enqueue(job)
+
+    async def stop(self) -> None:
+        for task in list(self._workers.values()):
+            task.cancel()
+        await asyncio.gather(*self._workers.values(), return_exceptions=True)
+
+
+def _usage_of(chunk: Chunk) -> Any:
+    return chunk.usage
+
+
+class _StreamedReply:
+    """One answer in the room: posted at the first chunk, then edited at most every interval."""
+
+    def __init__(self, app: Surfaces, room_id: RoomID, marker: dict[str, Any]) -> None:
+        self.app = app
+        self.room_id = room_id
+        self.marker = marker
+        self.text = ""
+        self.event_id: EventID | None = None
+        self._shown = ""
+        self._last_edit = 0.0
+
+    @property
+    def _streaming(self) -> bool:
+        return self.app.settings.streaming.enabled
+
+    async def add(self, text: str) -> None:
+        self.text += text
+        if not self._streaming:
+            return
+        if self.event_id is None:
+            await self._post(self.text)
+            return
+        interval = self.app.settings.streaming.edit_interval_ms / 1000
+        if time.monotonic() - self._last_edit >= interval:
+            await self._edit(self.text)
+
+    async def finish(self) -> None:
+        final = self.text.strip() or "*(the agent sent an empty answer)*"
+        if self.event_id is None:
+            await self._post(final)
+        elif final != self._shown:
+            await self._edit(final)
+        self.text = final
+
+    async def cancelled(self) -> None:
+        if self.event_id is not None:
+            await self._edit(self.text + CANCELLED_MARK)
+        else:
+            await self.app.send_notice(self.room_id, "Cancelled before the agent said anything.")
+
+    async def failed(self, message: str) -> None:
+        if self.event_id is not None:
+            await self._edit(self.text + "\n\n*(the answer stopped here)*")
+        await self.app.send_notice(self.room_id, message)
+
+    async def _post(self, text: str) -> None:
+        content = replies.rendered(text, "m.text", self.marker)
+        self.event_id = await self.app.send_content(self.room_id, content)
+        self._shown = text
+        self._last_edit = time.monotonic()
+
+    async def _edit(self, text: str) -> None:
+        assert self.event_id is not None
+        new = replies.rendered(text, "m.text", self.marker)
+        await self.app.send_content(self.room_id, replies.edit(self.event_id, new))
+        self._shown = text
+        self._last_edit = time.monotonic()

@@ -1,0 +1,560 @@
+"""The Matrix layout (contract §3) in one place: event types, parsing, createRoom payloads.
+
+Every parser takes untrusted JSON and returns a frozen value or `None`; none of them raises.
+Every `to_content`/builder returns plain JSON-ready dicts, so callers never hand-write keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import quote
+
+from mautrix.types import EventType, RoomCreatePreset
+
+NAMESPACE = "org.surfaces"
+LAYOUT_VERSION = 1
+
+# Keys inside m.room.create content (the immutable identity markers).
+KIND_KEY = f"{NAMESPACE}.kind"
+OWNER_KEY = f"{NAMESPACE}.owner"
+VERSION_KEY = f"{NAMESPACE}.v"
+
+# Custom event types and content keys.
+BINDING_TYPE = f"{NAMESPACE}.binding"
+MEMORY_TYPE = f"{NAMESPACE}.memory"
+ACCESS_TYPE = f"{NAMESPACE}.access"
+TURN_KEY = f"{NAMESPACE}.turn"
+RESET_KEY = f"{NAMESPACE}.reset"
+
+BINDING = EventType.find(BINDING_TYPE, EventType.Class.STATE)
+MEMORY = EventType.find(MEMORY_TYPE, EventType.Class.STATE)
+ACCESS = EventType.find(ACCESS_TYPE, EventType.Class.ACCOUNT_DATA)
+
+# Standard types the layout relies on, as plain strings for the pure planner.
+CREATE_TYPE = "m.room.create"
+MEMBER_TYPE = "m.room.member"
+POWER_LEVELS_TYPE = "m.room.power_levels"
+TOMBSTONE_TYPE = "m.room.tombstone"
+SPACE_CHILD_TYPE = "m.space.child"
+SPACE_PARENT_TYPE = "m.space.parent"
+
+# Types only the bot may send (contract §3); each gets PROTECTED_LEVEL in power levels.
+PROTECTED_STATE_TYPES: tuple[str, ...] = (
+    SPACE_CHILD_TYPE,
+    SPACE_PARENT_TYPE,
+    POWER_LEVELS_TYPE,
+    TOMBSTONE_TYPE,
+    BINDING_TYPE,
+    MEMORY_TYPE,
+)
+PROTECTED_LEVEL = 100
+# Synapse's own default on creator-power rooms: above every non-creator, so only creators upgrade.
+CREATOR_ONLY_LEVEL = 150
+
+RoomKind = Literal["space", "working"]
+ROOM_KINDS: tuple[str, ...] = ("space", "working")
+AccessState = Literal["approved", "blocked"]
+ACCESS_STATES: tuple[str, ...] = ("approved", "blocked")
+
+_MAX_ID_LEN = 255  # the spec's limit for user and room ids
+_ORDER_RE = re.compile(r"^[\x20-\x7e]{0,50}$")
+_ORDER_WIDTH = 16  # ms timestamps are 13 digits; 16 keeps keys fixed-width for centuries
+
+
+# ---------------------------------------------------------------------------
+# small validators
+
+
+def is_user_id(value: object) -> bool:
+    """`@localpart:server`, within the spec's length limit."""
+    return (
+        isinstance(value, str)
+        and 3 <= len(value) <= _MAX_ID_LEN
+        and value.startswith("@")
+        and ":" in value[2:]
+        and not any(c.isspace() for c in value)
+    )
+
+
+def is_room_id(value: object) -> bool:
+    """`!opaque` (room v12 ids have no server part) or `!opaque:server`."""
+    return (
+        isinstance(value, str)
+        and 2 <= len(value) <= _MAX_ID_LEN
+        and value.startswith("!")
+        and not any(c.isspace() for c in value)
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # bool is an int subclass
+
+
+def _version(content: Mapping[str, Any], key: str) -> int | None:
+    v = content.get(key)
+    return v if _is_int(v) and v >= 1 else None
+
+
+def _opt_str(content: Mapping[str, Any], key: str) -> tuple[bool, str | None]:
+    """(ok, value): missing or null is ok/None, a non-string is not ok."""
+    value = content.get(key)
+    if value is None:
+        return True, None
+    return (True, value) if isinstance(value, str) else (False, None)
+
+
+def _nonempty_str(value: object) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def creators_have_infinite_power(room_version: str) -> bool:
+    """Room v12 (MSC4289) and later: creators outrank everyone and must not be in `users`."""
+    if room_version.isdigit():
+        return int(room_version) >= 12
+    return room_version.startswith("org.matrix.hydra.")
+
+
+# ---------------------------------------------------------------------------
+# m.room.create markers
+
+
+@dataclass(frozen=True)
+class RoomMarkers:
+    kind: RoomKind
+    owner: str
+    v: int
+
+
+def parse_create_markers(create_content: object) -> RoomMarkers | None:
+    """Our markers in m.room.create content; `None` when absent or malformed.
+
+    `v` newer than LAYOUT_VERSION parses (the caller decides to leave such rooms alone).
+    """
+    if not isinstance(create_content, Mapping):
+        return None
+    kind = create_content.get(KIND_KEY)
+    owner = create_content.get(OWNER_KEY)
+    v = _version(create_content, VERSION_KEY)
+    if kind not in ROOM_KINDS or not is_user_id(owner) or v is None:
+        return None
+    is_space = create_content.get("type") == "m.space"
+    if (kind == "space") != is_space:  # a space that isn't m.space (or vice versa) is corrupt
+        return None
+    return RoomMarkers(kind=kind, owner=owner, v=v)
+
+
+def has_our_markers(create_content: object) -> bool:
+    """Whether content claims to be ours at all (to tell malformed from foreign)."""
+    return isinstance(create_content, Mapping) and any(
+        isinstance(k, str) and k.startswith(f"{NAMESPACE}.") for k in create_content
+    )
+
+
+def create_predecessor(create_content: object) -> str | None:
+    """The room this one replaced (set by a room upgrade), if any."""
+    if not isinstance(create_content, Mapping):
+        return None
+    pred = create_content.get("predecessor")
+    if isinstance(pred, Mapping) and is_room_id(pred.get("room_id")):
+        return pred["room_id"]
+    return None
+
+
+def create_room_version(create_content: object) -> str:
+    """Room version from the create event; the spec's default is "1"."""
+    if isinstance(create_content, Mapping):
+        v = create_content.get("room_version")
+        if isinstance(v, str) and v:
+            return v
+    return "1"
+
+
+def additional_creators(create_content: object) -> tuple[str, ...]:
+    if not isinstance(create_content, Mapping):
+        return ()
+    extra = create_content.get("additional_creators")
+    if not isinstance(extra, list):
+        return ()
+    return tuple(u for u in extra if is_user_id(u))
+
+
+# ---------------------------------------------------------------------------
+# org.surfaces.binding
+
+
+@dataclass(frozen=True)
+class Binding:
+    owner: str
+    space_id: str
+    agent: str
+    title: str
+    platform_chat_id: str | None = None  # None only in the older layout; backfilled at start
+    system_prompt: str | None = None
+    archived: bool = False
+    v: int = LAYOUT_VERSION
+
+    def to_content(self) -> dict[str, Any]:
+        content: dict[str, Any] = {
+            "v": self.v,
+            "owner": self.owner,
+            "space_id": self.space_id,
+            "agent": self.agent,
+            "title": self.title,
+        }
+        if self.platform_chat_id is not None:
+            content["platform_chat_id"] = self.platform_chat_id
+        if self.system_prompt is not None:
+            content["system_prompt"] = self.system_prompt
+        if self.archived:
+            content["archived"] = True
+        return content
+
+
+def parse_binding(content: object) -> Binding | None:
+    """A binding, or `None` when any known key has the wrong shape (unknown keys are ignored)."""
+    if not isinstance(content, Mapping):
+        return None
+    v = _version(content, "v")
+    owner = content.get("owner")
+    space_id = content.get("space_id")
+    agent = content.get("agent")
+    title = content.get("title", "")
+    pcid_ok, pcid = _opt_str(content, "platform_chat_id")
+    prompt_ok, prompt = _opt_str(content, "system_prompt")
+    archived = content.get("archived", False)
+    if (
+        v is None
+        or not is_user_id(owner)
+        or not is_room_id(space_id)
+        or not _nonempty_str(agent)
+        or not isinstance(title, str)
+        or not pcid_ok
+        or pcid == ""
+        or not prompt_ok
+        or not isinstance(archived, bool)
+    ):
+        return None
+    return Binding(
+        owner=owner,
+        space_id=space_id,
+        agent=agent,
+        title=title,
+        platform_chat_id=pcid,
+        system_prompt=prompt,
+        archived=archived,
+        v=v,
+    )
+
+
+# ---------------------------------------------------------------------------
+# m.space.child / m.space.parent
+
+
+@dataclass(frozen=True)
+class SpaceChild:
+    via: tuple[str, ...]
+    order: str | None = None
+    suggested: bool = False
+
+
+@dataclass(frozen=True)
+class SpaceParent:
+    via: tuple[str, ...]
+    canonical: bool = False
+
+
+def _parse_via(content: Mapping[str, Any]) -> tuple[str, ...] | None:
+    via = content.get("via")
+    if not isinstance(via, list) or not via or not all(_nonempty_str(s) for s in via):
+        return None
+    return tuple(via)
+
+
+def is_valid_order(order: object) -> bool:
+    return isinstance(order, str) and _ORDER_RE.match(order) is not None
+
+
+def parse_space_child(content: object) -> SpaceChild | None:
+    """A live child link; `None` for `{}` (removed) or an invalid `via`. A bad `order` is dropped."""
+    if not isinstance(content, Mapping):
+        return None
+    via = _parse_via(content)
+    if via is None:
+        return None
+    order = content.get("order")
+    suggested = content.get("suggested")
+    return SpaceChild(
+        via=via,
+        order=order if is_valid_order(order) else None,
+        suggested=suggested if isinstance(suggested, bool) else False,
+    )
+
+
+def parse_space_parent(content: object) -> SpaceParent | None:
+    if not isinstance(content, Mapping):
+        return None
+    via = _parse_via(content)
+    if via is None:
+        return None
+    canonical = content.get("canonical")
+    return SpaceParent(via=via, canonical=canonical if isinstance(canonical, bool) else False)
+
+
+def order_key(n: int) -> str:
+    """A fixed-width sortable `order` for `n` (use a creation time in ms); negatives clamp to 0."""
+    return str(max(0, n)).zfill(_ORDER_WIDTH)[-50:]
+
+
+def space_child_content(server_name: str, order: str | None = None) -> dict[str, Any]:
+    content: dict[str, Any] = {"via": [server_name]}
+    if order is not None:
+        content["order"] = order
+    return content
+
+
+def space_parent_content(server_name: str) -> dict[str, Any]:
+    return {"via": [server_name], "canonical": True}
+
+
+REMOVED: dict[str, Any] = {}  # `{}` content removes a space link (never mutate)
+
+
+def tombstone_content(replacement_room: str, body: str) -> dict[str, Any]:
+    return {"body": body, "replacement_room": replacement_room}
+
+
+def parse_tombstone(content: object) -> str | None:
+    """The replacement room of an m.room.tombstone, or `None`."""
+    if isinstance(content, Mapping) and is_room_id(content.get("replacement_room")):
+        return content["replacement_room"]
+    return None
+
+
+# ---------------------------------------------------------------------------
+# org.surfaces.memory (state in the Space)
+
+
+@dataclass(frozen=True)
+class Memory:
+    notes: tuple[str, ...] = ()
+    v: int = LAYOUT_VERSION
+
+    def to_content(self) -> dict[str, Any]:
+        return {"v": self.v, "notes": list(self.notes)}
+
+
+def parse_memory(content: object) -> Memory | None:
+    if not isinstance(content, Mapping):
+        return None
+    v = _version(content, "v")
+    notes = content.get("notes")
+    if v is None or not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        return None
+    return Memory(notes=tuple(notes), v=v)
+
+
+# ---------------------------------------------------------------------------
+# org.surfaces.access (bot account data)
+
+
+@dataclass(frozen=True)
+class AccessDecision:
+    state: AccessState
+    by: str
+    ts: int
+
+
+@dataclass(frozen=True)
+class AccessDecisions:
+    users: Mapping[str, AccessDecision] = field(default_factory=dict)
+
+    def state_of(self, user_id: str) -> AccessState | None:
+        decision = self.users.get(user_id)
+        return decision.state if decision else None
+
+    def to_content(self) -> dict[str, Any]:
+        return {
+            "users": {
+                uid: {"state": d.state, "by": d.by, "ts": d.ts}
+                for uid, d in sorted(self.users.items())
+            }
+        }
+
+
+def parse_access(content: object) -> AccessDecisions | None:
+    """Decisions by user; one malformed entry is skipped rather than voiding all the others."""
+    if not isinstance(content, Mapping):
+        return None
+    users = content.get("users")
+    if not isinstance(users, Mapping):
+        return None
+    parsed: dict[str, AccessDecision] = {}
+    for uid, entry in users.items():
+        if not is_user_id(uid) or not isinstance(entry, Mapping):
+            continue
+        state, by, ts = entry.get("state"), entry.get("by"), entry.get("ts")
+        if state in ACCESS_STATES and is_user_id(by) and _is_int(ts):
+            parsed[uid] = AccessDecision(state=state, by=by, ts=ts)
+    return AccessDecisions(users=parsed)
+
+
+# ---------------------------------------------------------------------------
+# markers on messages: org.surfaces.turn / org.surfaces.reset
+
+
+@dataclass(frozen=True)
+class TurnMarker:
+    platform_chat_id: str
+    agent: str
+
+
+@dataclass(frozen=True)
+class ResetMarker:
+    platform_chat_id: str
+
+
+def turn_marker(platform_chat_id: str, agent: str) -> dict[str, Any]:
+    """Keys to merge into a bot reply's content."""
+    return {TURN_KEY: {"platform_chat_id": platform_chat_id, "agent": agent}}
+
+
+def reset_marker(platform_chat_id: str) -> dict[str, Any]:
+    """Keys to merge into the reset notice's content."""
+    return {RESET_KEY: {"platform_chat_id": platform_chat_id}}
+
+
+def _marker_body(content: object, key: str) -> Mapping[str, Any] | None:
+    """The marker at top level, else inside `m.new_content` (streamed edits repeat it there)."""
+    if not isinstance(content, Mapping):
+        return None
+    body = content.get(key)
+    if body is None:
+        new_content = content.get("m.new_content")
+        body = new_content.get(key) if isinstance(new_content, Mapping) else None
+    return body if isinstance(body, Mapping) else None
+
+
+def parse_turn_marker(content: object) -> TurnMarker | None:
+    body = _marker_body(content, TURN_KEY)
+    if body is None:
+        return None
+    pcid, agent = body.get("platform_chat_id"), body.get("agent")
+    if not _nonempty_str(pcid) or not _nonempty_str(agent):
+        return None
+    return TurnMarker(platform_chat_id=pcid, agent=agent)
+
+
+def parse_reset_marker(content: object) -> ResetMarker | None:
+    body = _marker_body(content, RESET_KEY)
+    if body is None or not _nonempty_str(body.get("platform_chat_id")):
+        return None
+    return ResetMarker(platform_chat_id=body["platform_chat_id"])
+
+
+# ---------------------------------------------------------------------------
+# createRoom payloads (kwargs for mautrix `client.create_room`)
+
+
+def power_levels(bot_id: str, room_version: str) -> dict[str, Any]:
+    """Power levels for our rooms: the bot alone changes structure; users chat and invite.
+
+    Strict on purpose: everyone but the bot is at level 0, so owners cannot rename rooms
+    (the title lives in the binding) or enable encryption (the bot has no E2EE).
+    Synapse replaces each top-level key given here, so `events` is complete.
+    """
+    infinite = creators_have_infinite_power(room_version)
+    events = {t: PROTECTED_LEVEL for t in PROTECTED_STATE_TYPES}
+    if infinite:
+        events[TOMBSTONE_TYPE] = CREATOR_ONLY_LEVEL
+    for t in (
+        "m.room.name",
+        "m.room.topic",
+        "m.room.avatar",
+        "m.room.canonical_alias",
+        "m.room.history_visibility",
+        "m.room.join_rules",
+        "m.room.server_acl",
+        "m.room.encryption",
+        "m.room.pinned_events",
+    ):
+        events[t] = PROTECTED_LEVEL
+    return {
+        # v12: the creator is implicitly all-powerful and Synapse rejects listing it (400).
+        "users": {} if infinite else {bot_id: PROTECTED_LEVEL},
+        "users_default": 0,
+        "events": events,
+        "events_default": 0,
+        "state_default": PROTECTED_LEVEL,
+        "invite": 0,
+        "kick": 50,
+        "ban": 50,
+        "redact": 50,
+        "notifications": {"room": 50},
+    }
+
+
+def space_creation_content(owner: str) -> dict[str, Any]:
+    return {
+        "type": "m.space",
+        KIND_KEY: "space",
+        OWNER_KEY: owner,
+        VERSION_KEY: LAYOUT_VERSION,
+    }
+
+
+def working_creation_content(owner: str) -> dict[str, Any]:
+    return {KIND_KEY: "working", OWNER_KEY: owner, VERSION_KEY: LAYOUT_VERSION}
+
+
+def space_create_request(
+    owner: str, name: str, bot_id: str, server_name: str, room_version: str
+) -> dict[str, Any]:
+    """kwargs for `create_room`; no invitees: the bot invites after recording the room."""
+    del server_name  # a space has no links at creation; kept for a symmetric signature
+    return {
+        "preset": RoomCreatePreset.PRIVATE,
+        "name": name,
+        "room_version": room_version,
+        "creation_content": space_creation_content(owner),
+        "initial_state": [],
+        "power_level_override": power_levels(bot_id, room_version),
+        "invitees": [],
+    }
+
+
+def working_room_create_request(
+    owner: str,
+    space_id: str,
+    binding: Binding,
+    bot_id: str,
+    server_name: str,
+    room_version: str,
+) -> dict[str, Any]:
+    """kwargs for `create_room`: the parent link and the binding arrive atomically with the room."""
+    return {
+        "preset": RoomCreatePreset.PRIVATE,
+        "name": binding.title or None,
+        "room_version": room_version,
+        "creation_content": working_creation_content(owner),
+        "initial_state": [
+            {
+                "type": SPACE_PARENT_TYPE,
+                "state_key": space_id,
+                "content": space_parent_content(server_name),
+            },
+            {"type": BINDING_TYPE, "state_key": "", "content": binding.to_content()},
+        ],
+        "power_level_override": power_levels(bot_id, room_version),
+        "invitees": [],
+    }
+
+
+def matrix_to(room_id: str, via: tuple[str, ...] | list[str] = ()) -> str:
+    """A matrix.to link; `via` matters on room v12, whose ids carry no server."""
+    link = f"https://matrix.to/#/{quote(room_id, safe='')}"
+    if via:
+        link += "?" + "&".join(f"via={quote(s, safe='')}" for s in via)
+    return link

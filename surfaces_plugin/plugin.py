@@ -1,0 +1,68 @@
+"""The maubot Plugin subclass: lifecycle and wiring only."""
+
+from __future__ import annotations
+
+from maubot import Plugin
+from maubot.handlers import event
+from mautrix.types import EventType, MessageEvent, StateEvent
+from mautrix.util.async_db import UpgradeTable
+from mautrix.util.config import BaseProxyConfig
+
+from .app import Surfaces
+from .config import Config, ConfigError, parse_settings, plain_config
+from .store.migrations import upgrade_table
+
+
+class SurfacesPlugin(Plugin):
+    app: Surfaces | None = None
+
+    @classmethod
+    def get_config_class(cls) -> type[BaseProxyConfig]:
+        return Config
+
+    @classmethod
+    def get_db_upgrade_table(cls) -> UpgradeTable:
+        return upgrade_table
+
+    async def pre_start(self) -> None:
+        # Handlers go live before start(); what arrives before the app exists waits here.
+        self._early: list[MessageEvent] = []
+
+    async def start(self) -> None:
+        self.config.load_and_update()
+        try:
+            settings = parse_settings(plain_config(self.config))
+        except ConfigError as e:
+            self.log.error("Surfaces cannot start: %s. Fix it in the instance's config.", e)
+            raise
+        self.app = Surfaces(
+            client=self.client, database=self.database, settings=settings, log=self.log
+        )
+        await self.app.start(early_events=self._early)
+        self._early = []
+
+    async def stop(self) -> None:
+        if self.app is not None:
+            await self.app.stop()
+
+    def on_external_config_update(self) -> None:
+        self.config.load_and_update()
+        try:
+            settings = parse_settings(plain_config(self.config))
+        except ConfigError as e:
+            self.log.error("Config update rejected, the last good config stays in force: %s", e)
+            return
+        if self.app is not None:
+            self.app.apply_settings(settings)
+
+    @event.on(EventType.ROOM_MESSAGE)
+    async def on_message(self, evt: MessageEvent) -> None:
+        if self.app is None:
+            self._early.append(evt)
+            return
+        await self.app.on_message(evt)
+
+    @event.on(EventType.ROOM_MEMBER)
+    async def on_member(self, evt: StateEvent) -> None:
+        if self.app is not None:
+            await self.app.on_member(evt)

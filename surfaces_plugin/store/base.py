@@ -1,0 +1,36 @@
+"""Shared plumbing for the repositories: connection handling and time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+from mautrix.util.async_db import Connection, Database
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@asynccontextmanager
+async def _given(conn: Connection) -> AsyncIterator[Connection]:
+    yield conn
+
+
+class Repository:
+    """Base of the per-table classes.
+
+    Every method takes an optional `conn` so several repositories can share one transaction:
+
+        async with db.acquire() as conn, conn.transaction():
+            await stores.messages.append(..., conn=conn)
+            await stores.processed.mark(..., conn=conn)
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def _acquire(self, conn: Connection | None) -> AbstractAsyncContextManager[Connection]:
+        # db.acquire() already reuses the connection held by this task, if any.
+        return _given(conn) if conn is not None else self.db.acquire()

@@ -1,0 +1,185 @@
+"""`messages`: the conversation history of each chat, numbered 1, 2, 3… per chat.
+
+History lives only here (the room timeline is the fallback), so the message path never
+re-reads the homeserver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mautrix.util.async_db import Connection, Scheme
+
+from .base import Repository, now_ms
+
+Role = Literal["user", "assistant", "summary"]
+ROLES: tuple[str, ...] = ("user", "assistant", "summary")
+
+
+class DuplicateEventError(Exception):
+    """A message with this Matrix event id is already stored."""
+
+    def __init__(self, event_id: str) -> None:
+        super().__init__(f"event {event_id} is already stored")
+        self.event_id = event_id
+
+
+@dataclass(frozen=True)
+class Message:
+    platform_chat_id: str
+    seq: int
+    role: Role
+    content: str
+    event_id: str | None
+    sender: str | None
+    ts: int
+    tokens: int | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Message:
+        return cls(
+            platform_chat_id=row["platform_chat_id"],
+            seq=row["seq"],
+            role=row["role"],
+            content=row["content"],
+            event_id=row["event_id"],
+            sender=row["sender"],
+            ts=row["ts"],
+            tokens=row["tokens"],
+        )
+
+
+_COLUMNS = "platform_chat_id, seq, role, content, event_id, sender, ts, tokens"
+
+
+class MessageStore(Repository):
+    async def append(
+        self,
+        platform_chat_id: str,
+        role: Role,
+        content: str,
+        *,
+        event_id: str | None = None,
+        sender: str | None = None,
+        ts: int | None = None,
+        tokens: int | None = None,
+        conn: Connection | None = None,
+    ) -> int:
+        """Store a message as the chat's next one and return its seq.
+
+        Raises DuplicateEventError (and stores nothing) when `event_id` is already stored.
+        """
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        async with self._acquire(conn) as c, c.transaction():
+            if c.scheme == Scheme.POSTGRES:
+                # Serialises appends to one chat so max+1 is never taken twice. SQLite needs
+                # no lock: maubot gives it one connection, so transactions never overlap.
+                await c.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", platform_chat_id
+                )
+            seq = await c.fetchval(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE platform_chat_id=$1",
+                platform_chat_id,
+            )
+            stored = await c.fetchval(
+                f"""INSERT INTO messages ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                ON CONFLICT (event_id) DO NOTHING RETURNING seq""",
+                platform_chat_id,
+                int(seq),
+                role,
+                content,
+                event_id,
+                sender,
+                int(ts) if ts is not None else now_ms(),
+                None if tokens is None else int(tokens),
+            )
+            if stored is None:
+                raise DuplicateEventError(event_id or "")
+        return int(stored)
+
+    async def history(
+        self,
+        platform_chat_id: str,
+        *,
+        after_seq: int | None = None,
+        limit: int | None = None,
+        conn: Connection | None = None,
+    ) -> list[Message]:
+        """Messages with seq > `after_seq`, oldest first; `limit` keeps the newest ones."""
+        query = f"SELECT {_COLUMNS} FROM messages WHERE platform_chat_id=$1 AND seq > $2"
+        args: list[Any] = [platform_chat_id, int(after_seq or 0)]
+        if limit is not None:
+            query += " ORDER BY seq DESC LIMIT $3"
+            args.append(int(limit))
+        else:
+            query += " ORDER BY seq"
+        async with self._acquire(conn) as c:
+            rows = await c.fetch(query, *args)
+        messages = [Message.from_row(r) for r in rows]
+        if limit is not None:
+            messages.reverse()
+        return messages
+
+    async def count(
+        self, platform_chat_id: str, *, after_seq: int | None = None, conn: Connection | None = None
+    ) -> int:
+        async with self._acquire(conn) as c:
+            n = await c.fetchval(
+                "SELECT COUNT(*) FROM messages WHERE platform_chat_id=$1 AND seq > $2",
+                platform_chat_id,
+                int(after_seq or 0),
+            )
+        return int(n)
+
+    async def last_seq(self, platform_chat_id: str, *, conn: Connection | None = None) -> int:
+        """The chat's highest seq, 0 when it has no messages."""
+        async with self._acquire(conn) as c:
+            seq = await c.fetchval(
+                "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE platform_chat_id=$1",
+                platform_chat_id,
+            )
+        return int(seq)
+
+    async def has_event(self, event_id: str, *, conn: Connection | None = None) -> bool:
+        async with self._acquire(conn) as c:
+            row = await c.fetchrow("SELECT 1 FROM messages WHERE event_id=$1", event_id)
+        return row is not None
+
+    async def get_by_event(
+        self, event_id: str, *, conn: Connection | None = None
+    ) -> Message | None:
+        async with self._acquire(conn) as c:
+            row = await c.fetchrow(f"SELECT {_COLUMNS} FROM messages WHERE event_id=$1", event_id)
+        return Message.from_row(row) if row else None
+
+    async def last_user_message(
+        self, platform_chat_id: str, *, conn: Connection | None = None
+    ) -> Message | None:
+        async with self._acquire(conn) as c:
+            row = await c.fetchrow(
+                f"""SELECT {_COLUMNS} FROM messages WHERE platform_chat_id=$1 AND role='user'
+                ORDER BY seq DESC LIMIT 1""",
+                platform_chat_id,
+            )
+        return Message.from_row(row) if row else None
+
+    async def delete_after(
+        self, platform_chat_id: str, seq: int, *, conn: Connection | None = None
+    ) -> int:
+        """Delete the chat's messages with seq > `seq` (e.g. the answer being retried)."""
+        async with self._acquire(conn) as c:
+            rows = await c.fetch(
+                "DELETE FROM messages WHERE platform_chat_id=$1 AND seq > $2 RETURNING seq",
+                platform_chat_id,
+                int(seq),
+            )
+        return len(rows)
+
+    async def delete_chat(self, platform_chat_id: str, *, conn: Connection | None = None) -> int:
+        async with self._acquire(conn) as c:
+            rows = await c.fetch(
+                "DELETE FROM messages WHERE platform_chat_id=$1 RETURNING seq", platform_chat_id
+            )
+        return len(rows)

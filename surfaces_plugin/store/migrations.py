@@ -1,0 +1,107 @@
+"""Schema of the plugin database, for SQLite and PostgreSQL alike.
+
+Append-only: a released version is never edited; changes go into a new registered upgrade.
+Portable SQL only: BIGINT for millisecond timestamps, BOOLEAN read back through bool(), explicit
+composite keys instead of AUTOINCREMENT/SERIAL.
+"""
+
+from __future__ import annotations
+
+from mautrix.util.async_db import Connection, UpgradeTable
+
+upgrade_table = UpgradeTable()
+
+
+@upgrade_table.register(description="Initial schema")
+async def upgrade_v1(conn: Connection) -> None:
+    # No foreign keys between cache tables: a rebuild writes them in any order, and rows
+    # that Matrix no longer shows are kept (missing=true) rather than deleted.
+    await conn.execute(
+        """CREATE TABLE users (
+            user_id      TEXT PRIMARY KEY,
+            space_id     TEXT,
+            access_state TEXT CHECK (access_state IN ('approved', 'blocked', 'pending')),
+            access_by    TEXT,
+            access_ts    BIGINT,
+            dm_room_id   TEXT,
+            missing      BOOLEAN NOT NULL DEFAULT false,
+            updated_at   BIGINT NOT NULL
+        )"""
+    )
+    await conn.execute(
+        """CREATE TABLE rooms (
+            room_id          TEXT PRIMARY KEY,
+            kind             TEXT NOT NULL CHECK (kind IN ('space', 'working')),
+            owner            TEXT NOT NULL,
+            space_id         TEXT,
+            agent            TEXT,
+            title            TEXT,
+            platform_chat_id TEXT,
+            system_prompt    TEXT,
+            archived         BOOLEAN NOT NULL DEFAULT false,
+            order_key        TEXT,
+            bot_membership   TEXT CHECK (bot_membership IN ('join', 'lost')),
+            owner_membership TEXT,
+            last_activity_ms BIGINT,
+            missing          BOOLEAN NOT NULL DEFAULT false,
+            created_ms       BIGINT
+        )"""
+    )
+    await conn.execute("CREATE INDEX rooms_owner_idx ON rooms (owner)")
+    await conn.execute("CREATE INDEX rooms_space_idx ON rooms (space_id)")
+    await conn.execute("CREATE INDEX rooms_chat_idx ON rooms (platform_chat_id)")
+    await conn.execute(
+        """CREATE TABLE chats (
+            platform_chat_id TEXT PRIMARY KEY,
+            room_id          TEXT NOT NULL,
+            agent            TEXT,
+            created_ms       BIGINT NOT NULL,
+            archived         BOOLEAN NOT NULL DEFAULT false,
+            summary          TEXT,
+            summary_upto_seq INTEGER,
+            missing          BOOLEAN NOT NULL DEFAULT false
+        )"""
+    )
+    await conn.execute("CREATE INDEX chats_room_idx ON chats (room_id)")
+    await conn.execute(
+        """CREATE TABLE messages (
+            platform_chat_id TEXT NOT NULL,
+            seq              INTEGER NOT NULL,
+            role             TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'summary')),
+            content          TEXT NOT NULL,
+            event_id         TEXT UNIQUE,
+            sender           TEXT,
+            ts               BIGINT NOT NULL,
+            tokens           INTEGER,
+            PRIMARY KEY (platform_chat_id, seq)
+        )"""
+    )
+    await conn.execute(
+        """CREATE TABLE memory (
+            user_id TEXT PRIMARY KEY,
+            notes   TEXT NOT NULL
+        )"""
+    )
+    await conn.execute(
+        """CREATE TABLE onboarding_journal (
+            user_id    TEXT NOT NULL,
+            step       TEXT NOT NULL CHECK (step IN ('space', 'room')),
+            status     TEXT NOT NULL CHECK (status IN ('pending', 'done')),
+            room_id    TEXT,
+            created_ms BIGINT NOT NULL,
+            PRIMARY KEY (user_id, step)
+        )"""
+    )
+    await conn.execute(
+        """CREATE TABLE processed (
+            room_id  TEXT PRIMARY KEY,
+            event_id TEXT NOT NULL,
+            ts       BIGINT NOT NULL
+        )"""
+    )
+    await conn.execute(
+        """CREATE TABLE state_kv (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )"""
+    )

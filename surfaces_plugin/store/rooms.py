@@ -1,0 +1,220 @@
+"""`rooms`: the Spaces and working rooms the bot manages, as last seen in Matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mautrix.util.async_db import Connection
+
+from .base import Repository
+
+RoomKind = Literal["space", "working"]
+BotMembership = Literal["join", "lost"]
+
+
+@dataclass(frozen=True)
+class Room:
+    room_id: str
+    kind: RoomKind
+    owner: str
+    space_id: str | None = None
+    agent: str | None = None
+    title: str | None = None
+    platform_chat_id: str | None = None
+    system_prompt: str | None = None
+    archived: bool = False
+    order_key: str | None = None
+    bot_membership: BotMembership | None = "join"
+    owner_membership: str | None = None
+    last_activity_ms: int | None = None
+    missing: bool = False
+    created_ms: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Room:
+        return cls(
+            room_id=row["room_id"],
+            kind=row["kind"],
+            owner=row["owner"],
+            space_id=row["space_id"],
+            agent=row["agent"],
+            title=row["title"],
+            platform_chat_id=row["platform_chat_id"],
+            system_prompt=row["system_prompt"],
+            archived=bool(row["archived"]),
+            order_key=row["order_key"],
+            bot_membership=row["bot_membership"],
+            owner_membership=row["owner_membership"],
+            last_activity_ms=row["last_activity_ms"],
+            missing=bool(row["missing"]),
+            created_ms=row["created_ms"],
+        )
+
+    def values(self) -> tuple[Any, ...]:
+        return (
+            self.room_id,
+            self.kind,
+            self.owner,
+            self.space_id,
+            self.agent,
+            self.title,
+            self.platform_chat_id,
+            self.system_prompt,
+            bool(self.archived),
+            self.order_key,
+            self.bot_membership,
+            self.owner_membership,
+            self.last_activity_ms,
+            bool(self.missing),
+            self.created_ms,
+        )
+
+
+_COLUMNS = (
+    "room_id, kind, owner, space_id, agent, title, platform_chat_id, system_prompt, archived,"
+    " order_key, bot_membership, owner_membership, last_activity_ms, missing, created_ms"
+)
+# Keeps the newest of the stored and the given value; NULL never erases a known one.
+_NEWEST_ACTIVITY = """CASE WHEN rooms.last_activity_ms IS NULL
+        OR excluded.last_activity_ms > rooms.last_activity_ms
+    THEN excluded.last_activity_ms ELSE rooms.last_activity_ms END"""
+
+
+class RoomStore(Repository):
+    _upsert = f"""
+        INSERT INTO rooms ({_COLUMNS})
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+        ON CONFLICT (room_id) DO UPDATE SET
+            kind=excluded.kind, owner=excluded.owner, space_id=excluded.space_id,
+            agent=excluded.agent, title=excluded.title,
+            platform_chat_id=excluded.platform_chat_id, system_prompt=excluded.system_prompt,
+            archived=excluded.archived, order_key=excluded.order_key,
+            bot_membership=excluded.bot_membership, owner_membership=excluded.owner_membership,
+            last_activity_ms={_NEWEST_ACTIVITY},
+            missing=excluded.missing,
+            created_ms=COALESCE(excluded.created_ms, rooms.created_ms)
+    """
+
+    async def get(self, room_id: str, *, conn: Connection | None = None) -> Room | None:
+        async with self._acquire(conn) as c:
+            row = await c.fetchrow(f"SELECT {_COLUMNS} FROM rooms WHERE room_id=$1", room_id)
+        return Room.from_row(row) if row else None
+
+    async def get_by_platform_chat_id(
+        self, platform_chat_id: str, *, conn: Connection | None = None
+    ) -> Room | None:
+        async with self._acquire(conn) as c:
+            row = await c.fetchrow(
+                f"SELECT {_COLUMNS} FROM rooms WHERE platform_chat_id=$1 ORDER BY room_id LIMIT 1",
+                platform_chat_id,
+            )
+        return Room.from_row(row) if row else None
+
+    async def upsert(self, room: Room, *, conn: Connection | None = None) -> None:
+        """Write every column, except that `last_activity_ms` only moves forward and a None
+        `last_activity_ms`/`created_ms` keeps the stored value (Matrix state does not hold them)."""
+        async with self._acquire(conn) as c:
+            await c.execute(self._upsert, *room.values())
+
+    async def upsert_many(self, rooms: Iterable[Room], *, conn: Connection | None = None) -> None:
+        records = [r.values() for r in rooms]
+        if records:
+            async with self._acquire(conn) as c:
+                await c.executemany(self._upsert, records)
+
+    async def list_by_owner(
+        self,
+        owner: str,
+        *,
+        kind: RoomKind | None = None,
+        include_archived: bool = True,
+        include_missing: bool = False,
+        conn: Connection | None = None,
+    ) -> list[Room]:
+        """The owner's rooms in Space order (order_key, then creation, then id)."""
+        where, args = ["owner=$1"], [owner]
+        if kind is not None:
+            args.append(kind)
+            where.append(f"kind=${len(args)}")
+        return await self._list(where, args, include_archived, include_missing, conn)
+
+    async def list_by_space(
+        self,
+        space_id: str,
+        *,
+        include_archived: bool = True,
+        include_missing: bool = False,
+        conn: Connection | None = None,
+    ) -> list[Room]:
+        return await self._list(
+            ["space_id=$1"], [space_id], include_archived, include_missing, conn
+        )
+
+    async def list_all(
+        self,
+        *,
+        kind: RoomKind | None = None,
+        include_archived: bool = True,
+        include_missing: bool = False,
+        conn: Connection | None = None,
+    ) -> list[Room]:
+        where: list[str] = []
+        args: list[Any] = []
+        if kind is not None:
+            args.append(kind)
+            where.append("kind=$1")
+        return await self._list(where, args, include_archived, include_missing, conn)
+
+    async def _list(
+        self,
+        where: list[str],
+        args: list[Any],
+        include_archived: bool,
+        include_missing: bool,
+        conn: Connection | None,
+    ) -> list[Room]:
+        if not include_archived:
+            where = [*where, "archived=false"]
+        if not include_missing:
+            where = [*where, "missing=false"]
+        query = f"SELECT {_COLUMNS} FROM rooms"
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        # NULL order keys sort last on both engines only when spelled out.
+        query += (
+            " ORDER BY CASE WHEN order_key IS NULL THEN 1 ELSE 0 END, order_key,"
+            " CASE WHEN created_ms IS NULL THEN 1 ELSE 0 END, created_ms, room_id"
+        )
+        async with self._acquire(conn) as c:
+            rows = await c.fetch(query, *args)
+        return [Room.from_row(r) for r in rows]
+
+    async def touch(self, room_id: str, ts_ms: int, *, conn: Connection | None = None) -> None:
+        """Move `last_activity_ms` forward to `ts_ms` (never backwards)."""
+        async with self._acquire(conn) as c:
+            await c.execute(
+                """UPDATE rooms SET last_activity_ms=$2
+                WHERE room_id=$1 AND (last_activity_ms IS NULL OR last_activity_ms < $2)""",
+                room_id,
+                int(ts_ms),
+            )
+
+    async def mark_missing_except(
+        self, seen: Iterable[str], *, conn: Connection | None = None
+    ) -> list[str]:
+        """Flag every room not in `seen` as missing; returns the ids newly flagged."""
+        seen_ids = set(seen)
+        async with self._acquire(conn) as c:
+            rows = await c.fetch("SELECT room_id FROM rooms WHERE missing=false")
+            gone = sorted(r["room_id"] for r in rows if r["room_id"] not in seen_ids)
+            if gone:
+                await c.executemany(
+                    "UPDATE rooms SET missing=true WHERE room_id=$1", [(r,) for r in gone]
+                )
+        return gone
+
+    async def delete(self, room_id: str, *, conn: Connection | None = None) -> None:
+        async with self._acquire(conn) as c:
+            await c.execute("DELETE FROM rooms WHERE room_id=$1", room_id)

@@ -1,0 +1,85 @@
+"""`Stores`: every repository over one database, and the one-transaction cache rebuild."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from mautrix.util.async_db import Database
+
+from .chats import Chat, ChatStore
+from .journal import JournalStore
+from .kv import KVStore
+from .memory import MemoryStore
+from .messages import MessageStore
+from .processed import ProcessedStore
+from .rooms import Room, RoomStore
+from .users import User, UserStore
+
+
+@dataclass(frozen=True)
+class TopologyChanges:
+    """What `replace_topology` did: rows written, and ids it newly flagged as missing."""
+
+    users: int
+    rooms: int
+    chats: int
+    missing_users: tuple[str, ...] = ()
+    missing_rooms: tuple[str, ...] = ()
+    missing_chats: tuple[str, ...] = ()
+
+
+class Stores:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.users = UserStore(db)
+        self.rooms = RoomStore(db)
+        self.chats = ChatStore(db)
+        self.messages = MessageStore(db)
+        self.memory = MemoryStore(db)
+        self.journal = JournalStore(db)
+        self.processed = ProcessedStore(db)
+        self.kv = KVStore(db)
+
+    async def replace_topology(
+        self,
+        users: Iterable[User],
+        rooms: Iterable[Room],
+        chats: Iterable[Chat],
+        *,
+        memories: Mapping[str, Sequence[str]] | None = None,
+    ) -> TopologyChanges:
+        """Replace the cached layout with rows rebuilt from Matrix, in one transaction.
+
+        The given rows are upserted as present (missing=false); users, rooms and chats not
+        given are kept but flagged missing. Columns only this DB knows survive (see each
+        store's `upsert`). `memories` (user id -> notes), when given, are written too.
+        Either all of it is written or, on error, none of it.
+        """
+        user_rows = [dataclasses.replace(u, missing=False) for u in users]
+        room_rows = [dataclasses.replace(r, missing=False) for r in rooms]
+        chat_rows = [dataclasses.replace(c, missing=False) for c in chats]
+        async with self.db.acquire() as conn, conn.transaction():
+            await self.users.upsert_many(user_rows, conn=conn)
+            await self.rooms.upsert_many(room_rows, conn=conn)
+            await self.chats.upsert_many(chat_rows, conn=conn)
+            gone_users = await self.users.mark_missing_except(
+                (u.user_id for u in user_rows), conn=conn
+            )
+            gone_rooms = await self.rooms.mark_missing_except(
+                (r.room_id for r in room_rows), conn=conn
+            )
+            gone_chats = await self.chats.mark_missing_except(
+                (c.platform_chat_id for c in chat_rows), conn=conn
+            )
+            for user_id, notes in (memories or {}).items():
+                await self.memory.set(user_id, notes, conn=conn)
+        return TopologyChanges(
+            users=len(user_rows),
+            rooms=len(room_rows),
+            chats=len(chat_rows),
+            missing_users=tuple(gone_users),
+            missing_rooms=tuple(gone_rooms),
+            missing_chats=tuple(gone_chats),
+        )
