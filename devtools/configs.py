@@ -35,7 +35,9 @@ def deep_merge(base: dict[str, Any], overrides: dict[str, Any] | None) -> dict[s
     return merged
 
 
-def plugin_config(overrides: dict[str, Any] | None = None, repo_root: Path = REPO_ROOT) -> dict[str, Any]:
+def plugin_config(
+    overrides: dict[str, Any] | None = None, repo_root: Path = REPO_ROOT
+) -> dict[str, Any]:
     """The plugin's base-config.yaml merged with overrides."""
     return deep_merge(load_yaml(repo_root / "base-config.yaml") or {}, overrides)
 
@@ -51,7 +53,11 @@ def logging_config(log_path: Path) -> dict[str, Any]:
         "version": 1,
         "formatters": {"plain": {"format": "[%(asctime)s] [%(levelname)s@%(name)s] %(message)s"}},
         "handlers": {
-            "file": {"class": "logging.FileHandler", "filename": str(log_path), "formatter": "plain"}
+            "file": {
+                "class": "logging.FileHandler",
+                "filename": str(log_path),
+                "formatter": "plain",
+            }
         },
         "loggers": {
             "maubot": {"level": "DEBUG"},

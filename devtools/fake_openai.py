@@ -97,6 +97,7 @@ class FakeOpenAI:
         self.requests: list[dict[str, Any]] = []
         self.disconnects = 0
         self.disconnected = asyncio.Event()  # set at every client disconnect seen mid-answer
+        self.received = asyncio.Event()  # set at every chat request
         self._runner: web.AppRunner | None = None
         self._stopping = False
 
@@ -116,6 +117,7 @@ class FakeOpenAI:
         self.requests.clear()
         self.disconnects = 0
         self.disconnected.clear()
+        self.received.clear()
 
     async def start(self) -> str:
         app = web.Application()
@@ -202,6 +204,7 @@ class FakeOpenAI:
                 "body": body,
             }
         )
+        self.received.set()
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return _error(400, "messages: field required", "invalid_request_error")
         presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -233,7 +236,9 @@ class FakeOpenAI:
             headers = {"Retry-After": how.retry_after} if how.retry_after is not None else {}
             return _error(429, "Rate limit reached, slow down", "rate_limit_exceeded", headers)
         if how.mode == "wrong_type":
-            return web.Response(text="<html><body>Gateway login</body></html>", content_type="text/html")
+            return web.Response(
+                text="<html><body>Gateway login</body></html>", content_type="text/html"
+            )
         usage = {
             "prompt_tokens": sum(_tokens(str(m.get("content", ""))) for m in body["messages"]),
             "completion_tokens": _tokens(reply),

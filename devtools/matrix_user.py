@@ -232,7 +232,9 @@ class MatrixUser:
 
     # -- waiting -----------------------------------------------------------------------------------
 
-    async def wait_until(self, check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    async def wait_until(
+        self, check: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
+    ) -> Any:
         """Wait until `check()` is truthy after some sync (checked right away too); returns its value."""
         deadline = time.monotonic() + timeout
         async with self._changed:
@@ -243,7 +245,9 @@ class MatrixUser:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     extra = f" (last sync error: {self._sync_error!r})" if self._sync_error else ""
-                    raise TimeoutError(f"{self.user_id}: timed out after {timeout}s waiting for {what}{extra}")
+                    raise TimeoutError(
+                        f"{self.user_id}: timed out after {timeout}s waiting for {what}{extra}"
+                    )
                 try:
                     await asyncio.wait_for(self._changed.wait(), remaining)
                 except asyncio.TimeoutError:
@@ -277,7 +281,9 @@ class MatrixUser:
             lambda: self.find(room_id, predicate, after), timeout, what=f"an event in {room_id}"
         )
 
-    async def wait_for_invite(self, predicate: Callable[[str, list[Event]], bool] | None = None, timeout: float = 10.0) -> str:
+    async def wait_for_invite(
+        self, predicate: Callable[[str, list[Event]], bool] | None = None, timeout: float = 10.0
+    ) -> str:
         """A room id we are invited to (optionally matching predicate(room_id, invite_state))."""
 
         def check() -> str | None:
@@ -299,9 +305,39 @@ class MatrixUser:
         """An m.notice (by sender, if given) whose latest text contains `contains`."""
 
         def match(event: Event) -> bool:
-            return is_message(event, sender, "m.notice") and contains in self.latest_text(room_id, event)
+            return is_message(event, sender, "m.notice") and contains in self.latest_text(
+                room_id, event
+            )
 
         return await self.wait_for(room_id, match, timeout, after)
+
+    async def wait_for_membership(
+        self, room_id: str, user_id: str, membership: str = "join", timeout: float = 10.0
+    ) -> Event:
+        """The m.room.member event putting user_id into `membership` (e.g. the bot joining)."""
+
+        def match(event: Event) -> bool:
+            return (
+                event.get("type") == "m.room.member"
+                and event.get("state_key") == user_id
+                and event.get("content", {}).get("membership") == membership
+            )
+
+        return await self.wait_for(room_id, match, timeout)
+
+    async def open_dm(self, bot_mxid: str, timeout: float = 15.0) -> str:
+        """create_dm and wait until the other side (an autojoining bot) has joined."""
+        room_id = await self.create_dm(bot_mxid)
+        await self.wait_for_membership(room_id, bot_mxid, "join", timeout)
+        return room_id
+
+    async def command(
+        self, room_id: str, text: str, bot_mxid: str, timeout: float = 15.0, quiet: float = 0.5
+    ) -> list[str]:
+        """Send text and return the final texts (after edits) of the bot's replies to it."""
+        event_id = await self.send_text(room_id, text)
+        replies = await self.collect_replies(room_id, event_id, bot_mxid, timeout, quiet)
+        return [self.latest_text(room_id, reply) for reply in replies]
 
     def latest_text(self, room_id: str, event: Event | str) -> str:
         """A message's text after edits: the `m.new_content` body of the last edit by the same sender."""
@@ -321,7 +357,9 @@ class MatrixUser:
                 text = str(other["content"].get("m.new_content", {}).get("body", text))
         return text
 
-    def messages(self, room_id: str, sender: str | None = None, after: str | None = None) -> list[Event]:
+    def messages(
+        self, room_id: str, sender: str | None = None, after: str | None = None
+    ) -> list[Event]:
         """Original (non-edit) messages in timeline order, optionally by sender / after an event."""
         return [e for e in self._after(room_id, after) if is_message(e, sender)]
 
@@ -415,7 +453,9 @@ class MatrixUser:
         _, data = await self.request("PUT", path, {"reason": reason} if reason else {})
         return str(data["event_id"])
 
-    async def send_state(self, room_id: str, event_type: str, state_key: str, content: dict[str, Any]) -> int:
+    async def send_state(
+        self, room_id: str, event_type: str, state_key: str, content: dict[str, Any]
+    ) -> int:
         """Send a state event; returns the HTTP status (tests assert 403 where power forbids it)."""
         path = f"/_matrix/client/v3/rooms/{self._q(room_id)}/state/{self._q(event_type)}/{self._q(state_key)}"
         status, _ = await self.request("PUT", path, content, check=False)
@@ -426,7 +466,9 @@ class MatrixUser:
         _, data = await self.request("GET", f"/_matrix/client/v3/rooms/{self._q(room_id)}/state")
         return list(data)
 
-    async def get_state_event(self, room_id: str, event_type: str, state_key: str = "") -> dict[str, Any] | None:
+    async def get_state_event(
+        self, room_id: str, event_type: str, state_key: str = ""
+    ) -> dict[str, Any] | None:
         """One state event's content, or None when it does not exist (404)."""
         path = f"/_matrix/client/v3/rooms/{self._q(room_id)}/state/{self._q(event_type)}/{self._q(state_key)}"
         status, data = await self.request("GET", path, check=False)

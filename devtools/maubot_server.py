@@ -53,7 +53,9 @@ class MaubotServer:
         admin_password: str | None = None,
     ) -> None:
         self.synapse = synapse
-        self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="surfaces-maubot-"))
+        self.data_dir = (
+            Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="surfaces-maubot-"))
+        )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -84,7 +86,10 @@ class MaubotServer:
         config["server"]["public_url"] = self.url
         config["server"]["unshared_secret"] = "generate"
         config["homeservers"] = {
-            self.synapse.server_name: {"url": self.synapse.url, "secret": self.synapse.shared_secret}
+            self.synapse.server_name: {
+                "url": self.synapse.url,
+                "secret": self.synapse.shared_secret,
+            }
         }
         config["admins"] = {self.admin_user: self.admin_password}  # hashed in place at first start
         config["logging"] = logging_config(self.log_path)
@@ -160,7 +165,13 @@ class MaubotServer:
     # -- management API ----------------------------------------------------------------------------
 
     def api(
-        self, method: str, path: str, body: Any = None, *, raw: bytes | None = None, auth: bool = True
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        auth: bool = True,
     ) -> tuple[int, Any]:
         """One management API call; raises MaubotError on >=300."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
@@ -200,7 +211,12 @@ class MaubotServer:
         return dict(data)
 
     def create_client(
-        self, mxid: str, homeserver_url: str, access_token: str, wait_synced: bool = True, timeout: float = 60.0
+        self,
+        mxid: str,
+        homeserver_url: str,
+        access_token: str,
+        wait_synced: bool = True,
+        timeout: float = 60.0,
     ) -> dict[str, Any]:
         """Add a bot account; by default wait until its first sync (always dropped) is over."""
         cursor = LogCursor(self.log_path)
@@ -238,7 +254,9 @@ class MaubotServer:
             if any(marker in line and SYNC_DONE in line for line in cursor.new_text().splitlines()):
                 return
             if not self.running:
-                raise MaubotError(f"maubot exited while waiting for {mxid} to sync\n{self._tails()}")
+                raise MaubotError(
+                    f"maubot exited while waiting for {mxid} to sync\n{self._tails()}"
+                )
             if time.monotonic() - woken > 3.0:
                 self._wake(mxid)
                 woken = time.monotonic()
@@ -270,7 +288,9 @@ class MaubotServer:
             self.wait_instance_started(instance_id, cursor, timeout)
         return dict(data)
 
-    def wait_instance_started(self, instance_id: str, cursor: LogCursor, timeout: float = 60.0) -> None:
+    def wait_instance_started(
+        self, instance_id: str, cursor: LogCursor, timeout: float = 60.0
+    ) -> None:
         """Wait for maubot's 'Started instance' line for this instance (or fail on its error)."""
         logger = f"@maubot.instance.{instance_id}]"
         deadline = time.monotonic() + timeout
@@ -281,7 +301,9 @@ class MaubotServer:
                 if logger in line and "Failed to start instance" in line:
                     raise MaubotError(f"instance {instance_id} failed to start\n{self._tails()}")
             time.sleep(0.05)
-        raise MaubotError(f"instance {instance_id} not started within {timeout:.0f}s\n{self._tails()}")
+        raise MaubotError(
+            f"instance {instance_id} not started within {timeout:.0f}s\n{self._tails()}"
+        )
 
     def get_instance(self, instance_id: str) -> dict[str, Any]:
         return dict(self.api("GET", f"/instance/{quote(instance_id)}")[1])

@@ -56,7 +56,9 @@ class StandaloneBot:
         self.localpart = localpart or f"bot-{secrets.token_hex(4)}"
         self.password = password or secrets.token_hex(12)
         self.user_id = synapse.user_id(self.localpart)
-        self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="surfaces-bot-"))
+        self.data_dir = (
+            Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="surfaces-bot-"))
+        )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "bot.log"
         self.config_path = self.data_dir / "config.yaml"
@@ -82,10 +84,16 @@ class StandaloneBot:
         """
         example = resources.files("maubot.standalone").joinpath("example-config.yaml").read_text()
         plugin_base = (self.repo_root / "base-config.yaml").read_text()
-        indented = "".join(f"    {line}" if line.strip() else line for line in plugin_base.splitlines(True))
+        indented = "".join(
+            f"    {line}" if line.strip() else line for line in plugin_base.splitlines(True)
+        )
         if "plugin_config: {}\n" not in example:
-            raise BotError("maubot's standalone example-config.yaml changed: no `plugin_config: {}`")
-        self.base_path.write_text(example.replace("plugin_config: {}\n", f"plugin_config:\n{indented}\n"))
+            raise BotError(
+                "maubot's standalone example-config.yaml changed: no `plugin_config: {}`"
+            )
+        self.base_path.write_text(
+            example.replace("plugin_config: {}\n", f"plugin_config:\n{indented}\n")
+        )
 
     def _write_config(self) -> None:
         config = {

@@ -62,7 +62,9 @@ class SynapseServer:
     """One Synapse process with its data dir; `start()`/`stop()` may be repeated (restart keeps data)."""
 
     def __init__(self, data_dir: Path | None = None, port: int | None = None) -> None:
-        self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="surfaces-synapse-"))
+        self.data_dir = (
+            Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="surfaces-synapse-"))
+        )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -118,7 +120,10 @@ class SynapseServer:
                     "resources": [{"names": ["client"], "compress": False}],
                 }
             ],
-            "database": {"name": "sqlite3", "args": {"database": str(self.data_dir / "homeserver.db")}},
+            "database": {
+                "name": "sqlite3",
+                "args": {"database": str(self.data_dir / "homeserver.db")},
+            },
             "media_store_path": str(self.data_dir / "media"),
             "signing_key_path": str(key_path),
             "log_config": str(self.data_dir / "log.yaml"),
@@ -155,9 +160,7 @@ class SynapseServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise SynapseError(
-                    f"Synapse exited with {self._proc.returncode}\n{self._tails()}"
-                )
+                raise SynapseError(f"Synapse exited with {self._proc.returncode}\n{self._tails()}")
             try:
                 with urllib.request.urlopen(self.url + "/_matrix/client/versions", timeout=2):
                     return self
@@ -211,7 +214,9 @@ class SynapseServer:
             except json.JSONDecodeError:
                 return err.code, {"raw": raw.decode(errors="replace")}
 
-    def _ok(self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None) -> dict[str, Any]:
+    def _ok(
+        self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
+    ) -> dict[str, Any]:
         status, data = self.request(method, path, body, token)
         if status >= 300:
             raise SynapseError(f"{method} {path} -> {status}: {data}")
@@ -262,7 +267,9 @@ class SynapseServer:
     def admin_token(self) -> str:
         """Token of a server admin created on first use (for admin API calls)."""
         if self._admin_token is None:
-            self._admin_token = self.register_user("devtools-admin", "devtools-admin-pw", admin=True)
+            self._admin_token = self.register_user(
+                "devtools-admin", "devtools-admin-pw", admin=True
+            )
         return self._admin_token
 
     def override_ratelimit(self, user_id: str) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from .matrix import GatewayError
+
 if TYPE_CHECKING:
     from .context import Request
 
@@ -97,6 +99,9 @@ class CommandTree:
             await request.reply(f"{e}\nUsage: `{spec.usage(prefix)}`")
         except Refusal as e:
             await request.reply(str(e))
+        except GatewayError as e:
+            self.log.warning("Command %r by %s: %s", sub, request.sender, e)
+            await request.reply(f"Sorry, I could not {e.action}: {e.reason}.")
         except Exception:
             self.log.exception("Command %r failed", sub)
             await request.reply(

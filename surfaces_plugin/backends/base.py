@@ -87,7 +87,11 @@ class BackendError(Exception):
         if self.kind is ErrorKind.AUTH:
             return f"{agent} was refused by its provider{status}: the API key was not accepted. An admin needs to fix the backend's `api_key`."
         if self.kind is ErrorKind.RATE_LIMITED:
-            wait = f" Wait {_seconds(self.retry_after)}, then" if self.retry_after else " Wait a moment, then"
+            wait = (
+                f" Wait {_seconds(self.retry_after)}, then"
+                if self.retry_after
+                else " Wait a moment, then"
+            )
             return f"{agent} is rate limited by its provider.{wait} send `!{command_prefix} retry`."
         if self.kind is ErrorKind.TIMEOUT:
             within = f" within {_seconds(self.timeout_s)}" if self.timeout_s else " in time"
@@ -96,7 +100,9 @@ class BackendError(Exception):
             said = f": {self.detail}" if self.detail else ""
             return f"{agent} rejected the request{status}{said}. Check the agent's model and settings, or `!{command_prefix} compact` / `!{command_prefix} reset` if the conversation is too long."
         if self.kind is ErrorKind.SERVER:
-            return f"{agent} had a problem on the provider's side{status}. {retry} in a little while."
+            return (
+                f"{agent} had a problem on the provider's side{status}. {retry} in a little while."
+            )
         if self.kind is ErrorKind.MALFORMED:
             return f"{agent} sent an answer that could not be read ({self.detail or 'unexpected response'}). {retry}."
         return f"{agent} could not be reached. {retry} later; if it keeps failing, an admin should check the backend's `base_url`."

@@ -189,7 +189,11 @@ class OpenAIBackend(Backend):
                 attempt += 1
                 self.log.warning(
                     "backend %s: %s; retry %d/%d in %.1f s",
-                    self.spec.id, error, attempt, self.spec.max_retries, delay,
+                    self.spec.id,
+                    error,
+                    attempt,
+                    self.spec.max_retries,
+                    delay,
                 )
                 await asyncio.sleep(delay)
 
@@ -280,9 +284,7 @@ class OpenAIBackend(Backend):
                 )
             complete = True
         except asyncio.TimeoutError:
-            raise self._error(
-                ErrorKind.TIMEOUT, f"the answer stalled for {limit:g} s"
-            ) from None
+            raise self._error(ErrorKind.TIMEOUT, f"the answer stalled for {limit:g} s") from None
         except aiohttp.ClientPayloadError:
             raise self._error(ErrorKind.SERVER, "the connection broke mid-answer") from None
         except aiohttp.ClientError as e:
@@ -359,9 +361,7 @@ class OpenAIBackend(Backend):
         try:
             return [json.loads(line) for line in payload.split("\n") if line.strip()]
         except ValueError:
-            raise self._error(
-                ErrorKind.MALFORMED, "an event was not valid JSON"
-            ) from None
+            raise self._error(ErrorKind.MALFORMED, "an event was not valid JSON") from None
 
     async def _read_json(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
         """A server that ignored stream=true: the whole answer in one JSON body."""

@@ -1,0 +1,149 @@
+"""End-to-end fixtures: a real Synapse (once per session), test users, the plugin in maubot.
+
+- `synapse` (session, sync): a `SynapseServer` on a free loopback port.
+- `make_user(localpart=None) -> MatrixUser` (async factory): a fresh registered user, syncing.
+- `bot_factory(config_overrides=None, **kwargs) -> StandaloneBot` (sync factory): the repo's
+  plugin in standalone maubot as a fresh bot account, started and ready for invites.
+- `standalone_bot`: `bot_factory()` with the plugin's base config.
+- `surfaces_mbp` (session): the .mbp built by ./build.sh.
+- `maubot_server`: a started full maubot server (`MaubotServer`), admin logged in.
+
+`SURFACES_E2E_PLUGIN_DIR` runs the suite against another plugin checkout (default: this repo).
+
+Bots and servers are stopped at teardown (bots before Synapse); when a test fails, the tails of
+their logs are attached to its report.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+PLUGIN_DIR = Path(os.environ.get("SURFACES_E2E_PLUGIN_DIR", _ROOT)).resolve()
+
+from devtools.e2e import BotFactory, MakeUser  # noqa: E402
+from devtools.matrix_user import MatrixUser  # noqa: E402
+from devtools.maubot_server import MaubotServer  # noqa: E402
+from devtools.maubot_standalone import StandaloneBot  # noqa: E402
+from devtools.procs import log_tail  # noqa: E402
+from devtools.synapse import SynapseServer  # noqa: E402
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e is e2e, marked or not (so `-m "not e2e"` skips it all)."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    """On failure, attach the tails of the bot/maubot logs this test used to its report."""
+    report = yield
+    if report.failed and report.when in ("setup", "call"):
+        for name, path in getattr(item, "_e2e_logs", []):
+            report.sections.append((f"{name} log tail ({path})", log_tail(path, 80)))
+    return report
+
+
+def _watch_log(request: pytest.FixtureRequest, name: str, path: Path) -> None:
+    """Register a log file to show in this test's failure report."""
+    logs = getattr(request.node, "_e2e_logs", [])
+    logs.append((name, path))
+    request.node._e2e_logs = logs  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def synapse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SynapseServer]:
+    """One Synapse for the whole session (a plain sync fixture: no event-loop scoping issues)."""
+    server = SynapseServer(tmp_path_factory.mktemp("synapse")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest_asyncio.fixture
+async def make_user(synapse: SynapseServer) -> AsyncIterator[MakeUser]:
+    """Register fresh users (unique localparts) and return them started; closed at teardown."""
+    users: list[MatrixUser] = []
+
+    async def make(localpart: str | None = None, password: str = "password") -> MatrixUser:
+        localpart = localpart or f"user-{secrets.token_hex(4)}"
+        token = synapse.register_user(localpart, password)
+        user = MatrixUser(synapse.url, synapse.user_id(localpart), token)
+        users.append(user)
+        return await user.start()
+
+    yield make
+    for user in users:
+        await user.close()
+
+
+@pytest.fixture
+def bot_factory(
+    synapse: SynapseServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[BotFactory]:
+    """Start the plugin in standalone maubot with config overrides (deep-merged over base-config).
+
+    kwargs go to StandaloneBot (localpart, database_url, ignore_first_sync, ...).
+    """
+    bots: list[StandaloneBot] = []
+
+    def make(config_overrides: dict[str, Any] | None = None, **kwargs: Any) -> StandaloneBot:
+        kwargs.setdefault("data_dir", tmp_path / f"bot{len(bots)}")
+        kwargs.setdefault("repo_root", PLUGIN_DIR)
+        bot = StandaloneBot(synapse, config_overrides, **kwargs)
+        bots.append(bot)
+        _watch_log(request, f"bot {bot.user_id}", bot.log_path)
+        return bot.start()
+
+    yield make
+    for bot in bots:
+        bot.stop()
+
+
+@pytest.fixture
+def standalone_bot(bot_factory: BotFactory) -> StandaloneBot:
+    """The plugin with its base config, in standalone maubot."""
+    return bot_factory()
+
+
+@pytest.fixture(scope="session")
+def surfaces_mbp() -> Path:
+    """Build the .mbp once per session with the repo's build.sh (the path it prints)."""
+    args = [str(_ROOT / "build.sh")]
+    if PLUGIN_DIR != _ROOT:
+        args += ["--repo", str(PLUGIN_DIR), "--out", str(PLUGIN_DIR / "build")]
+    result = subprocess.run(
+        args, cwd=_ROOT, capture_output=True, text=True, check=True, timeout=120
+    )
+    path = Path(result.stdout.strip().splitlines()[-1])
+    assert path.is_file(), result
+    return path
+
+
+@pytest.fixture
+def maubot_server(
+    synapse: SynapseServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[MaubotServer]:
+    """A started full maubot server with the admin logged in; add clients/instances via its API."""
+    server = MaubotServer(synapse, tmp_path / "maubot")
+    _watch_log(request, "maubot", server.log_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,83 @@
+"""Plugin tests: the real Surfaces service on a real database, with a recording Matrix client."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest_asyncio
+from mautrix.util.async_db import Database
+from ruamel.yaml import YAML
+
+from surfaces_plugin.app import Surfaces
+from surfaces_plugin.config import parse_settings
+
+from .fakes import FakeClient
+
+BASE_CONFIG = YAML(typ="safe").load((Path(__file__).parents[2] / "base-config.yaml").read_text())
+
+
+def config_with(**overrides: Any) -> dict[str, Any]:
+    """The shipped base config with top-level keys replaced (sections merged one level deep)."""
+    data = copy.deepcopy(BASE_CONFIG)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
+
+
+class Harness:
+    """A running Surfaces with helpers to act as a user and to read what the user would see."""
+
+    def __init__(self, app: Surfaces, client: FakeClient) -> None:
+        self.app = app
+        self.client = client
+
+    async def say(self, room_id: str, sender: str, body: str) -> None:
+        await self.app.on_message(self.client.user_message(room_id, sender, body))
+        await self.settle()
+
+    async def settle(self, rounds: int = 50) -> None:
+        """Let background tasks (commands, room workers) run until nothing is left to do."""
+        for _ in range(rounds):
+            pending = [t for t in self.app._tasks if not t.done()]
+            if not pending:
+                await asyncio.sleep(0)
+                if not [t for t in self.app._tasks if not t.done()]:
+                    return
+                continue
+            await asyncio.wait(pending, timeout=5)
+
+    def last_reply(self, room_id: str) -> str:
+        return self.client.bodies(room_id)[-1]
+
+    def dm(self, user: str) -> str:
+        return self.client.add_room(user, {user: "join", str(self.client.mxid): "join"})
+
+
+@pytest_asyncio.fixture
+async def make_surfaces(db: Database) -> AsyncIterator[Callable[..., Any]]:
+    started: list[Surfaces] = []
+
+    async def make(client: FakeClient | None = None, **overrides: Any) -> Harness:
+        client = client or FakeClient()
+        settings = parse_settings(config_with(**overrides))
+        app = Surfaces(
+            client=client,  # type: ignore[arg-type]
+            database=db,
+            settings=settings,
+            log=logging.getLogger("surfaces.test"),
+        )
+        await app.start(early_events=[])
+        started.append(app)
+        return Harness(app, client)
+
+    yield make
+    for app in started:
+        await app.stop()

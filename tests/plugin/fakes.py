@@ -1,0 +1,196 @@
+"""A recording in-memory Matrix client for plugin tests: rooms, state, messages, account data.
+
+It implements the few mautrix Client methods Surfaces calls, keeps what was sent so tests can
+read it as a user would see it, and can be told to fail (e.g. 403 or 429) on chosen calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from mautrix.errors import MForbidden, MLimitExceeded, MNotFound
+from mautrix.types import (
+    EventID,
+    MessageEvent,
+    RoomID,
+    UserID,
+)
+
+
+@dataclass
+class FakeRoom:
+    room_id: str
+    creator: str
+    create_content: dict[str, Any]
+    name: str | None = None
+    state: dict[tuple[str, str], tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    members: dict[str, str] = field(default_factory=dict)  # user → membership
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _type_str(event_type: Any) -> str:
+    return event_type.t if hasattr(event_type, "t") else str(event_type)
+
+
+class FakeApi:
+    def __init__(self, client: FakeClient) -> None:
+        self.client = client
+
+    async def request(self, method: Any, path: Any, content: Any = None, query_params: Any = None,
+                      **_: Any) -> Any:
+        path = str(path)
+        if path.endswith("/capabilities"):
+            return {"capabilities": {"m.room_versions": {"default": self.client.room_version}}}
+        if path.endswith("/messages"):
+            room_id = path.split("/rooms/")[1].split("/")[0]
+            from urllib.parse import unquote
+
+            room = self.client.rooms[unquote(room_id)]
+            events = list(reversed(room.timeline))
+            return {"chunk": events, "end": None}
+        raise NotImplementedError(path)
+
+
+class FakeClient:
+    def __init__(self, mxid: str = "@bot:localhost", room_version: str = "12") -> None:
+        self.mxid = UserID(mxid)
+        self.room_version = room_version
+        self.rooms: dict[str, FakeRoom] = {}
+        self.account_data: dict[str, dict[str, Any]] = {}
+        self.displaynames: dict[str, str] = {}
+        self.calls: list[tuple[str, Any]] = []
+        self.fail_next: dict[str, list[Exception]] = defaultdict(list)
+        self.api = FakeApi(self)
+        self._ids = itertools.count(1)
+        self.typing: list[tuple[str, int]] = []
+
+    # helpers for tests
+
+    def _maybe_fail(self, name: str) -> None:
+        self.calls.append((name, None))
+        if self.fail_next[name]:
+            raise self.fail_next[name].pop(0)
+
+    def _event_id(self) -> EventID:
+        return EventID(f"$ev{next(self._ids)}")
+
+    def messages(self, room_id: str) -> list[dict[str, Any]]:
+        """The bot's messages in a room (edits included), oldest first."""
+        return [
+            e for e in self.rooms[room_id].timeline
+            if e["type"] == "m.room.message" and e["sender"] == self.mxid
+        ]
+
+    def bodies(self, room_id: str) -> list[str]:
+        """What a user sees of the bot: each message's latest text (edits applied), in order."""
+        shown: dict[str, str] = {}
+        order: list[str] = []
+        for event in self.messages(room_id):
+            content = event["content"]
+            relates = content.get("m.relates_to") or {}
+            if relates.get("rel_type") == "m.replace":
+                shown[relates["event_id"]] = content["m.new_content"]["body"]
+            else:
+                shown[event["event_id"]] = content.get("body", "")
+                order.append(event["event_id"])
+        return [shown[e] for e in order]
+
+    def add_room(self, creator: str, members: dict[str, str] | None = None) -> str:
+        room_id = f"!room{next(self._ids)}"
+        self.rooms[room_id] = FakeRoom(room_id, creator, {}, members=dict(members or {}))
+        return room_id
+
+    def user_message(self, room_id: str, sender: str, body: str,
+                     msgtype: str = "m.text") -> MessageEvent:
+        """Put a user's message in the timeline and return it as the sync would deliver it."""
+        raw = {"type": "m.room.message", "event_id": self._event_id(), "sender": sender,
+               "origin_server_ts": int(time.time() * 1000),
+               "content": {"msgtype": msgtype, "body": body}, "room_id": room_id}
+        self.rooms[room_id].timeline.append(raw)
+        return MessageEvent.deserialize(raw)
+
+    # the mautrix Client surface used by Surfaces
+
+    async def create_room(self, **kwargs: Any) -> RoomID:
+        self._maybe_fail("create_room")
+        room_id = f"!r{next(self._ids)}"
+        room = FakeRoom(room_id, self.mxid, dict(kwargs.get("creation_content") or {}),
+                        name=kwargs.get("name"))
+        room.members[self.mxid] = "join"
+        room.state[("m.room.create", "")] = (self.mxid, room.create_content)
+        room.state[("m.room.power_levels", "")] = (self.mxid, kwargs.get("power_level_override") or {})
+        for item in kwargs.get("initial_state") or []:
+            room.state[(item["type"], item.get("state_key", ""))] = (self.mxid, item["content"])
+        self.rooms[room_id] = room
+        await asyncio.sleep(0)
+        return RoomID(room_id)
+
+    async def send_state_event(self, room_id: RoomID, event_type: Any, content: Any,
+                               state_key: str = "", **_: Any) -> EventID:
+        self._maybe_fail("send_state_event")
+        if room_id not in self.rooms:
+            raise MNotFound(404, "no such room")
+        self.rooms[room_id].state[(_type_str(event_type), state_key)] = (self.mxid, dict(content))
+        return self._event_id()
+
+    async def get_state_event(self, room_id: RoomID, event_type: Any, state_key: str = "") -> Any:
+        try:
+            return self.rooms[room_id].state[(_type_str(event_type), state_key)][1]
+        except KeyError:
+            raise MNotFound(404, "no such state") from None
+
+    async def send_message_event(self, room_id: RoomID, event_type: Any, content: Any,
+                                 **_: Any) -> EventID:
+        self._maybe_fail("send_message_event")
+        event_id = self._event_id()
+        body = content.serialize() if hasattr(content, "serialize") else dict(content)
+        self.rooms[room_id].timeline.append(
+            {"type": _type_str(event_type), "event_id": event_id, "sender": self.mxid,
+             "origin_server_ts": int(time.time() * 1000), "content": body, "room_id": room_id}
+        )
+        await asyncio.sleep(0)
+        return event_id
+
+    async def invite_user(self, room_id: RoomID, user_id: UserID, **_: Any) -> None:
+        self._maybe_fail("invite_user")
+        room = self.rooms[room_id]
+        if room.members.get(user_id) in ("join", "invite"):
+            raise MForbidden(403, f"{user_id} is already in the room")
+        room.members[user_id] = "invite"
+
+    async def join_room(self, room_id: Any, **_: Any) -> RoomID:
+        self._maybe_fail("join_room")
+        self.rooms[room_id].members[self.mxid] = "join"
+        return RoomID(room_id)
+
+    async def leave_room(self, room_id: RoomID, reason: str | None = None, **_: Any) -> None:
+        self._maybe_fail("leave_room")
+        self.rooms[room_id].members[self.mxid] = "leave"
+
+    async def get_joined_members(self, room_id: RoomID) -> dict[UserID, Any]:
+        room = self.rooms[room_id]
+        return {UserID(u): {} for u, m in room.members.items() if m == "join"}
+
+    async def get_displayname(self, user_id: UserID) -> str | None:
+        return self.displaynames.get(user_id)
+
+    async def get_account_data(self, event_type: Any, room_id: Any = None) -> dict[str, Any]:
+        data = self.account_data.get(_type_str(event_type))
+        if data is None:
+            raise MNotFound(404, "no account data")
+        return data
+
+    async def set_account_data(self, event_type: Any, content: Any, room_id: Any = None) -> None:
+        self._maybe_fail("set_account_data")
+        self.account_data[_type_str(event_type)] = dict(content)
+
+    async def set_typing(self, room_id: RoomID, timeout: int = 0) -> None:
+        self.typing.append((room_id, timeout))
+
+    def rate_limit_next(self, name: str, times: int = 1) -> None:
+        self.fail_next[name] += [MLimitExceeded(429, "slow down") for _ in range(times)]
