@@ -42,22 +42,36 @@ def _package_files(package_dir: Path) -> list[Path]:
     return files
 
 
+def _check_packages(package_dir: Path) -> None:
+    """Every folder holding Python files must be a regular package: maubot's zip importer cannot
+    load namespace packages (they import from a checkout, then fail in the uploaded .mbp)."""
+    for folder in sorted({p.parent for p in package_dir.rglob("*.py")}):
+        if "__pycache__" not in folder.parts and not (folder / "__init__.py").exists():
+            raise SystemExit(
+                f"{folder} has no __init__.py: the .mbp would fail to load in maubot "
+                "(its zip importer does not support namespace packages)"
+            )
+
+
 def build(repo_root: Path = REPO_ROOT, out_dir: Path | None = None) -> Path:
     """Write build/<id>-v<version>.mbp (replacing an old one) and return its path."""
     meta = (repo_root / "maubot.yaml").read_text()
     plugin_id, version = _meta_field(meta, "id"), _meta_field(meta, "version")
+    files = [repo_root / name for name in TOP_FILES]
+    for module in _modules(meta):
+        package = repo_root / module
+        if package.is_dir():
+            _check_packages(package)
+            files += _package_files(package)
+        else:
+            files.append(repo_root / f"{module}.py")
     out_dir = out_dir or repo_root / "build"
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{plugin_id}-v{version}.mbp"
     tmp = target.with_suffix(".mbp.tmp")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name in TOP_FILES:
-            zf.write(repo_root / name, name)
-        for module in _modules(meta):
-            package = repo_root / module
-            files = _package_files(package) if package.is_dir() else [repo_root / f"{module}.py"]
-            for path in files:
-                zf.write(path, path.relative_to(repo_root).as_posix())
+        for path in files:
+            zf.write(path, path.relative_to(repo_root).as_posix())
     tmp.replace(target)  # atomic: an upload never sees a half-written file
     return target
 

@@ -129,7 +129,10 @@ class FakeOpenAI:
         app.router.add_delete("/_requests", self._clear_requests)
         app.router.add_get("/_state", self._state)
         # handler_cancellation: a client hanging up cancels the handler, so we can count it.
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        # shutdown_timeout: a hanging answer must not hold up stop() for the default minute.
+        self._runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()

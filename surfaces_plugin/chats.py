@@ -195,12 +195,14 @@ class ChatManager:
     async def last_user_turn(self, room: WorkingRoom) -> Message | None:
         return await self.app.stores.messages.last_user_message(room.platform_chat_id)
 
-    async def build_request(self, room: WorkingRoom, agent: AgentSpec) -> GenerationRequest:
+    async def build_request(
+        self, room: WorkingRoom, agent: AgentSpec, upto_seq: int | None = None
+    ) -> GenerationRequest:
         history = await self.app.stores.messages.history(room.platform_chat_id)
         turns = [
             ChatMessage(role=m.role, content=m.content)  # type: ignore[arg-type]
             for m in history
-            if m.role in ("user", "assistant")
+            if m.role in ("user", "assistant") and (upto_seq is None or m.seq <= upto_seq)
         ]
         window = assemble(
             system_prompt=room.system_prompt or agent.system_prompt,

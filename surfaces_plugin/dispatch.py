@@ -35,6 +35,7 @@ class Job:
     body: str
     ts: int
     retry: bool = False
+    upto_seq: int | None = None  # a retry answers with the history up to that message
 
 
 class RateLimiter:
@@ -169,7 +170,7 @@ class Dispatcher:
         agent = app.settings.agent(room.agent) or app.settings.agent(app.settings.default_agent)
         assert agent is not None
         backend = app.backends.for_agent(agent)
-        request = await app.chats.build_request(room, agent)
+        request = await app.chats.build_request(room, agent, upto_seq=job.upto_seq)
         marker = layout.turn_marker(room.platform_chat_id, agent.id)
         stream = _StreamedReply(app, RoomID(room.room_id), marker)
         typing = app.spawn(self._keep_typing(room.room_id), name="typing")
@@ -228,8 +229,15 @@ class Dispatcher:
         if last is None:
             return False
         self.enqueue(
-            Job(room.room_id, last.event_id or "", last.sender or room.owner, last.content,
-                last.ts, retry=True)
+            Job(
+                room.room_id,
+                last.event_id or "",
+                last.sender or room.owner,
+                last.content,
+                last.ts,
+                retry=True,
+                upto_seq=last.seq,
+            )
         )
         return True
 

@@ -320,6 +320,13 @@ def space_parent_content(server_name: str) -> dict[str, Any]:
 
 
 REMOVED: dict[str, Any] = {}  # `{}` content removes a space link (never mutate)
+# Our note in a removed link saying why (no `via`, so still "removed" to every client).
+UNLINKED_KEY = f"{NAMESPACE}.unlinked"
+
+
+def unlinked_content(because: str) -> dict[str, Any]:
+    """A removed link that says why: "lost" links come back if the bot is let back in."""
+    return {UNLINKED_KEY: because}
 
 
 def tombstone_content(replacement_room: str, body: str) -> dict[str, Any]:

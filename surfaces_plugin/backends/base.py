@@ -98,7 +98,11 @@ class BackendError(Exception):
             return f"{agent} did not answer{within}. {retry}."
         if self.kind is ErrorKind.BAD_REQUEST:
             said = f": {self.detail}" if self.detail else ""
-            return f"{agent} rejected the request{status}{said}. Check the agent's model and settings, or `!{command_prefix} compact` / `!{command_prefix} reset` if the conversation is too long."
+            if self.status == 404:  # usually a wrong model name or a base_url without /v1
+                hint = "An admin should check the agent's `model` and the backend's `base_url`."
+            else:
+                hint = f"Check the agent's settings, or send `!{command_prefix} compact` if the conversation is too long."
+            return f"{agent} rejected the request{status}{said}. {hint}"
         if self.kind is ErrorKind.SERVER:
             return (
                 f"{agent} had a problem on the provider's side{status}. {retry} in a little while."

@@ -25,6 +25,7 @@ from ..layout import (
     SPACE_CHILD_TYPE,
     SPACE_PARENT_TYPE,
     TOMBSTONE_TYPE,
+    UNLINKED_KEY,
     Binding,
     Memory,
     RoomKind,
@@ -42,6 +43,7 @@ from ..layout import (
     space_child_content,
     space_parent_content,
     tombstone_content,
+    unlinked_content,
 )
 from .model import (
     Action,
@@ -63,6 +65,7 @@ _MAINTAINED_TYPES: Mapping[str, tuple[str, ...]] = {
     "working": (BINDING_TYPE, SPACE_PARENT_TYPE),
 }
 _MAX_UPGRADE_CHAIN = 64  # a cycle guard; real chains are a handful of rooms
+_LOST = "bot is no longer in the room"
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ class _Link:
     sender_is_bot: bool
     live: bool  # parses as a child link
     cleared: bool  # bot-sent without `via`: our own removal
+    unlinked_because: str | None = None  # why we removed it, when we said so
 
     @property
     def live_by_bot(self) -> bool:
@@ -163,6 +167,7 @@ class _Room:
     binding: Binding | None = None  # the desired binding (trusted, cached or copied)
     binding_event: Binding | None = None  # what a bot-sent binding event holds now
     adopted_from: str | None = None  # set on an upgrade's new room
+    restored: bool = False  # binding rebuilt from the cache after tampering
     replaced_by: str | None = None
     links: dict[str, _Link] = field(default_factory=dict)  # spaces: child id → link
 
@@ -227,7 +232,7 @@ class _Planner:
         self.rooms: dict[str, _Room] = {}
         self.foreign: set[str] = set()
         self.canonical: dict[str, str] = {}  # owner → canonical Space
-        self.retired_to: dict[str, str] = {}  # Space → the Space it was merged into
+        self.tombstones_checked: set[str] = set()
 
     def run(self) -> Plan:
         for room_id in sorted(self.s.rooms):
@@ -304,8 +309,8 @@ class _Planner:
             self._ignore(room.room_id, f"{problem}, and no cached copy to restore")
             return
         self._ignore(room.room_id, f"{problem}: restored from the cache")
-        self.out.note("bindings_reverted", room.room_id)
         room.binding = cached
+        room.restored = True
 
     def _cached_binding(self, room: _Room) -> Binding | None:
         row = self.cache.rooms.get(room.room_id)
@@ -328,8 +333,9 @@ class _Planner:
     def _valid_successor(self, room: _Room) -> str | None:
         """The replacement room when the tombstone is authorised and verifiably points back."""
         event = room.snap.get(TOMBSTONE_TYPE)
-        if event is None:
+        if event is None or room.room_id in self.tombstones_checked:
             return None
+        self.tombstones_checked.add(room.room_id)
         target = parse_tombstone(event.content)
         problem = None
         if target is None:
@@ -402,18 +408,32 @@ class _Planner:
         live = parse_space_child(event.content) is not None
         content = event.content
         cleared = by_bot and not live and isinstance(content, Mapping) and "via" not in content
+        because = content.get(UNLINKED_KEY) if cleared else None
         if not by_bot and live:
             self._ignore(space.room_id, f"child link to {child_id} sent by {event.sender}")
         elif by_bot and not live and not cleared:
             self._ignore(space.room_id, f"malformed child link to {child_id}")
-        return _Link(sender_is_bot=by_bot, live=live, cleared=cleared)
+        return _Link(
+            sender_is_bot=by_bot,
+            live=live,
+            cleared=cleared,
+            unlinked_because=because if isinstance(because, str) else None,
+        )
 
     def _valid_children(self, space: _Room) -> int:
+        """Links that survive this plan; our writes only ever raise the winner's count."""
         count = 0
         for child_id, link in space.links.items():
             child = self.rooms.get(child_id)
-            if link.live_by_bot and child is not None and child.kind == "working":
-                count += child.owner == space.owner and child.replaced_by is None
+            if not link.live_by_bot or child is None or child.kind != "working":
+                continue
+            archived = child.binding is not None and child.binding.archived
+            count += (
+                child.owner == space.owner
+                and child.replaced_by is None
+                and child.joined
+                and not archived
+            )
         return count
 
     def _retired(self, space: _Room) -> str | None:
@@ -452,41 +472,38 @@ class _Planner:
                     s.room_id,
                 )
             )
-            winner = spaces[0]
-            self.canonical[owner] = winner.room_id
-            for loser in spaces[1:]:
-                self._merge(loser, winner)
+            self.canonical[owner] = spaces[0].room_id
+            if len(spaces) > 1:
+                self._merge(spaces[0], spaces[1:])
 
-    def _merge(self, loser: _Room, winner: _Room) -> None:
-        self.out.note("spaces_merged", (loser.room_id, winner.room_id))
-        if not loser.writable:
-            self._ignore(loser.room_id, "duplicate Space the bot cannot tombstone")
-            return
-        self._merge_memory(loser, winner)
-        loser.replaced_by = winner.room_id
-        content = tombstone_content(winner.room_id, "This Space was merged into another one.")
-        self.out.tombstones.append(
-            SetState(loser.room_id, TOMBSTONE_TYPE, "", content, "duplicate Space")
-        )
+    def _merge(self, winner: _Room, losers: list[_Room]) -> None:
+        """Memory first (a crash before the tombstone just merges again), then the tombstones."""
+        body = "This Space was merged into another one."
+        merging = []
+        for loser in losers:
+            self.out.note("spaces_merged", (loser.room_id, winner.room_id))
+            if not loser.writable:
+                self._ignore(loser.room_id, "duplicate Space the bot cannot tombstone")
+                continue
+            merging.append(loser)
+            loser.replaced_by = winner.room_id
+            content = tombstone_content(winner.room_id, body)
+            self.out.tombstones.append(
+                SetState(loser.room_id, TOMBSTONE_TYPE, "", content, "duplicate Space")
+            )
+        self._merge_memory(winner, merging)
 
-    def _merge_memory(self, loser: _Room, winner: _Room) -> None:
-        theirs = self._memory(loser)
-        if not theirs.notes or not winner.writable:
+    def _merge_memory(self, winner: _Room, losers: list[_Room]) -> None:
+        ours = self._memory(winner)
+        notes = list(ours.notes)
+        for loser in losers:
+            notes.extend(n for n in self._memory(loser).notes if n not in notes)
+        if len(notes) == len(ours.notes) or not winner.writable:
             return
-        ours = self._pending_memory.get(winner.room_id) or self._memory(winner)
-        notes = ours.notes + tuple(n for n in theirs.notes if n not in ours.notes)
-        if notes == ours.notes:
-            return
-        merged = Memory(notes=notes)
-        self._pending_memory[winner.room_id] = merged
-        self.out.memory = [w for w in self.out.memory if w.room_id != winner.room_id]
+        merged = replace(ours, notes=tuple(notes)).to_content()
         self.out.memory.append(
-            SetState(winner.room_id, MEMORY_TYPE, "", merged.to_content(), "merge memory")
+            SetState(winner.room_id, MEMORY_TYPE, "", merged, "merge memory of duplicate Spaces")
         )
-
-    @property
-    def _pending_memory(self) -> dict[str, Memory]:
-        return self.__dict__.setdefault("_memory_cache", {})
 
     def _memory(self, space: _Room) -> Memory:
         event = space.snap.get(MEMORY_TYPE)
@@ -518,10 +535,12 @@ class _Planner:
             unlinked = (
                 link is not None
                 and link.cleared
+                and link.unlinked_because is None  # plain `{}`: removed by archive or by hand
                 and room.binding.space_id == target
                 and room.adopted_from is None
+                and room.joined
             )
-            if unlinked and not binding.archived and room.writable:
+            if unlinked and not binding.archived:
                 binding = replace(binding, archived=True)
                 self.out.note("archived_by_unlink", room.room_id)
             room.binding = binding
@@ -554,7 +573,12 @@ class _Planner:
 
         def rank(room: _Room) -> tuple[bool, bool, int, str]:
             row = self.cache.rooms.get(room.room_id)
-            return (room.writable, not (row and row.platform_chat_id == pcid), room.ts, room.room_id)
+            return (
+                room.writable,
+                not (row and row.platform_chat_id == pcid),
+                room.ts,
+                room.room_id,
+            )
 
         group.sort(key=rank)
         renewed = []
@@ -571,6 +595,9 @@ class _Planner:
         if not room.writable or room.binding is None or room.binding == room.binding_event:
             return
         reason = "follow upgrade" if room.adopted_from else "repair binding"
+        if room.restored:
+            self.out.note("bindings_reverted", room.room_id)
+            reason = "restore binding from the cache"
         self.out.bindings.append(
             SetState(room.room_id, BINDING_TYPE, "", room.binding.to_content(), reason)
         )
@@ -584,7 +611,10 @@ class _Planner:
         for (event_type, key), event in sorted(room.snap.state.items()):
             if event_type != SPACE_PARENT_TYPE or key == target:
                 continue
-            if event.sender == self.bot and parse_space_parent(event.content) is not None:
+            live = parse_space_parent(event.content) is not None
+            if live and event.sender != self.bot:
+                self._ignore(room.room_id, f"parent link to {key} sent by {event.sender}")
+            elif live:
                 self.out.parents.append(
                     SetState(room.room_id, SPACE_PARENT_TYPE, key, REMOVED, "stale parent")
                 )
@@ -617,9 +647,10 @@ class _Planner:
         )
         self.out.note("links_added", (space.room_id, room.room_id))
 
-    def _unlink(self, space: _Room, child_id: str, reason: str) -> None:
+    def _unlink(self, space: _Room, child_id: str, reason: str, because: str | None = None) -> None:
+        content = unlinked_content(because) if because else REMOVED
         self.out.link_removals.append(
-            SetState(space.room_id, SPACE_CHILD_TYPE, child_id, REMOVED, reason)
+            SetState(space.room_id, SPACE_CHILD_TYPE, child_id, content, reason)
         )
         self.out.note("links_removed", (space.room_id, child_id))
 
@@ -633,7 +664,8 @@ class _Planner:
                 continue
             reason = self._stale_reason(space, child_id)
             if reason is not None:
-                self._unlink(space, child_id, reason)
+                lost = reason == _LOST
+                self._unlink(space, child_id, reason, because="lost" if lost else None)
 
     def _stale_reason(self, space: _Room, child_id: str) -> str | None:
         child = self.rooms.get(child_id)
@@ -647,9 +679,9 @@ class _Planner:
         if child.replaced_by is not None:
             return "room was upgraded"
         if not child.joined:
-            return "bot is no longer in the room"
+            return _LOST
         canonical = self.canonical.get(space.owner)
-        if space.replaced_by is not None or (canonical is not None and canonical != space.room_id):
+        if canonical is not None and canonical != space.room_id:
             return "moved to the canonical Space"
         if child.binding is not None and child.binding.archived:
             return "archived room"
