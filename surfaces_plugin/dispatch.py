@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict, deque
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mautrix.types import EventID, MessageEvent, RoomID
 
 from . import layout, replies
-from .backends import BackendError, Chunk
+from .backends import BackendError
 from .chats import WorkingRoom
 
 if TYPE_CHECKING:
@@ -176,10 +177,12 @@ class Dispatcher:
         typing = app.spawn(self._keep_typing(room.room_id), name="typing")
         usage = None
         try:
-            async for chunk in backend.stream(request):
-                usage = _usage_of(chunk) or usage
-                if chunk.text:
-                    await stream.add(chunk.text)
+            # aclosing: a cancelled answer closes its HTTP response at once, not at GC time.
+            async with aclosing(backend.stream(request)) as chunks:
+                async for chunk in chunks:
+                    usage = chunk.usage or usage
+                    if chunk.text:
+                        await stream.add(chunk.text)
             await stream.finish()
         except asyncio.CancelledError:
             await asyncio.shield(stream.cancelled())
@@ -250,10 +253,6 @@ class Dispatcher:
         for task in list(self._workers.values()):
             task.cancel()
         await asyncio.gather(*self._workers.values(), return_exceptions=True)
-
-
-def _usage_of(chunk: Chunk) -> Any:
-    return chunk.usage
 
 
 class _StreamedReply:
