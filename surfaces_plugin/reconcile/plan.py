@@ -233,6 +233,7 @@ class _Planner:
         self.foreign: set[str] = set()
         self.canonical: dict[str, str] = {}  # owner → canonical Space
         self.tombstones_checked: set[str] = set()
+        self.invited: set[str] = set()  # rooms whose owner this plan invites
 
     def run(self) -> Plan:
         for room_id in sorted(self.s.rooms):
@@ -701,6 +702,7 @@ class _Planner:
         if user_level(room.snap, self.bot) < invite_level(room.snap):
             return
         self.out.invites.append(Invite(room.room_id, room.owner, "owner was never invited"))
+        self.invited.add(room.room_id)
         self.out.note("invited", (room.room_id, room.owner))
 
     # -- results --------------------------------------------------------------
@@ -718,10 +720,16 @@ class _Planner:
             system_prompt=b.system_prompt if b else None,
             archived=b.archived if b else False,
             bot_membership="join" if room.joined else "lost",
-            owner_membership=room.snap.members.get(room.owner),
+            owner_membership=self._membership(room, room.owner),
             replaced_by=room.replaced_by,
             degraded=room.degraded,
         )
+
+    def _membership(self, room: _Room, user_id: str) -> str | None:
+        """As it will be once our invites land, so the cache matches the next run's."""
+        if room.room_id in self.invited and user_id == room.owner:
+            return "invite"
+        return room.snap.members.get(user_id)
 
     def _users(self) -> dict[str, UserRecord]:
         owners = {r.owner for r in self.rooms.values()}
@@ -734,7 +742,7 @@ class _Planner:
                 user_id=user_id,
                 space_id=space_id,
                 access=self.s.access.state_of(user_id) if self.s.access else None,
-                space_membership=space.snap.members.get(user_id) if space else None,
+                space_membership=self._membership(space, user_id) if space else None,
             )
         return users
 

@@ -1,0 +1,1 @@
+"""Reconciliation: inventory (read Matrix) → plan (pure) → apply (write Matrix, rebuild cache)."""
