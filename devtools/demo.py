@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devtools import REPO_ROOT
-from devtools.maubot_standalone import StandaloneBot
 from devtools.matrix_user import Event, MatrixUser
+from devtools.maubot_standalone import StandaloneBot
 from devtools.synapse import SynapseServer
 
 DEMO_USER = "demo"
@@ -49,10 +49,18 @@ class JoinInvite:
 
 Step = Say | JoinInvite
 
-# The tour: extend it as commands land (e.g. Say("!ai start"), JoinInvite("general", "working"),
-# Say("hello", room="general")).
+# The tour, step by step as the demo user; add steps as commands land.
 TOUR: list[Step] = [
     Say("!ai help", note="Ask the bot what it can do"),
+    Say("!ai start", note="Create your Space and its first working room"),
+    JoinInvite("space", kind="space", note="Accept the invite to your Space"),
+    JoinInvite("general", kind="working", note="Accept the invite to the first working room"),
+    Say(
+        "Hello, agent!",
+        room="general",
+        note="Talk to the echo agent (its answer streams in by edits)",
+    ),
+    Say("!ai rooms", note="List your working rooms"),
 ]
 
 
@@ -119,7 +127,10 @@ class Tour:
             self.out.error("  (no answer from the bot within 30s)")
             return
         for event in replies:
+            edits = len(self.user.edits(room, event))
             self.out.said("bot", self.user.latest_text(room, event))
+            if edits:
+                self.out.info(f"(streamed in place: {edits} edit{'s' if edits != 1 else ''})")
 
     async def _join(self, step: JoinInvite) -> None:
         self.out.step(step.note or f"Join the room the bot invited you to ({step.name})")
@@ -173,7 +184,31 @@ def _print_login(out: Printer, synapse: SynapseServer, bot: StandaloneBot) -> No
     out.title("Press Ctrl-C to stop.")
 
 
-async def run_demo(keep_running: bool, port: int | None, data_dir: Path, tour: list[Step]) -> int:
+async def _tour_and_wait(
+    synapse: SynapseServer, bot: StandaloneBot, keep_running: bool, tour: list[Step], out: Printer
+) -> None:
+    token = synapse.register_user(DEMO_USER, DEMO_PASSWORD)
+    user = await MatrixUser(synapse.url, synapse.user_id(DEMO_USER), token).start()
+    try:
+        out.info(f"you are {user.user_id}, the bot is {bot.user_id}")
+        runner = Tour(user, bot.user_id, out)
+        await runner.open_dm()
+        await runner.run(tour)
+    finally:
+        await user.close()
+    if keep_running:
+        _print_login(out, synapse, bot)
+        await _wait_for_stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM behaves like Ctrl-C, so the children (own sessions) are always stopped."""
+    raise KeyboardInterrupt
+
+
+def run_demo(keep_running: bool, port: int | None, data_dir: Path, tour: list[Step]) -> int:
+    """Start everything, run the tour, stop everything (also on Ctrl-C or errors)."""
+    signal.signal(signal.SIGTERM, _interrupt)
     out = Printer()
     shutil.rmtree(data_dir, ignore_errors=True)  # a fresh homeserver and bot every run
     data_dir.mkdir(parents=True)
@@ -181,40 +216,28 @@ async def run_demo(keep_running: bool, port: int | None, data_dir: Path, tour: l
     started = time.monotonic()
     synapse = SynapseServer(data_dir / "synapse", port=port)
     bot: StandaloneBot | None = None
-    user: MatrixUser | None = None
     try:
+        # Start-up is synchronous and outside asyncio, so Ctrl-C interrupts it right away.
         out.info(f"starting Synapse on {synapse.url} …")
-        await asyncio.to_thread(synapse.start)
+        synapse.start()
         out.info("starting the bot (standalone maubot, SQLite, echo agent) …")
         bot = StandaloneBot(
             synapse, localpart=BOT_LOCALPART, data_dir=data_dir / "bot", repo_root=REPO_ROOT
         )
-        await asyncio.to_thread(bot.start)
-        token = synapse.register_user(DEMO_USER, DEMO_PASSWORD)
-        user = await MatrixUser(synapse.url, synapse.user_id(DEMO_USER), token).start()
-        out.info(
-            f"ready in {time.monotonic() - started:.1f}s: you are {user.user_id}, "
-            f"the bot is {bot.user_id}"
-        )
-        tour_runner = Tour(user, bot.user_id, out)
-        await tour_runner.open_dm()
-        await tour_runner.run(tour)
-        await user.close()
-        user = None
-        if keep_running:
-            _print_login(out, synapse, bot)
-            await _wait_for_stop()
+        bot.start()
+        out.info(f"ready in {time.monotonic() - started:.1f}s")
+        asyncio.run(_tour_and_wait(synapse, bot, keep_running, tour, out))
         return 0
-    except Exception as err:  # show what failed (with log tails), then clean up
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # show what failed (exceptions carry log tails), then clean up
         out.error(f"\ndemo failed: {err}")
         return 1
     finally:
         print("\nstopping …", flush=True)
-        if user is not None:
-            await user.close()
         if bot is not None:
-            await asyncio.to_thread(bot.stop)  # the bot before Synapse: it can hang otherwise
-        await asyncio.to_thread(synapse.stop)
+            bot.stop()  # the bot before Synapse: it can hang otherwise
+        synapse.stop()
 
 
 def main(argv: list[str] | None = None, tour: list[Step] | None = None) -> int:
@@ -227,12 +250,7 @@ def main(argv: list[str] | None = None, tour: list[Step] | None = None) -> int:
     )
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / ".demo")
     args = parser.parse_args(argv)
-    try:
-        return asyncio.run(
-            run_demo(args.keep_running, args.port, args.data_dir.resolve(), tour or TOUR)
-        )
-    except KeyboardInterrupt:  # Ctrl-C during start-up: cleanup already ran in finally
-        return 130
+    return run_demo(args.keep_running, args.port, args.data_dir.resolve(), tour or TOUR)
 
 
 if __name__ == "__main__":

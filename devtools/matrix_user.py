@@ -120,7 +120,7 @@ class MatrixUser:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 headers={"Authorization": f"Bearer {self.access_token}"},
-                timeout=aiohttp.ClientTimeout(total=90),
+                timeout=aiohttp.ClientTimeout(total=60),  # longer than the 30 s sync long-poll
             )
         if self._sync_task is None:
             self._sync_task = asyncio.create_task(self._sync_loop(), name=f"sync {self.user_id}")
@@ -339,22 +339,34 @@ class MatrixUser:
         replies = await self.collect_replies(room_id, event_id, bot_mxid, timeout, quiet)
         return [self.latest_text(room_id, reply) for reply in replies]
 
-    def latest_text(self, room_id: str, event: Event | str) -> str:
-        """A message's text after edits: the `m.new_content` body of the last edit by the same sender."""
-        if isinstance(event, str):
-            found = self.find(room_id, lambda e: e.get("event_id") == event)
-            if found is None:
-                raise KeyError(f"event {event} not seen in {room_id}")
-            event = found
-        text = str(event.get("content", {}).get("body", ""))
+    def _event(self, room_id: str, event: Event | str) -> Event:
+        if not isinstance(event, str):
+            return event
+        found = self.find(room_id, lambda e: e.get("event_id") == event)
+        if found is None:
+            raise KeyError(f"event {event} not seen in {room_id}")
+        return found
+
+    def edits(self, room_id: str, event: Event | str) -> list[Event]:
+        """The `m.replace` edits of a message by its own sender, in arrival order."""
+        original = self._event(room_id, event)
+        result = []
         for other in self._room(room_id).events:
             rel = other.get("content", {}).get("m.relates_to") or {}
             if (
                 rel.get("rel_type") == "m.replace"
-                and rel.get("event_id") == event.get("event_id")
-                and other.get("sender") == event.get("sender")
+                and rel.get("event_id") == original.get("event_id")
+                and other.get("sender") == original.get("sender")
             ):
-                text = str(other["content"].get("m.new_content", {}).get("body", text))
+                result.append(other)
+        return result
+
+    def latest_text(self, room_id: str, event: Event | str) -> str:
+        """A message's text after edits: the `m.new_content` body of its last edit."""
+        original = self._event(room_id, event)
+        text = str(original.get("content", {}).get("body", ""))
+        for edit in self.edits(room_id, original):
+            text = str(edit["content"].get("m.new_content", {}).get("body", text))
         return text
 
     def messages(

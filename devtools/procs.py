@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -65,7 +66,9 @@ def kill_process(proc: subprocess.Popen[bytes] | None) -> None:
     proc.wait(10)
 
 
-def wait_until(check, timeout: float, interval: float = 0.05, what: str = "condition") -> None:
+def wait_until(
+    check: Callable[[], object], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> None:
     """Poll a cheap synchronous check until it is true or the timeout passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

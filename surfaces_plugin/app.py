@@ -32,6 +32,7 @@ from .context import Request
 from .dispatch import Dispatcher
 from .handlers import register_commands
 from .matrix import Gateway
+from .memory import MemoryService
 from .onboarding import Onboarding
 from .reconcile.runner import Reconciler
 from .store import Stores
@@ -53,6 +54,7 @@ class Surfaces:
         self.backends = BackendRegistry(settings, log=log.getChild("backends"))
         self.access = AccessService(self)
         self.chats = ChatManager(self)
+        self.memory = MemoryService(self)
         self.onboarding = Onboarding(self)
         self.dispatcher = Dispatcher(self)
         self.reconciler = Reconciler(self)

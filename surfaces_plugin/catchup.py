@@ -8,53 +8,37 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from mautrix.api import Method, Path
-
-from . import layout
+from .commands import split_command
 from .matrix import GatewayError
+from .timeline import is_bot_answer, is_owner_text, read_back
 
 if TYPE_CHECKING:
     from .app import Surfaces
     from .chats import WorkingRoom
     from .dispatch import Job
 
-PAGE_SIZE = 50
 MAX_PAGES = 4  # at most 200 events back per room; older ones are past any sane downtime
 
 
-def is_owner_text(event: dict[str, Any], owner: str) -> bool:
-    content = event.get("content") or {}
-    relates = content.get("m.relates_to") or {}
-    return (
-        event.get("type") == "m.room.message"
-        and event.get("sender") == owner
-        and content.get("msgtype") in ("m.text", "m.emote")
-        and isinstance(content.get("body"), str)
-        and relates.get("rel_type") != "m.replace"
-    )
-
-
-def is_bot_answer(event: dict[str, Any], bot_id: str) -> bool:
-    content = event.get("content") or {}
-    return (
-        event.get("type") == "m.room.message"
-        and event.get("sender") == bot_id
-        and layout.TURN_KEY in content
-        and (content.get("m.relates_to") or {}).get("rel_type") != "m.replace"
-    )
-
-
 def missed_in_timeline(
-    events_newest_first: list[dict[str, Any]], owner: str, bot_id: str, after_ts: int
+    events_newest_first: list[dict[str, Any]],
+    owner: str,
+    bot_id: str,
+    after_ts: int,
+    is_command: Callable[[str], bool] = lambda body: False,
 ) -> list[dict[str, Any]]:
-    """Owner messages newer than the bot's last answer and `after_ts`, oldest first (pure)."""
+    """Owner messages newer than the bot's last answer and `after_ts`, oldest first (pure).
+
+    Commands are left out: they are not turns for the agent.
+    """
     missed: list[dict[str, Any]] = []
     for event in events_newest_first:
         if is_bot_answer(event, bot_id) or int(event.get("origin_server_ts", 0)) <= after_ts:
             break
-        if is_owner_text(event, owner):
+        if is_owner_text(event, owner) and not is_command(event["content"]["body"]):
             missed.append(event)
     missed.reverse()
     return missed
@@ -65,25 +49,12 @@ async def _room_missed(app: Surfaces, room: WorkingRoom, window_start: int) -> l
 
     mark = await app.stores.processed.get(room.room_id)
     after_ts = max(window_start, mark.ts if mark else 0)
-    events: list[dict[str, Any]] = []
-    token: str | None = None
-    for _ in range(MAX_PAGES):
-        query: dict[str, Any] = {"dir": "b", "limit": str(PAGE_SIZE)}
-        if token:
-            query["from"] = token
-        page = await app.gateway.read(
-            "read recent messages",
-            lambda q=query: app.client.api.request(
-                Method.GET, Path.v3.rooms[room.room_id].messages, query_params=q
-            ),
-        )
-        chunk = page.get("chunk") or []
-        events += chunk
-        token = page.get("end")
-        oldest = int(chunk[-1].get("origin_server_ts", 0)) if chunk else 0
-        reached_answer = any(is_bot_answer(e, app.bot_id) for e in chunk)
-        if not chunk or not token or oldest <= after_ts or reached_answer:
-            break
+
+    def reached_known(chunk: list[dict[str, Any]]) -> bool:
+        oldest = int(chunk[-1].get("origin_server_ts", 0))
+        return oldest <= after_ts or any(is_bot_answer(e, app.bot_id) for e in chunk)
+
+    events = await read_back(app, room.room_id, stop=reached_known, max_pages=MAX_PAGES)
     return [
         Job(
             room_id=room.room_id,
@@ -92,7 +63,13 @@ async def _room_missed(app: Surfaces, room: WorkingRoom, window_start: int) -> l
             body=e["content"]["body"],
             ts=int(e.get("origin_server_ts", 0)),
         )
-        for e in missed_in_timeline(events, room.owner, app.bot_id, after_ts)
+        for e in missed_in_timeline(
+            events,
+            room.owner,
+            app.bot_id,
+            after_ts,
+            lambda body: split_command(body, app.settings.command_prefix) is not None,
+        )
         if not (mark and e["event_id"] == mark.event_id)
     ]
 

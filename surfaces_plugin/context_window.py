@@ -2,18 +2,27 @@
 
 Order of priority: the system prompt, shared memory, the latest summary, then as many of the
 most recent turns as fit. Tokens are estimated (an exact tokenizer is optional: maubot cannot
-install one, and tokenizer files cannot be downloaded at run time).
+install one, and tokenizer files cannot be downloaded at run time); counts the backend reported
+(an answer's completion tokens) replace the estimate, and a per-agent `scale` learnt from the
+backend's prompt-token counts corrects it.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .backends import ChatMessage
 
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators, as chat formats add per message
+COMPACT_KEEP_SHARE = 0.5  # compaction keeps the newest turns that fit in this share of the budget
+SUMMARY_SHARE = 0.25  # a summary may take at most this share of the budget
+
+MEMORY_HEADING = "Notes the user shares with all their conversations:"
+SUMMARY_HEADING = "Summary of the earlier conversation:"
 
 
 def _load_exact_counter():  # noqa: ANN202 - optional dependency, used when installed
@@ -29,23 +38,65 @@ def _load_exact_counter():  # noqa: ANN202 - optional dependency, used when inst
 _exact = None
 _exact_checked = False
 
+# Roughly the pieces a BPE pre-tokenizer splits text into: words, digit runs, spaces, symbols.
+_PIECE = re.compile(r"[A-Za-z]+|[^\W\d_]+|\d+|\s+|_+|[^\w\s]+")
+_WIDE = 0x2E80  # CJK and later blocks: about one token per character
+
+
+def _piece_tokens(piece: str) -> float:
+    first = piece[0]
+    if first.isspace():
+        # A single space joins the next word; indentation and newlines cost about one token.
+        return 0 if piece == " " else math.ceil(len(piece) / 8)
+    if first.isascii() and first.isalpha():
+        return math.ceil(len(piece) / 8)  # common English words are one token
+    if first.isdigit():
+        return math.ceil(len(piece) / 3)  # cl100k splits numbers into groups of three
+    if first.isalpha() or first == "_":
+        wide = sum(1 for ch in piece if ord(ch) >= _WIDE)
+        narrow = len(piece) - wide
+        # Accented Latin and Cyrillic words split into more, shorter pieces than English.
+        return math.ceil(wide * 1.2) + math.ceil(narrow / 2.5)
+    ascii_symbols = sum(1 for ch in piece if ord(ch) <= 0x7F)
+    # Emoji and other astral symbols take several byte-level tokens.
+    other = sum(2 if ord(ch) > 0xFFFF else 1 for ch in piece if ord(ch) > 0x7F)
+    return math.ceil(ascii_symbols / 2) + other
+
+
+@lru_cache(maxsize=8192)
+def heuristic_tokens(text: str) -> int:
+    """Estimated cl100k-style token count, within about ±35% on prose, code, JSON and CJK."""
+    return int(sum(_piece_tokens(m.group()) for m in _PIECE.finditer(text)))
+
 
 def estimate_tokens(text: str) -> int:
-    """A calibrated estimate: ~4 characters per token for Latin text, 1 per CJK character."""
+    """Exact when tiktoken is installed, the heuristic otherwise."""
     global _exact, _exact_checked
     if not _exact_checked:
         _exact, _exact_checked = _load_exact_counter(), True
     if _exact is not None:
         return _exact(text)
-    wide = sum(1 for ch in text if ord(ch) > 0x2E80)
-    narrow = len(text) - wide
-    words = len(text.split())
-    # Between a per-character and a per-word estimate; punctuation-heavy text leans on chars.
-    return wide + max(math.ceil(narrow / 4), math.ceil(words * 1.3)) if narrow else wide
+    return heuristic_tokens(text)
 
 
-def message_tokens(message: ChatMessage) -> int:
-    return estimate_tokens(message.content) + MESSAGE_OVERHEAD_TOKENS
+@dataclass(frozen=True)
+class Turn:
+    """A stored user message or answer; `tokens` is the backend's own count, when it gave one."""
+
+    message: ChatMessage
+    tokens: int | None = None
+
+
+def message_tokens(message: ChatMessage | Turn, scale: float = 1.0) -> int:
+    if isinstance(message, Turn):
+        if message.tokens is not None:
+            return message.tokens + MESSAGE_OVERHEAD_TOKENS
+        message = message.message
+    return math.ceil(estimate_tokens(message.content) * scale) + MESSAGE_OVERHEAD_TOKENS
+
+
+def _message(turn: ChatMessage | Turn) -> ChatMessage:
+    return turn.message if isinstance(turn, Turn) else turn
 
 
 @dataclass(frozen=True)
@@ -67,9 +118,9 @@ def preamble(system_prompt: str, memory: Sequence[str], summary: str | None) -> 
     parts = [system_prompt.strip()] if system_prompt.strip() else []
     if memory:
         notes = "\n".join(f"- {note}" for note in memory)
-        parts.append(f"Notes the user shares with all their conversations:\n{notes}")
+        parts.append(f"{MEMORY_HEADING}\n{notes}")
     if summary:
-        parts.append(f"Summary of the earlier conversation:\n{summary}")
+        parts.append(f"{SUMMARY_HEADING}\n{summary}")
     return "\n\n".join(parts)
 
 
@@ -78,19 +129,20 @@ def assemble(
     system_prompt: str,
     memory: Sequence[str],
     summary: str | None,
-    turns: Sequence[ChatMessage],
+    turns: Sequence[ChatMessage | Turn],
     budget: int,
+    scale: float = 1.0,
 ) -> Window:
     """The newest turns that fit after the preamble; the latest turn is always sent."""
     head = preamble(system_prompt, memory, summary)
     messages: list[ChatMessage] = [ChatMessage("system", head)] if head else []
-    used = sum(message_tokens(m) for m in messages)
+    used = sum(message_tokens(m, scale) for m in messages)
     kept: list[ChatMessage] = []
     for turn in reversed(turns):
-        cost = message_tokens(turn)
+        cost = message_tokens(turn, scale)
         if kept and used + cost > budget:
             break
-        kept.append(turn)
+        kept.append(_message(turn))
         used += cost
     kept.reverse()
     return Window(
@@ -102,3 +154,75 @@ def assemble(
         summary_used=bool(summary),
         memory_notes=len(memory),
     )
+
+
+def compaction_split(
+    turns: Sequence[ChatMessage | Turn], keep_tokens: float, scale: float = 1.0
+) -> int:
+    """How many of the oldest turns to summarise: all but the newest that fit in `keep_tokens`.
+
+    The last user turn and what follows it are always kept, so a retry still has its question.
+    0 means there is nothing to compact.
+    """
+    if not turns:
+        return 0
+    last_user = max(
+        (i for i, t in enumerate(turns) if _message(t).role == "user"), default=len(turns) - 1
+    )
+    start = len(turns)
+    used = 0
+    while start > 0:
+        cost = message_tokens(turns[start - 1], scale)
+        if start <= last_user and used + cost > keep_tokens:
+            break
+        used += cost
+        start -= 1
+    return min(start, last_user)
+
+
+def keep_tokens_after_compaction(budget: int, preamble_tokens: int) -> float:
+    """Room for the turns kept by compaction: about half the budget, less if the preamble is big."""
+    room_left = budget - preamble_tokens - budget * SUMMARY_SHARE
+    return max(0.0, min(budget * COMPACT_KEEP_SHARE, room_left))
+
+
+def truncate_to_tokens(text: str, limit: int, scale: float = 1.0) -> str:
+    """`text` cut (at a word where possible) so its estimate stays within `limit` tokens."""
+    if math.ceil(estimate_tokens(text) * scale) <= limit:
+        return text
+    low, high = 0, len(text)
+    while low < high:  # the longest prefix that fits
+        mid = (low + high + 1) // 2
+        if math.ceil(estimate_tokens(text[:mid]) * scale) + 1 <= limit:
+            low = mid
+        else:
+            high = mid - 1
+    cut = text[:low]
+    space = cut.rfind(" ")
+    if space > low * 0.8:
+        cut = cut[:space]
+    return cut.rstrip() + "…"
+
+
+def chunk_turns(
+    turns: Sequence[ChatMessage | Turn], limit: int, scale: float = 1.0
+) -> list[list[ChatMessage]]:
+    """Consecutive groups of turns each within `limit` tokens; a turn too long alone is cut."""
+    chunks: list[list[ChatMessage]] = []
+    current: list[ChatMessage] = []
+    used = 0
+    for turn in turns:
+        message = _message(turn)
+        cost = message_tokens(turn, scale)
+        if cost > limit:
+            content = truncate_to_tokens(message.content, limit - MESSAGE_OVERHEAD_TOKENS, scale)
+            message = ChatMessage(message.role, content)
+            cost = message_tokens(message, scale)
+        if current and used + cost > limit:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(message)
+        used += cost
+    if current:
+        chunks.append(current)
+    return chunks

@@ -18,6 +18,8 @@ from mautrix.types import EventID, MessageEvent, RoomID
 from . import layout, replies
 from .backends import BackendError
 from .chats import WorkingRoom
+from .config import AgentSpec
+from .context_window import Window
 
 if TYPE_CHECKING:
     from .app import Surfaces
@@ -168,15 +170,15 @@ class Dispatcher:
 
     async def _generate(self, room: WorkingRoom, job: Job) -> None:
         app = self.app
-        agent = app.settings.agent(room.agent) or app.settings.agent(app.settings.default_agent)
-        assert agent is not None
+        agent = app.chats.agent_of(room)
         backend = app.backends.for_agent(agent)
-        request = await app.chats.build_request(room, agent, upto_seq=job.upto_seq)
         marker = layout.turn_marker(room.platform_chat_id, agent.id)
         stream = _StreamedReply(app, RoomID(room.room_id), marker)
         typing = app.spawn(self._keep_typing(room.room_id), name="typing")
         usage = None
         try:
+            window = await self._window_within_budget(room, agent, job)
+            request = app.chats.request_for(agent, window)
             # aclosing: a cancelled answer closes its HTTP response at once, not at GC time.
             async with aclosing(backend.stream(request)) as chunks:
                 async for chunk in chunks:
@@ -200,7 +202,46 @@ class Dispatcher:
             await self._stop_typing(room.room_id)
         if stream.event_id:
             await app.chats.add_answer(room, stream.text, stream.event_id, usage)
+        if usage is not None:
+            app.chats.calibrate(agent.id, window.tokens, usage.prompt_tokens)
         await app.chats.mark_processed(room, job.event_id, job.ts)
+
+    async def _window_within_budget(self, room: WorkingRoom, agent: AgentSpec, job: Job) -> Window:
+        """The request's window; when turns would be left out, compact first (shown in the room)."""
+        app = self.app
+        window = await app.chats.build_window(room, agent, upto_seq=job.upto_seq)
+        if not window.over_budget:
+            return window
+        room_id = RoomID(room.room_id)
+        notice = await app.send_notice(
+            room_id, f"Compacting the conversation to fit `{agent.id}`'s context budget…"
+        )
+        try:
+            result = await app.chats.compact(room, agent, upto_seq=job.upto_seq)
+        except BackendError as e:
+            app.log.warning("Compacting %s with %s failed: %s", room.room_id, agent.id, e)
+            await self._edit_notice(
+                room_id,
+                notice,
+                f"Could not compact the conversation (`{agent.id}`: {e}); this answer uses "
+                "the most recent messages that fit.",
+            )
+            return window
+        except asyncio.CancelledError:
+            await asyncio.shield(self._edit_notice(room_id, notice, "Compaction cancelled."))
+            raise
+        if result is None:
+            done = "Nothing older could be summarised; this answer uses the most recent messages that fit."
+        else:
+            done = (
+                f"Compacted the conversation to fit `{agent.id}`'s context budget: "
+                f"{result.summarised} older messages are now summarised (below)."
+            )
+        await self._edit_notice(room_id, notice, done)
+        return await app.chats.build_window(room, agent, upto_seq=job.upto_seq)
+
+    async def _edit_notice(self, room_id: RoomID, event_id: EventID, text: str) -> None:
+        await self.app.send_content(room_id, replies.edit(event_id, replies.notice(text)))
 
     async def _keep_typing(self, room_id: str) -> None:
         while True:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from .backends import BackendError
 from .commands import CommandSpec, CommandTree, Refusal, UsageError
 from .context import Request
+from .export import export_conversation
 from .layout import matrix_to
 
 MAX_TITLE_CHARS = 80
+MAX_SYSTEM_PROMPT_CHARS = 4000
 
 
 async def cmd_help(req: Request, args: str) -> None:
@@ -74,6 +77,139 @@ async def cmd_agent(req: Request, args: str) -> None:
     await req.reply(f"This room now talks to `{agent_id}`. The conversation so far is kept.")
 
 
+async def cmd_reset(req: Request, args: str) -> None:
+    room = await req.working_room()
+    assert room is not None
+    await req.app.chats.reset(room)  # posts the reset notice itself (it carries the marker)
+
+
+async def cmd_context(req: Request, args: str) -> None:
+    room = await req.working_room()
+    assert room is not None
+    report = await req.app.chats.context_report(room)
+    w = report.window
+    share = round(100 * w.tokens / w.budget) if w.budget else 0
+    prefix = req.settings.command_prefix
+    prompt = "this room's override" if report.override else f"`{report.agent.id}`'s default"
+    if w.summary_used:
+        summary = f"yes, it stands for the first {report.summary_covers} messages"
+    else:
+        summary = "none"
+    lines = [
+        f"**Context of the next request to `{report.agent.id}`**",
+        "",
+        f"- messages: {len(w.messages)} ({w.turns_included} turns"
+        + (" plus the system message)" if len(w.messages) > w.turns_included else ")"),
+        f"- tokens: about {w.tokens} of {w.budget} ({share}%)",
+        f"- system prompt: {prompt}",
+        f"- summary: {summary}",
+        f"- turns left out: {w.turns_omitted}",
+        f"- memory notes: {w.memory_notes}",
+        f"- stored messages in this conversation: {report.stored_messages}",
+    ]
+    if w.turns_omitted:
+        lines += ["", f"Older turns do not fit; `!{prefix} compact` summarises them."]
+    await req.reply("\n".join(lines))
+
+
+async def cmd_compact(req: Request, args: str) -> None:
+    room = await req.working_room()
+    assert room is not None
+    agent = req.app.chats.agent_of(room)
+    try:
+        result = await req.app.chats.compact(room, agent)
+    except BackendError as e:
+        raise Refusal(
+            f"Could not compact the conversation: {e.user_message(agent.id, req.settings.command_prefix)}"
+        ) from e
+    if result is None:
+        await req.reply("Nothing to compact yet.")
+        return
+    await req.reply(
+        f"Compacted: {result.summarised} older messages are now summarised (above); "
+        f"the latest {result.kept} are sent as they are."
+    )
+
+
+def _quoted(text: str) -> str:
+    return "\n".join(f"> {line}" if line else ">" for line in text.splitlines() or [""])
+
+
+async def cmd_system(req: Request, args: str) -> None:
+    room = await req.working_room()
+    assert room is not None
+    chats = req.app.chats
+    agent = chats.agent_of(room)
+    prefix = req.settings.command_prefix
+    if not args:
+        if room.system_prompt is not None:
+            await req.reply(
+                f"This room's system prompt (an override; `!{prefix} system -` goes back to "
+                f"`{agent.id}`'s default):\n\n{_quoted(room.system_prompt)}"
+            )
+        elif agent.system_prompt:
+            await req.reply(
+                f"This room uses `{agent.id}`'s default system prompt:\n\n"
+                f"{_quoted(agent.system_prompt)}"
+            )
+        else:
+            await req.reply(f"This room uses `{agent.id}`'s default, which is empty.")
+        return
+    if args == "-":
+        if room.system_prompt is None:
+            await req.reply(f"This room has no override; it already uses `{agent.id}`'s default.")
+            return
+        await chats.update_binding(room, system_prompt=None)
+        await req.reply(f"Override cleared: this room uses `{agent.id}`'s default system prompt again.")
+        return
+    if len(args) > MAX_SYSTEM_PROMPT_CHARS:
+        raise UsageError(
+            f"That system prompt has {len(args)} characters; the limit is {MAX_SYSTEM_PROMPT_CHARS}."
+        )
+    await chats.update_binding(room, system_prompt=args)
+    await req.reply(
+        f"This room's system prompt is set ({len(args)} characters); it applies from the next "
+        f"message. `!{prefix} system -` goes back to `{agent.id}`'s default."
+    )
+
+
+async def cmd_memory(req: Request, args: str) -> None:
+    memory = req.app.memory
+    action, _, rest = args.partition(" ")
+    rest = rest.strip()
+    prefix = req.settings.command_prefix
+    if not action:
+        notes = await memory.current(req.sender)
+        if not notes:
+            await req.reply(
+                f"You have no shared notes yet. `!{prefix} memory add <text>` adds one; every "
+                "working room's agent sees them."
+            )
+            return
+        lines = [f"**Your shared notes** ({len(notes)}, seen by all your working rooms)", ""]
+        lines += [f"{i}. {note}" for i, note in enumerate(notes, 1)]
+        await req.reply("\n".join(lines))
+        return
+    if action == "add":
+        number = await memory.add(req.sender, rest)
+        await req.reply(f"Noted as {number}. Every one of your working rooms sees it from now on.")
+        return
+    if action == "forget":
+        if not rest:
+            raise UsageError("Which note? Give its number.")
+        removed = await memory.forget(req.sender, rest)
+        await req.reply(f"Forgot note {rest}: {removed}")
+        return
+    raise UsageError(f"`{action}` is not a memory action; use `add` or `forget`.")
+
+
+async def cmd_export(req: Request, args: str) -> None:
+    room = await req.working_room()
+    assert room is not None
+    if await export_conversation(req.app, room) == 0:
+        raise Refusal("There is nothing to export yet: this conversation has no messages.")
+
+
 async def cmd_archive(req: Request, args: str) -> None:
     room = await req.working_room()
     assert room is not None
@@ -126,8 +262,27 @@ def register_commands(tree: CommandTree) -> None:
         CommandSpec("rooms", "", "your working rooms with links", cmd_rooms),
         CommandSpec("agents", "", "the agents you can talk to", cmd_agents),
         CommandSpec("agent", "<id>", "switches this room's agent", cmd_agent, "working_room"),
+        CommandSpec("reset", "", "starts a fresh conversation in this room", cmd_reset, "working_room"),
+        CommandSpec(
+            "context", "", "messages and tokens in context vs the budget", cmd_context, "working_room"
+        ),
+        CommandSpec(
+            "compact", "", "summarises older history into one message", cmd_compact, "working_room"
+        ),
+        CommandSpec(
+            "system", "[text | -]", "shows or sets this room's system prompt", cmd_system, "working_room"
+        ),
+        CommandSpec(
+            "memory",
+            "[add <text> | forget <n>]",
+            "notes shared by all your working rooms",
+            cmd_memory,
+        ),
         CommandSpec("retry", "", "answers the last message again", cmd_retry, "working_room"),
         CommandSpec("cancel", "", "stops the answer being generated", cmd_cancel, "working_room"),
+        CommandSpec(
+            "export", "", "uploads the conversation as a Markdown file", cmd_export, "working_room"
+        ),
         CommandSpec("archive", "", "removes this room from your Space", cmd_archive, "working_room"),
         CommandSpec("status", "", "users, rooms, backends, last reconciliation", cmd_status, admin=True),
         CommandSpec(

@@ -28,6 +28,7 @@ MEMORY_TYPE = f"{NAMESPACE}.memory"
 ACCESS_TYPE = f"{NAMESPACE}.access"
 TURN_KEY = f"{NAMESPACE}.turn"
 RESET_KEY = f"{NAMESPACE}.reset"
+SUMMARY_KEY = f"{NAMESPACE}.summary"
 
 BINDING = EventType.find(BINDING_TYPE, EventType.Class.STATE)
 MEMORY = EventType.find(MEMORY_TYPE, EventType.Class.STATE)
@@ -409,7 +410,7 @@ def parse_access(content: object) -> AccessDecisions | None:
 
 
 # ---------------------------------------------------------------------------
-# markers on messages: org.surfaces.turn / org.surfaces.reset
+# markers on messages: org.surfaces.turn / org.surfaces.reset / org.surfaces.summary
 
 
 @dataclass(frozen=True)
@@ -423,6 +424,12 @@ class ResetMarker:
     platform_chat_id: str
 
 
+@dataclass(frozen=True)
+class SummaryMarker:
+    platform_chat_id: str
+    upto_event_id: str | None  # the last message the summary covers
+
+
 def turn_marker(platform_chat_id: str, agent: str) -> dict[str, Any]:
     """Keys to merge into a bot reply's content."""
     return {TURN_KEY: {"platform_chat_id": platform_chat_id, "agent": agent}}
@@ -431,6 +438,14 @@ def turn_marker(platform_chat_id: str, agent: str) -> dict[str, Any]:
 def reset_marker(platform_chat_id: str) -> dict[str, Any]:
     """Keys to merge into the reset notice's content."""
     return {RESET_KEY: {"platform_chat_id": platform_chat_id}}
+
+
+def summary_marker(platform_chat_id: str, upto_event_id: str | None) -> dict[str, Any]:
+    """Keys to merge into a summary notice (`!ai compact`), so a rebuild finds the summary."""
+    body: dict[str, Any] = {"platform_chat_id": platform_chat_id}
+    if upto_event_id:
+        body["upto_event_id"] = upto_event_id
+    return {SUMMARY_KEY: body}
 
 
 def _marker_body(content: object, key: str) -> Mapping[str, Any] | None:
@@ -459,6 +474,17 @@ def parse_reset_marker(content: object) -> ResetMarker | None:
     if body is None or not _nonempty_str(body.get("platform_chat_id")):
         return None
     return ResetMarker(platform_chat_id=body["platform_chat_id"])
+
+
+def parse_summary_marker(content: object) -> SummaryMarker | None:
+    body = _marker_body(content, SUMMARY_KEY)
+    if body is None or not _nonempty_str(body.get("platform_chat_id")):
+        return None
+    upto = body.get("upto_event_id")
+    return SummaryMarker(
+        platform_chat_id=body["platform_chat_id"],
+        upto_event_id=upto if _nonempty_str(upto) else None,
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ is the verified upgrade of one of ours); only bot-sent `org.surfaces.*`, `m.spac
 
 Writes come out in an order that stays safe if applying stops half-way (crash, 429): re-planning
 after any prefix converges to the same result. The steps, in order: merge memory into the
-winning Space, tombstone losing Spaces, write bindings, parents, add links, remove links, invite.
+winning Space, tombstone losing Spaces, add links, write bindings, parents, remove links, invite.
 """
 
 from __future__ import annotations
@@ -167,6 +167,7 @@ class _Room:
     binding: Binding | None = None  # the desired binding (trusted, cached or copied)
     binding_event: Binding | None = None  # what a bot-sent binding event holds now
     adopted_from: str | None = None  # set on an upgrade's new room
+    lineage: tuple[_Room, ...] = ()  # the rooms this one replaced, oldest first
     restored: bool = False  # binding rebuilt from the cache after tampering
     replaced_by: str | None = None
     links: dict[str, _Link] = field(default_factory=dict)  # spaces: child id → link
@@ -182,6 +183,15 @@ class _Room:
     @property
     def ts(self) -> int:
         return self.snap.create.origin_server_ts if self.snap.create else 0
+
+    @property
+    def conversation_ts(self) -> int:
+        """When the conversation began: an upgraded room is as old as its first room."""
+        return self.lineage[0].ts if self.lineage else self.ts
+
+    @property
+    def conversation_rooms(self) -> tuple[str, ...]:
+        return (*(r.room_id for r in self.lineage), self.room_id)
 
 
 @dataclass
@@ -204,9 +214,9 @@ class _Out:
         return (
             *self.memory,
             *self.tombstones,
+            *self.link_adds,  # before bindings: a moved room's new link must not look cleared
             *self.bindings,
             *self.parents,
-            *self.link_adds,
             *self.link_removals,
             *self.invites,
         )
@@ -339,7 +349,7 @@ class _Planner:
         self.tombstones_checked.add(room.room_id)
         target = parse_tombstone(event.content)
         problem = None
-        if target is None:
+        if target is None or target == room.room_id:
             problem = "malformed tombstone"
         elif user_level(room.snap, event.sender) < state_level(room.snap, TOMBSTONE_TYPE):
             problem = f"tombstone by {event.sender}, who lacks the power"
@@ -378,6 +388,7 @@ class _Planner:
             return None  # ignored for a reason of its own: don't overrule it
         self.foreign.discard(target)
         new = _Room(snap, "working", old.owner, joined=True, adopted_from=old.room_id)
+        new.lineage = (*old.lineage, old)
         new.binding = old.binding
         event = snap.get(BINDING_TYPE)
         if event is not None and event.sender == self.bot:
@@ -443,8 +454,10 @@ class _Planner:
         if event is None:
             return None
         target = parse_tombstone(event.content)
-        if target is None or user_level(space.snap, event.sender) < state_level(
-            space.snap, TOMBSTONE_TYPE
+        if (
+            target is None
+            or target == space.room_id
+            or user_level(space.snap, event.sender) < state_level(space.snap, TOMBSTONE_TYPE)
         ):
             self._ignore(space.room_id, f"tombstone by {event.sender} ignored")
             return None
@@ -522,8 +535,10 @@ class _Planner:
         ]
 
     def _target_space(self, room: _Room) -> str:
+        """The canonical Space, when we can link rooms there; otherwise rooms stay put."""
         assert room.binding is not None
-        return self.canonical.get(room.owner, room.binding.space_id)
+        canonical = self.rooms.get(self.canonical.get(room.owner, ""))
+        return canonical.room_id if canonical and canonical.writable else room.binding.space_id
 
     def _settle_bindings(self, rooms: list[_Room]) -> None:
         """Point bindings at the canonical Space; a link we removed ourselves means archived."""
@@ -537,7 +552,7 @@ class _Planner:
                 link is not None
                 and link.cleared
                 and link.unlinked_because is None  # plain `{}`: removed by archive or by hand
-                and room.binding.space_id == target
+                and room.binding.space_id == target == self.canonical.get(room.owner)
                 and room.adopted_from is None
                 and room.joined
             )
@@ -570,16 +585,15 @@ class _Planner:
             self.out.note("backfilled", room.room_id)
 
     def _split_duplicate(self, pcid: str, group: list[_Room]) -> None:
-        """Keeper: a room we can't rewrite, then the cache's holder, then oldest, then lowest id."""
+        """Keeper: a room we can't rewrite, then the cache's holder, then the oldest conversation
+        (an upgraded room counts from its first room), then the lowest room id."""
+
+        def cached_here(room: _Room) -> bool:
+            rows = (self.cache.rooms.get(rid) for rid in room.conversation_rooms)
+            return any(row is not None and row.platform_chat_id == pcid for row in rows)
 
         def rank(room: _Room) -> tuple[bool, bool, int, str]:
-            row = self.cache.rooms.get(room.room_id)
-            return (
-                room.writable,
-                not (row and row.platform_chat_id == pcid),
-                room.ts,
-                room.room_id,
-            )
+            return (room.writable, not cached_here(room), room.conversation_ts, room.room_id)
 
         group.sort(key=rank)
         renewed = []
@@ -637,7 +651,7 @@ class _Planner:
             return
         link = space.links.get(room.room_id)
         if room.binding.archived:
-            if link is not None and link.live:  # also reverts someone else's live link
+            if link is not None and link.live and not link.sender_is_bot:  # ours: stale links
                 self._unlink(space, room.room_id, "archived room")
             return
         if link is not None and link.live_by_bot:
@@ -661,7 +675,8 @@ class _Planner:
             return
         for child_id in sorted(space.links):
             link = space.links[child_id]
-            if not link.live_by_bot or child_id in self.s.unreadable:
+            malformed = link.sender_is_bot and not link.live and not link.cleared
+            if not (link.live_by_bot or malformed) or child_id in self.s.unreadable:
                 continue
             reason = self._stale_reason(space, child_id)
             if reason is not None:

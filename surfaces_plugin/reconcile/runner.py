@@ -1,14 +1,21 @@
 """Runs reconciliation: inventory (read Matrix) → plan (pure) → apply (write Matrix, rebuild cache).
 
-Until the inventory and apply steps land, a run rebuilds the routing map from the cache.
+Level-triggered and idempotent: a second run in a row finds nothing to write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from .. import layout
+from .apply import rebuild_cache, write_plan
+from .inventory import read_cache, read_snapshot
+from .model import Snapshot
+from .plan import Report, plan
 
 if TYPE_CHECKING:
     from ..app import Surfaces
@@ -49,15 +56,42 @@ class Reconciler:
 
     async def run(self, reason: str) -> RunReport:
         async with self._lock:
+            app = self.app
             started = time.monotonic()
-            report = RunReport(reason=reason, started_ms=int(time.time() * 1000))
-            await self.app.chats.load_from_cache()
-            report.counts["working rooms"] = len(self.app.chats.all_rooms())
+            dry_run = app.settings.reconciliation.dry_run
+            report = RunReport(reason=reason, started_ms=int(time.time() * 1000), dry_run=dry_run)
+            snapshot = await read_snapshot(app, app.settings.reconciliation.concurrency)
+            cache = await read_cache(app)
+            result = plan(snapshot, cache, self._chat_id_factory(snapshot))
+            if dry_run:
+                report.counts["writes planned"] = len(result.writes)
+            else:
+                applied = await write_plan(app, result)
+                report.writes = applied.writes
+                report.ignored += [f"write failed: {item}" for item in applied.failed]
+                app.chats.load(await rebuild_cache(app, snapshot, result))
+            if dry_run:
+                await app.chats.load_from_cache()
+            _count(report, result.report)
             report.seconds = time.monotonic() - started
             self.last = report
             await self.app.stores.kv.set_json(REPORT_KEY, report.to_json())
             self.app.log.info("Reconciliation done: %s", report.to_markdown().replace("\n", "; "))
             return report
+
+    def _chat_id_factory(self, snapshot: Snapshot):  # noqa: ANN202 - plan's NewChatId
+        """Fresh platform_chat_ids named after the room's backend, like Backend.create_chat."""
+        settings = self.app.settings
+
+        def new_chat_id(room_id: str) -> str:
+            room = snapshot.rooms.get(room_id)
+            event = room.get(layout.BINDING_TYPE) if room else None
+            binding = layout.parse_binding(event.content) if event else None
+            agent = settings.agent(binding.agent) if binding else None
+            prefix = agent.backend if agent else "chat"
+            return f"{prefix}-{uuid.uuid4().hex}"
+
+        return new_chat_id
 
     def schedule_periodic(self) -> None:
         minutes = self.app.settings.reconciliation.interval_minutes
@@ -72,3 +106,26 @@ class Reconciler:
     def stop(self) -> None:
         if self._periodic is not None:
             self._periodic.cancel()
+
+
+def _count(report: RunReport, planned: Report) -> None:
+    report.counts.update(
+        {
+            "spaces": planned.spaces,
+            "working rooms": planned.working_rooms,
+            "other rooms": planned.foreign,
+            "adopted": len(planned.adopted),
+            "links added": len(planned.links_added),
+            "links removed": len(planned.links_removed),
+            "parents repaired": len(planned.parents_repaired),
+            "bindings reverted": len(planned.bindings_reverted),
+            "platform_chat_ids backfilled": len(planned.backfilled),
+            "duplicate chat ids resolved": len(planned.duplicates_resolved),
+            "spaces merged": len(planned.spaces_merged),
+            "upgrades followed": len(planned.upgrades_followed),
+            "degraded": len(planned.degraded),
+            "lost": len(planned.lost),
+            "missing": len(planned.missing),
+        }
+    )
+    report.ignored += [f"{room}: {why}" for room, why in planned.ignored]

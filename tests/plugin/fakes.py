@@ -52,8 +52,38 @@ class FakeApi:
 
             room = self.client.rooms[unquote(room_id)]
             events = list(reversed(room.timeline))
-            return {"chunk": events, "end": None}
+            query = query_params or {}
+            limit = self.client.page_limit or int(query.get("limit", len(events) or 1))
+            start = int(query.get("from") or 0)
+            self.client.pages_read += 1
+            end = start + limit
+            return {"chunk": events[start:end], "end": str(end) if end < len(events) else None}
+        if "/state" in path:
+            return self._state(path)
         raise NotImplementedError(path)
+
+    def _state(self, path: str) -> Any:
+        from urllib.parse import unquote
+
+        room_id, _, rest = path.split("/rooms/", 1)[1].partition("/state")
+        room = self.client.rooms.get(unquote(room_id))
+        if room is None:
+            raise MNotFound(404, "no such room")
+        if not rest.strip("/"):  # the whole state, as GET /rooms/{id}/state returns it
+            return [
+                {"type": t, "state_key": k, "sender": sender, "content": content,
+                 "event_id": f"$state-{t}-{k}", "origin_server_ts": 0}
+                for (t, k), (sender, content) in room.state.items()
+            ] + [
+                {"type": "m.room.member", "state_key": user, "sender": user,
+                 "content": {"membership": membership}, "event_id": f"$m-{user}"}
+                for user, membership in room.members.items()
+            ]
+        event_type, _, state_key = rest.strip("/").partition("/")
+        try:
+            return room.state[(unquote(event_type), unquote(state_key))][1]
+        except KeyError:
+            raise MNotFound(404, "no such state") from None
 
 
 class FakeClient:
@@ -68,6 +98,9 @@ class FakeClient:
         self.api = FakeApi(self)
         self._ids = itertools.count(1)
         self.typing: list[tuple[str, int]] = []
+        self.media: dict[str, tuple[bytes, str | None, str | None]] = {}  # mxc → data, type, name
+        self.page_limit: int | None = None  # force small /messages pages to exercise paging
+        self.pages_read = 0
 
     # helpers for tests
 
@@ -119,8 +152,11 @@ class FakeClient:
     async def create_room(self, **kwargs: Any) -> RoomID:
         self._maybe_fail("create_room")
         room_id = f"!r{next(self._ids)}"
-        room = FakeRoom(room_id, self.mxid, dict(kwargs.get("creation_content") or {}),
-                        name=kwargs.get("name"))
+        version = kwargs.get("room_version") or self.room_version
+        create = {**(kwargs.get("creation_content") or {}), "room_version": version}
+        if version not in ("12",):
+            create["creator"] = str(self.mxid)  # pre-v11 rooms name their creator
+        room = FakeRoom(room_id, self.mxid, create, name=kwargs.get("name"))
         room.members[self.mxid] = "join"
         room.state[("m.room.create", "")] = (self.mxid, room.create_content)
         room.state[("m.room.power_levels", "")] = (self.mxid, kwargs.get("power_level_override") or {})
@@ -172,6 +208,9 @@ class FakeClient:
         self._maybe_fail("leave_room")
         self.rooms[room_id].members[self.mxid] = "leave"
 
+    async def get_joined_rooms(self) -> list[RoomID]:
+        return [RoomID(r) for r, room in self.rooms.items() if room.members.get(self.mxid) == "join"]
+
     async def get_joined_members(self, room_id: RoomID) -> dict[UserID, Any]:
         room = self.rooms[room_id]
         return {UserID(u): {} for u, m in room.members.items() if m == "join"}
@@ -188,6 +227,17 @@ class FakeClient:
     async def set_account_data(self, event_type: Any, content: Any, room_id: Any = None) -> None:
         self._maybe_fail("set_account_data")
         self.account_data[_type_str(event_type)] = dict(content)
+
+    async def upload_media(self, data: bytes, mime_type: str | None = None,
+                           filename: str | None = None, **_: Any) -> str:
+        self._maybe_fail("upload_media")
+        uri = f"mxc://localhost/media{next(self._ids)}"
+        self.media[uri] = (bytes(data), mime_type, filename)
+        return uri
+
+    def room_events(self, room_id: str) -> list[dict[str, Any]]:
+        """Every message event in the room (users' and the bot's), oldest first."""
+        return [e for e in self.rooms[room_id].timeline if e["type"] == "m.room.message"]
 
     async def set_typing(self, room_id: RoomID, timeout: int = 0) -> None:
         self.typing.append((room_id, timeout))

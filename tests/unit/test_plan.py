@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from surfaces_plugin import layout
 from surfaces_plugin.layout import AccessDecision, AccessDecisions, Binding
 from surfaces_plugin.reconcile.model import (
@@ -92,7 +95,7 @@ class World:
         )
         self.put(room_id, layout.BINDING_TYPE, "", b.to_content())
         self.put(room_id, "m.space.parent", space_id, layout.space_parent_content(HS))
-        if link and not b.archived:
+        if link and not b.archived and space_id in self.rooms:
             self.link(space_id, room_id, layout.order_key(ts))
         return room_id
 
@@ -694,3 +697,74 @@ def test_room_moved_to_another_users_space_is_brought_home() -> None:
 def test_the_plan_is_deterministic() -> None:
     snapshot = messy_world().snapshot()
     assert plan(snapshot, CacheView(), chat_id) == plan(snapshot, CacheView(), chat_id)
+
+
+def test_an_upgraded_conversation_keeps_its_id_against_a_younger_duplicate() -> None:
+    p = plan(messy_world().snapshot(), CacheView(), chat_id)
+    assert p.rooms["!r2b"].platform_chat_id == "chat-!r2"  # the conversation began in !r2
+    assert p.rooms["!r4"].platform_chat_id == chat_id("!r4")
+    assert ("!s2", "!r2") in p.report.links_removed  # its malformed link is tidied too
+
+
+# ---------------------------------------------------------------------------
+# property: any world built from these pieces converges
+
+
+@st.composite
+def worlds(draw: st.DrawFn) -> Snapshot:
+    w = World(version=draw(st.sampled_from(["10", "12"])))
+    owners = [ALICE, BOB]
+    spaces = []
+    for i in range(draw(st.integers(0, 3))):
+        members = draw(st.sampled_from([None, {}, {ALICE: "leave"}]))
+        owner = draw(st.sampled_from(owners))
+        spaces.append(w.space(f"!s{i}", owner, ts=draw(st.integers(0, 3)), members=members))
+    targets = [*spaces, "!nowhere"]
+    rooms = []
+    for i in range(draw(st.integers(0, 6))):
+        rooms.append(
+            w.working(
+                f"!r{i}",
+                draw(st.sampled_from(targets)),
+                draw(st.sampled_from(owners)),
+                pcid=draw(st.sampled_from([None, "p1", "p2", "default"])),
+                link=draw(st.booleans()),
+                archived=draw(st.booleans()),
+                ts=draw(st.integers(0, 3)),
+            )
+        )
+    everything = spaces + rooms
+    for _ in range(draw(st.integers(0, 6))) if everything else ():
+        room = draw(st.sampled_from(everything))
+        other = draw(st.sampled_from([*everything, "!elsewhere"]))
+        match draw(st.integers(0, 8)):
+            case 0:
+                w.kick_bot(room)
+            case 1:
+                w.put(room, "m.space.child", other, {}, sender=draw(st.sampled_from([BOT, ALICE])))
+            case 2:
+                w.link(room, other, draw(st.sampled_from(["0001", "bad\x01"])))
+            case 3:
+                w.put(room, "m.room.tombstone", "", layout.tombstone_content(other, "x"))
+            case 4:
+                w.room(f"{room}v2", {"predecessor": {"room_id": room}}, ts=5)
+                w.put(room, "m.room.tombstone", "", layout.tombstone_content(f"{room}v2", "x"))
+            case 5:
+                w.put(room, layout.BINDING_TYPE, "", {"v": 1, "agent": 3}, sender=draw(st.sampled_from([BOT, ALICE])))
+            case 6:
+                w.put(room, "m.room.power_levels", "", {"users": {BOT: 0}, "state_default": 50})
+            case 7:
+                w.put(room, "m.room.member", ALICE, {"membership": "leave"}, sender=ALICE)
+            case _:
+                w.put(room, "m.space.parent", other, {"via": [HS]}, sender=draw(st.sampled_from([BOT, ALICE])))
+    return w.snapshot()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(worlds(), st.integers(0, 50))
+def test_any_world_converges_even_when_a_run_is_interrupted(snapshot: Snapshot, k: int) -> None:
+    whole, _ = converge(snapshot)
+    partial = apply_to_snapshot(snapshot, whole.writes[: k % (len(whole.writes) + 1)])
+    resumed, _ = converge(partial)
+    assert resumed.rooms == whole.rooms
+    assert resumed.users == whole.users

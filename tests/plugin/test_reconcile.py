@@ -1,0 +1,69 @@
+"""Reconciliation in the running service: rebuild from Matrix, repair, write nothing twice."""
+
+from __future__ import annotations
+
+from surfaces_plugin import layout
+
+ALICE = "@alice:localhost"
+
+
+async def wipe_cache(h) -> None:
+    for table in ("users", "rooms", "chats", "messages", "memory", "processed", "onboarding_journal"):
+        await h.app.stores.db.execute(f"DELETE FROM {table}")
+
+
+async def test_wiped_cache_is_rebuilt_identically_and_second_run_writes_nothing(make_surfaces) -> None:
+    h = await make_surfaces()
+    dm = h.dm(ALICE)
+    await h.say(dm, ALICE, "!ai start")
+    await h.say(dm, ALICE, "!ai new Second")
+    before = sorted(await h.app.stores.rooms.list_all(), key=lambda r: r.room_id)
+    await h.app.stop()
+    await wipe_cache(h)
+
+    h2 = await make_surfaces(client=h.client)
+    after = sorted(await h2.app.stores.rooms.list_all(), key=lambda r: r.room_id)
+    strip = lambda rows: [(r.room_id, r.kind, r.owner, r.space_id, r.agent, r.title,  # noqa: E731
+                           r.platform_chat_id, r.archived, r.order_key) for r in rows]
+    assert strip(after) == strip(before)
+    user = await h2.app.stores.users.get(ALICE)
+    assert user is not None and user.space_id == before[0].space_id or user.space_id
+    await h2.say(dm, ALICE, "!ai rooms")
+    assert "General" in h2.last_reply(dm) and "Second" in h2.last_reply(dm)
+    writes_before = h2.app.gateway.writes
+    report = await h2.app.reconciler.run(reason="again")
+    assert report.writes == 0
+    assert h2.app.gateway.writes == writes_before
+
+
+async def test_missing_platform_chat_id_is_backfilled_once(make_surfaces) -> None:
+    h = await make_surfaces()
+    dm = h.dm(ALICE)
+    await h.say(dm, ALICE, "!ai start")
+    [room] = h.app.chats.all_rooms()
+    sender, content = h.client.rooms[room.room_id].state[(layout.BINDING_TYPE, "")]
+    old_layout = {k: v for k, v in content.items() if k != "platform_chat_id"}
+    h.client.rooms[room.room_id].state[(layout.BINDING_TYPE, "")] = (sender, old_layout)
+    await h.app.stop()
+    await wipe_cache(h)
+
+    h2 = await make_surfaces(client=h.client)
+    binding = layout.parse_binding(h.client.rooms[room.room_id].state[(layout.BINDING_TYPE, "")][1])
+    assert binding is not None and binding.platform_chat_id
+    assert h2.app.reconciler.last is not None
+    assert h2.app.reconciler.last.counts["platform_chat_ids backfilled"] == 1
+    assert (await h2.app.reconciler.run(reason="again")).writes == 0
+    await h2.say(room.room_id, ALICE, "hello")
+    assert h2.client.bodies(room.room_id)[-1] == "echo: hello"
+
+
+async def test_reconcile_command_prints_report_for_admins(make_surfaces) -> None:
+    h = await make_surfaces(access={"admins": [ALICE]})
+    dm = h.dm(ALICE)
+    await h.say(dm, ALICE, "!ai start")
+    await h.say(dm, ALICE, "!ai reconcile")
+    reply = h.last_reply(dm)
+    assert "**Reconciliation** (requested by @alice:localhost)" in reply
+    assert "0 writes" in reply and "- working rooms: 1" in reply
+    await h.say(dm, ALICE, "!ai status")
+    assert "working rooms: 1 routed" in h.last_reply(dm)

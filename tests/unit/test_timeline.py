@@ -1,0 +1,90 @@
+"""A conversation's history read back from the room timeline (pure)."""
+
+from __future__ import annotations
+
+from surfaces_plugin import layout, replies
+from surfaces_plugin.timeline import history_from_timeline, summary_notice_text
+
+BOT = "@bot:x"
+ALICE = "@alice:x"
+BOB = "@bob:x"
+CHAT = "echo-new"
+
+
+class Timeline:
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def add(self, sender: str, content: dict, type_: str = "m.room.message") -> str:
+        event_id = f"$e{len(self.events)}"
+        self.events.append(
+            {"type": type_, "event_id": event_id, "sender": sender, "content": content,
+             "origin_server_ts": 1000 + len(self.events)}
+        )
+        return event_id
+
+    def user(self, body: str, sender: str = ALICE) -> str:
+        return self.add(sender, {"msgtype": "m.text", "body": body})
+
+    def answer(self, body: str, chat: str = CHAT) -> str:
+        return self.add(BOT, replies.rendered(body, "m.text", layout.turn_marker(chat, "echo")))
+
+    def edit(self, target: str, body: str) -> None:
+        new = replies.rendered(body, "m.text", layout.turn_marker(CHAT, "echo"))
+        self.add(BOT, replies.edit(target, new))
+
+    def history(self):
+        return history_from_timeline(
+            list(reversed(self.events)), owner=ALICE, bot_id=BOT, platform_chat_id=CHAT,
+            is_command=lambda body: body.startswith("!ai "),
+        )
+
+
+def test_turns_with_final_edits_back_to_the_reset_notice() -> None:
+    t = Timeline()
+    t.add("@bot:x", {}, "m.room.create")
+    t.user("before the reset")
+    t.answer("old answer", chat="echo-old")
+    t.add(BOT, replies.notice("fresh start", layout.reset_marker(CHAT)))
+    q = t.user("question")
+    a = t.answer("ans")
+    t.edit(a, "answer, half")
+    t.edit(a, "answer, whole")
+    t.user("!ai context")
+    t.add(BOT, replies.notice("context report"))
+    t.user("hi from bob", sender=BOB)
+    t.user("follow-up")
+    history = t.history()
+    assert [(x.role, x.content) for x in history.turns] == [
+        ("user", "question"),
+        ("assistant", "answer, whole"),
+        ("user", "follow-up"),
+    ]
+    assert history.turns[0].event_id == q and history.turns[1].event_id == a
+    assert history.summary is None
+
+
+def test_an_answer_for_another_chat_ends_the_conversation() -> None:
+    t = Timeline()
+    t.user("old question")
+    t.answer("old answer", chat="echo-old")
+    t.user("new question")
+    assert [x.content for x in t.history().turns] == ["new question"]
+
+
+def test_the_latest_summary_of_this_chat_is_found() -> None:
+    t = Timeline()
+    t.user("one")
+    first = t.answer("re one")
+    t.add(BOT, replies.notice(summary_notice_text("old summary", 2),
+                              layout.summary_marker(CHAT, first)))
+    t.user("two")
+    second = t.answer("re two")
+    t.add(BOT, replies.notice(summary_notice_text("They said one, then two.", 4),
+                              layout.summary_marker(CHAT, second)))
+    t.add(BOT, replies.notice(summary_notice_text("other", 1),
+                              layout.summary_marker("other-chat", second)))
+    history = t.history()
+    assert history.summary == "They said one, then two."
+    assert history.summary_upto_event_id == second
+    assert len(history.turns) == 4
