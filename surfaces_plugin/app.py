@@ -63,6 +63,7 @@ class Surfaces:
         self.ready = asyncio.Event()
         self._pending: list[MessageEvent] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._invites_seen: set[str] = set()
 
     @property
     def bot_id(self) -> str:
@@ -181,5 +182,7 @@ class Surfaces:
     async def on_member(self, evt: StateEvent) -> None:
         if evt.state_key != self.bot_id or evt.sender == self.bot_id:
             return
-        if evt.content.membership == Membership.INVITE:
+        # The invite also reappears in the room's timeline after joining: handle it once.
+        if evt.content.membership == Membership.INVITE and evt.event_id not in self._invites_seen:
+            self._invites_seen.add(evt.event_id)
             await self.onboarding.on_invite(evt)

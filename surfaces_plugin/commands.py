@@ -43,11 +43,12 @@ class CommandSpec:
 
 def split_command(body: str, prefix: str) -> tuple[str, str] | None:
     """`!ai new writer Draft` → ("new", "writer Draft"); None when not a command for us."""
-    head, _, rest = body.strip().partition(" ")
-    if head.lower() != f"!{prefix}".lower():
+    # Any whitespace separates words, so `!ai system` may be followed by a multi-line prompt.
+    words = body.split(maxsplit=2)
+    if not words or words[0].lower() != f"!{prefix}".lower():
         return None
-    sub, _, args = rest.strip().partition(" ")
-    return sub.lower(), args.strip()
+    sub = words[1].lower() if len(words) > 1 else ""
+    return sub, words[2].strip() if len(words) > 2 else ""
 
 
 class CommandTree:

@@ -223,8 +223,8 @@ async def test_reset_starts_a_fresh_conversation_and_archives_the_old(make_surfa
     ]
     await h.say(room, ALICE, "hello again")
     assert backend.turns() == [("user", "hello again")]
-    assert "remember the old days" in h.client.bodies(room)[0] or True  # timeline untouched
-    assert any(e["content"].get("body") == "remember the old days"
+    assert any(  # the old conversation stays in the timeline
+e["content"].get("body") == "remember the old days"
                for e in h.client.room_events(room))
 
 
@@ -391,7 +391,7 @@ async def test_history_is_rebuilt_from_the_timeline_when_the_cache_lost_it(
     # The database loses the history and the summary; a new process starts.
     await h.app.stores.messages.delete_chat(chat_id)
     await h.app.stores.chats.set_summary(chat_id, None, None)
-    h2, *_ = await onboarded_again(make_surfaces, h)
+    h2 = await restarted(make_surfaces, h)
     backend2 = RecordingBackend(h2.app.backends._backends["echo"].spec)
     h2.app.backends._backends["echo"] = backend2
     h2.client.page_limit = 4  # read back page by page
@@ -449,3 +449,13 @@ async def test_help_lists_the_context_commands_in_order(make_surfaces) -> None:
              "!ai archive"]
     positions = [body.index(f"`{c}`") for c in order]
     assert positions == sorted(positions)
+
+
+async def test_system_prompt_may_span_lines(make_surfaces) -> None:
+    h, room, backend, _ = await onboarded(make_surfaces)
+    await h.say(room, ALICE, "!ai system\nYou are terse.\n\nNever apologise.")
+    assert binding(h, room)["system_prompt"] == "You are terse.\n\nNever apologise."
+    await h.say(room, ALICE, "!ai system")
+    assert h.last_reply(room).endswith("> You are terse.\n>\n> Never apologise.")
+    await h.say(room, ALICE, "hi")
+    assert backend.system() == "You are terse.\n\nNever apologise."

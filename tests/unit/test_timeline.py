@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from surfaces_plugin import layout, replies
+from surfaces_plugin.catchup import missed_in_timeline
 from surfaces_plugin.timeline import history_from_timeline, summary_notice_text
 
 BOT = "@bot:x"
@@ -88,3 +89,15 @@ def test_the_latest_summary_of_this_chat_is_found() -> None:
     assert history.summary == "They said one, then two."
     assert history.summary_upto_event_id == second
     assert len(history.turns) == 4
+
+
+def test_catch_up_skips_commands_sent_while_the_bot_was_down() -> None:
+    t = Timeline()
+    t.user("question")
+    t.answer("answer")
+    t.user("!ai context")
+    t.user("missed one")
+    missed = missed_in_timeline(
+        list(reversed(t.events)), ALICE, BOT, 0, lambda body: body.startswith("!ai ")
+    )
+    assert [e["content"]["body"] for e in missed] == ["missed one"]
