@@ -78,11 +78,12 @@ class Surfaces:
             await self.reconciler.run(reason="start")
         else:
             await self.chats.load_from_cache()
+        # Missed messages first (oldest first); those also seen live are deduplicated by event id.
+        await self.dispatcher.catch_up()
         self.ready.set()
         pending, self._pending = self._pending, []
         for evt in pending:
             self._route(evt)
-        await self.dispatcher.catch_up()
         self.reconciler.schedule_periodic()
 
     async def stop(self) -> None:
@@ -97,6 +98,7 @@ class Surfaces:
         changed = settings.describe_changes(self.settings)
         self.settings = settings
         self.backends.apply(settings)
+        self.reconciler.schedule_periodic()
         self.log.info("Config updated live; changed: %s", ", ".join(changed) or "nothing")
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:

@@ -94,14 +94,20 @@ class Reconciler:
         return new_chat_id
 
     def schedule_periodic(self) -> None:
-        minutes = self.app.settings.reconciliation.interval_minutes
-        if minutes > 0 and self._periodic is None:
-            self._periodic = self.app.spawn(self._every(minutes), name="periodic reconciliation")
+        """(Re)arm the periodic run from the current config; 0 minutes turns it off."""
+        if self._periodic is not None:
+            self._periodic.cancel()
+            self._periodic = None
+        if self.app.settings.reconciliation.interval_minutes > 0:
+            self._periodic = self.app.spawn(self._every(), name="periodic reconciliation")
 
-    async def _every(self, minutes: float) -> None:
+    async def _every(self) -> None:
         while True:
-            await asyncio.sleep(minutes * 60)
-            await self.run(reason="periodic")
+            await asyncio.sleep(self.app.settings.reconciliation.interval_minutes * 60)
+            try:
+                await self.run(reason="periodic")
+            except Exception:
+                self.app.log.exception("Periodic reconciliation failed; the next one will retry")
 
     def stop(self) -> None:
         if self._periodic is not None:
