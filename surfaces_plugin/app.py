@@ -10,7 +10,7 @@ import asyncio
 import logging
 from typing import Any
 
-from mautrix.client import Client
+from mautrix.client import Client, SyncStream
 from mautrix.types import (
     EventID,
     EventType,
@@ -184,7 +184,15 @@ class Surfaces:
     async def on_member(self, evt: StateEvent) -> None:
         if evt.state_key != self.bot_id or evt.sender == self.bot_id:
             return
-        # The invite also reappears in the room's timeline after joining: handle it once.
-        if evt.content.membership == Membership.INVITE and evt.event_id not in self._invites_seen:
+        # The invite also reappears in the room's timeline after joining, with the event id the
+        # invite section lacked: handle only the invite section's copy (and each event once).
+        source = getattr(evt, "source", None)
+        if source is not None and not source & SyncStream.INVITED_ROOM:
+            return
+        if evt.content.membership != Membership.INVITE:
+            return
+        if evt.event_id:  # stripped invite state has no event id: every such invite is new
+            if evt.event_id in self._invites_seen:
+                return
             self._invites_seen.add(evt.event_id)
-            await self.onboarding.on_invite(evt)
+        await self.onboarding.on_invite(evt)

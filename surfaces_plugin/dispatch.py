@@ -172,7 +172,7 @@ class Dispatcher:
         app = self.app
         agent = app.chats.agent_of(room)
         backend = app.backends.for_agent(agent)
-        marker = layout.turn_marker(room.platform_chat_id, agent.id)
+        marker = layout.turn_marker(room.platform_chat_id, agent.id, answers=job.event_id or None)
         stream = _StreamedReply(app, RoomID(room.room_id), marker)
         typing = app.spawn(self._keep_typing(room.room_id), name="typing")
         usage = None
@@ -297,15 +297,24 @@ class Dispatcher:
 
 
 class _StreamedReply:
-    """One answer in the room: posted at the first chunk, then edited at most every interval."""
+    """One answer in the room: posted at the first chunk, then edited at most every interval.
+
+    While streaming, the answer's marker carries `partial: true`; every ending (finished,
+    cancelled, failed) edits it without, so an answer cut off by a crash stays recognisable.
+    """
 
     def __init__(self, app: Surfaces, room_id: RoomID, marker: dict[str, Any]) -> None:
         self.app = app
         self.room_id = room_id
         self.marker = marker
+        self.partial_marker = {
+            key: {**value, "partial": True} if isinstance(value, dict) else value
+            for key, value in marker.items()
+        }
         self.text = ""
         self.event_id: EventID | None = None
         self._shown = ""
+        self._shown_partial = False
         self._last_edit = 0.0
 
     @property
@@ -317,17 +326,17 @@ class _StreamedReply:
         if not self._streaming:
             return
         if self.event_id is None:
-            await self._post(self.text)
+            await self._post(self.text, partial=True)
             return
         interval = self.app.settings.streaming.edit_interval_ms / 1000
         if time.monotonic() - self._last_edit >= interval:
-            await self._edit(self.text)
+            await self._edit(self.text, partial=True)
 
     async def finish(self) -> None:
         final = self.text.strip() or "*(the agent sent an empty answer)*"
         if self.event_id is None:
             await self._post(final)
-        elif final != self._shown:
+        elif final != self._shown or self._shown_partial:
             await self._edit(final)
         self.text = final
 
@@ -342,15 +351,17 @@ class _StreamedReply:
             await self._edit(self.text + "\n\n*(the answer stopped here)*")
         await self.app.send_notice(self.room_id, message)
 
-    async def _post(self, text: str) -> None:
-        content = replies.rendered(text, "m.text", self.marker)
+    async def _post(self, text: str, partial: bool = False) -> None:
+        content = replies.rendered(text, "m.text", self.partial_marker if partial else self.marker)
         self.event_id = await self.app.send_content(self.room_id, content)
         self._shown = text
+        self._shown_partial = partial
         self._last_edit = time.monotonic()
 
-    async def _edit(self, text: str) -> None:
+    async def _edit(self, text: str, partial: bool = False) -> None:
         assert self.event_id is not None
-        new = replies.rendered(text, "m.text", self.marker)
+        new = replies.rendered(text, "m.text", self.partial_marker if partial else self.marker)
         await self.app.send_content(self.room_id, replies.edit(self.event_id, new))
         self._shown = text
+        self._shown_partial = partial
         self._last_edit = time.monotonic()

@@ -417,6 +417,8 @@ def parse_access(content: object) -> AccessDecisions | None:
 class TurnMarker:
     platform_chat_id: str
     agent: str
+    answers: str | None = None  # the user message this answers (its event id)
+    partial: bool = False  # a streamed answer still being written; its final edit drops this
 
 
 @dataclass(frozen=True)
@@ -430,9 +432,20 @@ class SummaryMarker:
     upto_event_id: str | None  # the last message the summary covers
 
 
-def turn_marker(platform_chat_id: str, agent: str) -> dict[str, Any]:
-    """Keys to merge into a bot reply's content."""
-    return {TURN_KEY: {"platform_chat_id": platform_chat_id, "agent": agent}}
+def turn_marker(
+    platform_chat_id: str, agent: str, *, answers: str | None = None, partial: bool = False
+) -> dict[str, Any]:
+    """Keys to merge into a bot reply's content.
+
+    `answers` names the user message answered, so catch-up knows what came after it; `partial`
+    marks a streamed answer until its final edit, so one cut off by a crash can be told apart.
+    """
+    body: dict[str, Any] = {"platform_chat_id": platform_chat_id, "agent": agent}
+    if answers:
+        body["answers"] = answers
+    if partial:
+        body["partial"] = True
+    return {TURN_KEY: body}
 
 
 def reset_marker(platform_chat_id: str) -> dict[str, Any]:
@@ -466,7 +479,13 @@ def parse_turn_marker(content: object) -> TurnMarker | None:
     pcid, agent = body.get("platform_chat_id"), body.get("agent")
     if not _nonempty_str(pcid) or not _nonempty_str(agent):
         return None
-    return TurnMarker(platform_chat_id=pcid, agent=agent)
+    answers = body.get("answers")
+    return TurnMarker(
+        platform_chat_id=pcid,
+        agent=agent,
+        answers=answers if _nonempty_str(answers) else None,
+        partial=body.get("partial") is True,
+    )
 
 
 def parse_reset_marker(content: object) -> ResetMarker | None:

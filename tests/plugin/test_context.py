@@ -428,12 +428,11 @@ async def test_rebuild_uses_the_final_text_of_streamed_answers(make_surfaces) ->
     ]
 
 
-async def onboarded_again(make_surfaces, h):
+async def restarted(make_surfaces, h):
     """A second Surfaces on the same homeserver and database (a restart)."""
-    h2 = await make_surfaces(
-        h.client, streaming={"enabled": False}, agents=agents(context_tokens=1000),
+    return await make_surfaces(
+        h.client, streaming={"enabled": False}, agents=agents(context_tokens=1000)
     )
-    return h2, None
 
 
 # help

@@ -1,0 +1,295 @@
+"""The pure reconciliation planner alone, on synthetic snapshots of many rooms.
+
+Builds snapshots the way the inventory would read them from Synapse (contract §3 layout, content
+from the layout builders), with a sprinkle of foreign rooms and untrusted or malformed state, then
+times `plan()` with an empty cache (plugin DB lost) and with a warm cache (the previous plan's
+rows), and measures the planner's peak allocations with tracemalloc in a separate run.
+
+    .venv/bin/python -m bench.planner_scale [--quick] [--sizes 10000,50000] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+from bench._common import median, table, write_result
+from surfaces_plugin import layout
+from surfaces_plugin.reconcile.model import CacheView, RoomSnapshot, Snapshot, StateEvent
+from surfaces_plugin.reconcile.plan import Plan, plan
+
+SERVER = "bench.example"
+BOT = f"@surfaces:{SERVER}"
+ROOMS_PER_USER = 20
+ROOM_VERSION = "12"
+TARGET_50K_S = 2.0
+
+
+def _event(
+    event_type: str, state_key: str, sender: str, content: dict[str, Any], ts: int
+) -> StateEvent:
+    return StateEvent(
+        type=event_type,
+        state_key=state_key,
+        sender=sender,
+        content=content,
+        event_id=f"$e{ts}-{event_type}-{state_key}",
+        origin_server_ts=ts,
+    )
+
+
+def _room(room_id: str, events: list[StateEvent]) -> RoomSnapshot:
+    state = {(e.type, e.state_key): e for e in events}
+    return RoomSnapshot(room_id=room_id, create=state[(layout.CREATE_TYPE, "")], state=state)
+
+
+def _common_state(room_id: str, owner: str, request: dict[str, Any], ts: int) -> list[StateEvent]:
+    """What Synapse puts in every room created from one of our createRoom requests."""
+    create = {**request["creation_content"], "creator": BOT, "room_version": ROOM_VERSION}
+    events = [
+        _event(layout.CREATE_TYPE, "", BOT, create, ts),
+        _event(layout.MEMBER_TYPE, BOT, BOT, {"membership": "join"}, ts + 1),
+        _event(layout.POWER_LEVELS_TYPE, "", BOT, request["power_level_override"], ts + 2),
+        _event("m.room.join_rules", "", BOT, {"join_rule": "invite"}, ts + 3),
+        _event("m.room.history_visibility", "", BOT, {"history_visibility": "shared"}, ts + 4),
+        _event("m.room.guest_access", "", BOT, {"guest_access": "can_join"}, ts + 5),
+        _event(layout.MEMBER_TYPE, owner, owner, {"membership": "join"}, ts + 9),
+    ]
+    if request.get("name"):
+        events.append(_event("m.room.name", "", BOT, {"name": request["name"]}, ts + 6))
+    for i, initial in enumerate(request["initial_state"]):
+        events.append(
+            _event(initial["type"], initial["state_key"], BOT, initial["content"], ts + 7 + i)
+        )
+    return events
+
+
+def synthetic_snapshot(n_working: int, seed_ts: int = 1_700_000_000_000) -> Snapshot:
+    """`n_working` working rooms over n/20 users (one Space each), plus ~2% foreign rooms and
+    ~1% untrusted or malformed state (wrong senders, bad content, orphans without a link)."""
+    rooms: dict[str, RoomSnapshot] = {}
+    n_users = max(1, n_working // ROOMS_PER_USER)
+    ts = seed_ts
+    made = 0
+    for u in range(n_users):
+        owner = f"@user{u}:{SERVER}"
+        space_id = f"!space{u:06d}"
+        space_req = layout.space_create_request(
+            owner, f"user{u}'s agents", BOT, SERVER, ROOM_VERSION
+        )
+        space_events = _common_state(space_id, owner, space_req, ts)
+        ts += 100
+        count = ROOMS_PER_USER if u < n_users - 1 else n_working - made
+        for r in range(count):
+            room_id = f"!work{made:07d}"
+            made += 1
+            binding = layout.Binding(
+                owner=owner,
+                space_id=space_id,
+                agent="echo",
+                title=f"Room {r}",
+                platform_chat_id=f"echo-{made:012x}",
+            )
+            req = layout.working_room_create_request(
+                owner, space_id, binding, BOT, SERVER, ROOM_VERSION
+            )
+            events = _common_state(room_id, owner, req, ts)
+            kind = made % 100
+            if kind == 7:  # the owner tried to rewrite the binding (ignored, restored or dropped)
+                bad = {**binding.to_content(), "agent": "gpt-evil"}
+                events.append(_event(layout.BINDING_TYPE, "", owner, bad, ts + 20))
+            elif kind == 13:  # malformed child link content sent by the bot
+                space_events.append(
+                    _event(layout.SPACE_CHILD_TYPE, room_id, BOT, {"via": "nope"}, ts + 21)
+                )
+                rooms[room_id] = _room(room_id, events)
+                ts += 100
+                continue
+            elif kind == 29:  # orphan: the crash came before the child link
+                rooms[room_id] = _room(room_id, events)
+                ts += 100
+                continue
+            link = layout.space_child_content(SERVER, layout.order_key(ts))
+            space_events.append(_event(layout.SPACE_CHILD_TYPE, room_id, BOT, link, ts + 22))
+            if kind == 41:  # a child link added by the owner to a room that is not ours
+                stray = layout.space_child_content(SERVER)
+                space_events.append(
+                    _event(layout.SPACE_CHILD_TYPE, f"!stray{made}", owner, stray, ts + 23)
+                )
+            rooms[room_id] = _room(room_id, events)
+            ts += 100
+        rooms[space_id] = _room(space_id, space_events)
+    for f in range(max(1, n_working // 50)):  # DMs and other rooms the bot was invited to
+        room_id = f"!foreign{f:06d}"
+        user = f"@user{f % n_users}:{SERVER}"
+        create = {"room_version": ROOM_VERSION, "creator": user}
+        if f % 10 == 0:  # someone else's room claiming our markers
+            create.update(layout.working_creation_content(user))
+        rooms[room_id] = _room(
+            room_id,
+            [
+                _event(layout.CREATE_TYPE, "", user, create, ts),
+                _event(layout.MEMBER_TYPE, user, user, {"membership": "join"}, ts + 1),
+                _event(layout.MEMBER_TYPE, BOT, BOT, {"membership": "join"}, ts + 2),
+            ],
+        )
+        ts += 10
+    return Snapshot(bot_id=BOT, server_name=SERVER, rooms=rooms)
+
+
+def _new_chat_id() -> Callable[[str], str]:
+    counter = iter(range(10**9))
+    return lambda room_id: f"echo-new-{next(counter):012x}"
+
+
+def warm_cache(result: Plan) -> CacheView:
+    return CacheView(users=dict(result.users), rooms=dict(result.rooms))
+
+
+def time_plan(snapshot: Snapshot, cache: CacheView, repeats: int) -> tuple[float, Plan]:
+    times, result = [], None
+    for _ in range(repeats):
+        gc.collect()
+        started = time.perf_counter()
+        result = plan(snapshot, cache, _new_chat_id())
+        times.append(time.perf_counter() - started)
+    assert result is not None
+    return median(times), result
+
+
+def peak_plan_mib(snapshot: Snapshot, cache: CacheView) -> float:
+    """Peak memory the planner allocates on top of its inputs."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        plan(snapshot, cache, _new_chat_id())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return (peak - base) / 2**20
+
+
+def profile(snapshot: Snapshot, cache: CacheView) -> str:
+    try:
+        from pyinstrument import Profiler
+    except ImportError:
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(plan, snapshot, cache, _new_chat_id())
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
+        return out.getvalue()
+    profiler = Profiler(interval=0.0005)
+    profiler.start()
+    plan(snapshot, cache, _new_chat_id())
+    profiler.stop()
+    return profiler.output_text(unicode=False, color=False, show_all=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1,000 and 10,000 rooms, fewer repeats")
+    parser.add_argument("--sizes", help="comma-separated working-room counts")
+    parser.add_argument("--profile", action="store_true", help="profile the largest size")
+    args = parser.parse_args()
+    sizes = [1000, 10_000] if args.quick else [1000, 10_000, 50_000]
+    if args.sizes:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    repeats = 2 if args.quick else 3
+
+    rows, records = [], []
+    for n in sizes:
+        snapshot = synthetic_snapshot(n)
+        state_events = sum(len(r.state) for r in snapshot.rooms.values())
+        cold_s, first = time_plan(snapshot, CacheView(), repeats)
+        warm = warm_cache(first)
+        warm_s, second = time_plan(snapshot, warm, repeats)
+        cold_mib = peak_plan_mib(snapshot, CacheView())
+        warm_mib = peak_plan_mib(snapshot, warm)
+        record = {
+            "working_rooms": n,
+            "rooms_in_snapshot": len(snapshot.rooms),
+            "state_events": state_events,
+            "cold_cache_s": cold_s,
+            "warm_cache_s": warm_s,
+            "cold_us_per_room": cold_s / len(snapshot.rooms) * 1e6,
+            "warm_us_per_room": warm_s / len(snapshot.rooms) * 1e6,
+            "cold_peak_mib": cold_mib,
+            "warm_peak_mib": warm_mib,
+            "writes_cold": len(first.writes),
+            "writes_warm": len(second.writes),
+            "ignored": len(first.report.ignored),
+        }
+        records.append(record)
+        rows.append(
+            [
+                n,
+                len(snapshot.rooms),
+                state_events,
+                cold_s,
+                warm_s,
+                record["cold_us_per_room"],
+                cold_mib,
+                warm_mib,
+                len(first.writes),
+                len(first.report.ignored),
+            ]
+        )
+        print(f"  {n} rooms: cold {cold_s:.3f} s, warm {warm_s:.3f} s", flush=True)
+
+    print()
+    print(
+        table(
+            [
+                "working rooms",
+                "rooms",
+                "state events",
+                "plan s (no cache)",
+                "plan s (warm)",
+                "µs/room",
+                "peak MiB (no cache)",
+                "peak MiB (warm)",
+                "writes",
+                "ignored",
+            ],
+            rows,
+        )
+    )
+    big = max(records, key=lambda r: r["working_rooms"])
+    small = min(records, key=lambda r: r["working_rooms"])
+    growth = (big["cold_us_per_room"] / small["cold_us_per_room"]) if big is not small else 1.0
+    verdict = {
+        "largest_rooms": big["working_rooms"],
+        "largest_cold_s": big["cold_cache_s"],
+        "per_room_cost_growth": growth,
+        "target_50k_under_s": TARGET_50K_S,
+    }
+    if big["working_rooms"] >= 50_000:
+        verdict["target_met"] = big["cold_cache_s"] < TARGET_50K_S and big["warm_cache_s"] < TARGET_50K_S
+    print(
+        f"\nPer-room cost at {big['working_rooms']} vs {small['working_rooms']} rooms: "
+        f"{growth:.2f}× (1.0 = perfectly linear)"
+    )
+    if "target_met" in verdict:
+        print(f"Target: 50,000 rooms under {TARGET_50K_S} s: {'met' if verdict['target_met'] else 'MISSED'}")
+    result: dict[str, Any] = {"sizes": records, "verdict": verdict}
+    if args.profile:
+        snapshot = synthetic_snapshot(big["working_rooms"])
+        text = profile(snapshot, CacheView())
+        print("\nProfile (no cache):\n" + text)
+        result["profile_no_cache"] = text
+    path = write_result("planner_scale", result)
+    print(f"\nWrote {path}")
+
+
+if __name__ == "__main__":
+    main()
