@@ -6,7 +6,6 @@ from .backends import BackendError
 from .commands import CommandSpec, CommandTree, Refusal, UsageError
 from .context import Request
 from .export import export_conversation
-from .layout import matrix_to
 
 MAX_TITLE_CHARS = 80
 MAX_SYSTEM_PROMPT_CHARS = 4000
@@ -43,7 +42,7 @@ async def cmd_rooms(req: Request, args: str) -> None:
     lines = [f"**Your working rooms** ({len(rooms)})", ""]
     for room in rooms:
         lines.append(
-            f"- [{room.title}]({matrix_to(room.room_id)}) · agent `{room.agent}` · "
+            f"- [{room.title}]({req.app.onboarding.link(room.room_id)}) · agent `{room.agent}` · "
             f"last activity {room.last_activity_text()}"
         )
     await req.reply("\n".join(lines))

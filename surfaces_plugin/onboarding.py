@@ -32,6 +32,10 @@ class Onboarding:
     def server_name(self) -> str:
         return self.app.bot_id.split(":", 1)[1]
 
+    def link(self, room_id: str) -> str:
+        """A matrix.to link; v12 room ids carry no server, so name ours as `via`."""
+        return layout.matrix_to(room_id, via=(self.server_name,))
+
     async def room_version(self) -> str:
         """The homeserver's default room version (decides how power levels are written)."""
         if self._room_version is None:
@@ -54,7 +58,7 @@ class Onboarding:
             if space_id is not None:
                 await self._reinvite(user_id, space_id)
                 return (
-                    f"Your Space already exists: [open it]({layout.matrix_to(space_id)}). "
+                    f"Your Space already exists: [open it]({self.link(space_id)}). "
                     f"I re-sent the invites you might have missed. `!{prefix} new` adds a room."
                 )
             space_id = await self._create_space(user_id)
@@ -62,8 +66,8 @@ class Onboarding:
                 user_id, space_id, settings.default_agent, settings.spaces.first_room_title
             )
         return (
-            f"Your Space is ready: [open it]({layout.matrix_to(space_id)}). I invited you to it and "
-            f"to your first working room, [{room.title}]({layout.matrix_to(room.room_id)}), where "
+            f"Your Space is ready: [open it]({self.link(space_id)}). I invited you to it and "
+            f"to your first working room, [{room.title}]({self.link(room.room_id)}), where "
             f"you talk to `{room.agent}`. Accept the invites, then just write in the room."
         )
 
@@ -111,7 +115,7 @@ class Onboarding:
                 raise Refusal(f"You have no Space yet. Send `!{prefix} start` first.")
             room = await self._create_working_room(user_id, space_id, agent_id, title)
         return (
-            f"New working room [{room.title}]({layout.matrix_to(room.room_id)}) with "
+            f"New working room [{room.title}]({self.link(room.room_id)}) with "
             f"`{room.agent}`. I invited you to it."
         )
 
