@@ -184,6 +184,9 @@ class Surfaces:
     async def on_member(self, evt: StateEvent) -> None:
         if evt.state_key != self.bot_id or evt.sender == self.bot_id:
             return
+        if evt.content.membership in (Membership.LEAVE, Membership.BAN):
+            await self.chats.lose(evt.room_id)  # kicked or banned: stop routing at once
+            return
         # The invite also reappears in the room's timeline after joining, with the event id the
         # invite section lacked: handle only the invite section's copy (and each event once).
         source = getattr(evt, "source", None)

@@ -162,6 +162,15 @@ class ChatManager:
         rooms = [r for r in self._rooms.values() if r.owner == owner and not r.archived]
         return sorted(rooms, key=lambda r: (r.order_key, r.room_id))
 
+    async def lose(self, room_id: str) -> None:
+        """The bot was removed from a room: stop routing it; reconciliation records it as lost."""
+        room = self._rooms.pop(room_id, None)
+        if room is not None:
+            self.app.log.warning("Removed from working room %s of %s", room_id, room.owner)
+            row = await self.app.stores.rooms.get(room_id)
+            if row is not None:
+                await self.app.stores.rooms.upsert(dataclasses.replace(row, bot_membership="lost"))
+
     async def remember(self, room: WorkingRoom) -> None:
         """Put a (new or changed) room in the map and the cache."""
         self._rooms[room.room_id] = room

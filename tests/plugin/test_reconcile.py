@@ -67,3 +67,22 @@ async def test_reconcile_command_prints_report_for_admins(make_surfaces) -> None
     assert "0 writes" in reply and "- working rooms: 1" in reply
     await h.say(dm, ALICE, "!ai status")
     assert "working rooms: 1 routed" in h.last_reply(dm)
+
+
+async def test_bot_kicked_from_a_room_stops_routing_and_is_recorded_lost(make_surfaces) -> None:
+    from mautrix.types import StateEvent
+
+    h = await make_surfaces()
+    dm = h.dm(ALICE)
+    await h.say(dm, ALICE, "!ai start")
+    [room] = h.app.chats.all_rooms()
+    kick = StateEvent.deserialize({
+        "type": "m.room.member", "room_id": room.room_id, "event_id": "$kick", "sender": ALICE,
+        "state_key": str(h.client.mxid), "origin_server_ts": 1, "content": {"membership": "leave"},
+    })
+    await h.app.on_member(kick)
+    assert h.app.chats.room(room.room_id) is None
+    row = await h.app.stores.rooms.get(room.room_id)
+    assert row is not None and row.bot_membership == "lost"
+    await h.say(room.room_id, ALICE, "anyone there?")
+    assert h.client.bodies(room.room_id) == []
