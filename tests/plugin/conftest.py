@@ -43,16 +43,19 @@ class Harness:
         await self.app.on_message(self.client.user_message(room_id, sender, body))
         await self.settle()
 
-    async def settle(self, rounds: int = 50) -> None:
-        """Let background tasks (commands, room workers) run until nothing is left to do."""
-        for _ in range(rounds):
+    async def settle(self, timeout: float = 60) -> None:
+        """Let background tasks (commands, room workers) run until none is left (or time out)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
             pending = [t for t in self.app._tasks if not t.done()]
             if not pending:
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.01)  # a finishing task may have spawned another
                 if not [t for t in self.app._tasks if not t.done()]:
                     return
                 continue
-            await asyncio.wait(pending, timeout=5)
+            await asyncio.wait(pending, timeout=deadline - loop.time())
+        raise TimeoutError("background tasks still running after the test's timeout")
 
     def last_reply(self, room_id: str) -> str:
         return self.client.bodies(room_id)[-1]
