@@ -173,6 +173,20 @@ class MatrixUser:
     def _q(value: str) -> str:
         return urllib.parse.quote(value, safe="")
 
+    async def download_media(self, mxc_url: str) -> tuple[bytes, str]:
+        """An uploaded file's bytes and Content-Type, via the authenticated media API."""
+        if self._session is None:
+            raise RuntimeError("MatrixUser not started")
+        if not mxc_url.startswith("mxc://"):
+            raise ValueError(f"not an mxc:// URL: {mxc_url!r}")
+        server, _, media_id = mxc_url[len("mxc://") :].partition("/")
+        path = f"/_matrix/client/v1/media/download/{self._q(server)}/{self._q(media_id)}"
+        async with self._session.get(self.homeserver_url + path) as resp:
+            data = await resp.read()
+            if resp.status >= 300:
+                raise MatrixError("GET", path, resp.status, data[:500])
+            return data, resp.headers.get("Content-Type", "")
+
     # -- sync --------------------------------------------------------------------------------------
 
     async def _sync_loop(self) -> None:
