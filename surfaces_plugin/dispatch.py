@@ -112,6 +112,18 @@ class Dispatcher:
             name="not-owner notice",
         )
 
+    def _refuse_once(self, room: WorkingRoom, user_id: str) -> None:
+        key = (room.room_id, f"refused {user_id}")
+        if key in self._told_not_owner:
+            return
+        self._told_not_owner.add(key)
+        self.app.spawn(
+            self.app.send_notice(
+                RoomID(room.room_id), "Sorry, you may no longer use this bot; ask an admin."
+            ),
+            name="refusal notice",
+        )
+
     async def _drain(self, room_id: str) -> None:
         queue = self._queues[room_id]
         try:
@@ -137,6 +149,10 @@ class Dispatcher:
         prefix = settings.command_prefix
         if not job.retry:
             if await app.chats.is_answered(room, job.event_id, job.ts):
+                return
+            if not app.access.has_access(job.sender):  # blocked (or no longer allowed) since
+                self._refuse_once(room, job.sender)
+                await app.chats.mark_processed(room, job.event_id, job.ts)
                 return
             if len(job.body) > settings.limits.max_message_chars:
                 await app.send_notice(
@@ -172,7 +188,9 @@ class Dispatcher:
         app = self.app
         agent = app.chats.agent_of(room)
         backend = app.backends.for_agent(agent)
-        marker = layout.turn_marker(room.platform_chat_id, agent.id, answers=job.event_id or None)
+        marker = layout.turn_marker(
+            room.platform_chat_id, agent.id, answers=job.event_id or None
+        )
         stream = _StreamedReply(app, RoomID(room.room_id), marker)
         typing = app.spawn(self._keep_typing(room.room_id), name="typing")
         usage = None

@@ -61,7 +61,9 @@ AccessState = Literal["approved", "blocked"]
 ACCESS_STATES: tuple[str, ...] = ("approved", "blocked")
 
 _MAX_ID_LEN = 255  # the spec's limit for user and room ids
-_ORDER_RE = re.compile(r"^[\x20-\x7e]{0,50}$")
+_ORDER_RE = re.compile(r"[\x20-\x7e]{0,50}\Z")
+_USER_ID_RE = re.compile(r"@[^\s:]+:\S+\Z")
+_ROOM_ID_RE = re.compile(r"![^\s]+\Z")
 _ORDER_WIDTH = 16  # ms timestamps are 13 digits; 16 keeps keys fixed-width for centuries
 
 
@@ -71,27 +73,20 @@ _ORDER_WIDTH = 16  # ms timestamps are 13 digits; 16 keeps keys fixed-width for 
 
 def is_user_id(value: object) -> bool:
     """`@localpart:server`, within the spec's length limit."""
-    return (
-        isinstance(value, str)
-        and 3 <= len(value) <= _MAX_ID_LEN
-        and value.startswith("@")
-        and ":" in value[2:]
-        and not any(c.isspace() for c in value)
-    )
+    return isinstance(value, str) and len(value) <= _MAX_ID_LEN and bool(_USER_ID_RE.match(value))
 
 
 def is_room_id(value: object) -> bool:
     """`!opaque` (room v12 ids have no server part) or `!opaque:server`."""
-    return (
-        isinstance(value, str)
-        and 2 <= len(value) <= _MAX_ID_LEN
-        and value.startswith("!")
-        and not any(c.isspace() for c in value)
-    )
+    return isinstance(value, str) and len(value) <= _MAX_ID_LEN and bool(_ROOM_ID_RE.match(value))
+
+
+def _is_map(value: object) -> bool:
+    return type(value) is dict or isinstance(value, Mapping)  # dict first: ABC checks are slow
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # bool is an int subclass
+    return type(value) is int  # not bool (an int subclass); JSON ints are plain ints
 
 
 def _version(content: Mapping[str, Any], key: str) -> int | None:
@@ -134,7 +129,7 @@ def parse_create_markers(create_content: object) -> RoomMarkers | None:
 
     `v` newer than LAYOUT_VERSION parses (the caller decides to leave such rooms alone).
     """
-    if not isinstance(create_content, Mapping):
+    if not _is_map(create_content):
         return None
     kind = create_content.get(KIND_KEY)
     owner = create_content.get(OWNER_KEY)
@@ -149,24 +144,24 @@ def parse_create_markers(create_content: object) -> RoomMarkers | None:
 
 def has_our_markers(create_content: object) -> bool:
     """Whether content claims to be ours at all (to tell malformed from foreign)."""
-    return isinstance(create_content, Mapping) and any(
+    return _is_map(create_content) and any(
         isinstance(k, str) and k.startswith(f"{NAMESPACE}.") for k in create_content
     )
 
 
 def create_predecessor(create_content: object) -> str | None:
     """The room this one replaced (set by a room upgrade), if any."""
-    if not isinstance(create_content, Mapping):
+    if not _is_map(create_content):
         return None
     pred = create_content.get("predecessor")
-    if isinstance(pred, Mapping) and is_room_id(pred.get("room_id")):
+    if _is_map(pred) and is_room_id(pred.get("room_id")):
         return pred["room_id"]
     return None
 
 
 def create_room_version(create_content: object) -> str:
     """Room version from the create event; the spec's default is "1"."""
-    if isinstance(create_content, Mapping):
+    if _is_map(create_content):
         v = create_content.get("room_version")
         if isinstance(v, str) and v:
             return v
@@ -174,7 +169,7 @@ def create_room_version(create_content: object) -> str:
 
 
 def additional_creators(create_content: object) -> tuple[str, ...]:
-    if not isinstance(create_content, Mapping):
+    if not _is_map(create_content):
         return ()
     extra = create_content.get("additional_creators")
     if not isinstance(extra, list):
@@ -216,7 +211,7 @@ class Binding:
 
 def parse_binding(content: object) -> Binding | None:
     """A binding, or `None` when any known key has the wrong shape (unknown keys are ignored)."""
-    if not isinstance(content, Mapping):
+    if not _is_map(content):
         return None
     v = _version(content, "v")
     owner = content.get("owner")
@@ -269,8 +264,11 @@ class SpaceParent:
 
 def _parse_via(content: Mapping[str, Any]) -> tuple[str, ...] | None:
     via = content.get("via")
-    if not isinstance(via, list) or not via or not all(_nonempty_str(s) for s in via):
+    if not isinstance(via, list) or not via:
         return None
+    for server in via:
+        if not isinstance(server, str) or not server:
+            return None
     return tuple(via)
 
 
@@ -280,7 +278,7 @@ def is_valid_order(order: object) -> bool:
 
 def parse_space_child(content: object) -> SpaceChild | None:
     """A live child link; `None` for `{}` (removed) or an invalid `via`. A bad `order` is dropped."""
-    if not isinstance(content, Mapping):
+    if not _is_map(content):
         return None
     via = _parse_via(content)
     if via is None:
@@ -295,7 +293,7 @@ def parse_space_child(content: object) -> SpaceChild | None:
 
 
 def parse_space_parent(content: object) -> SpaceParent | None:
-    if not isinstance(content, Mapping):
+    if not _is_map(content):
         return None
     via = _parse_via(content)
     if via is None:
@@ -336,7 +334,7 @@ def tombstone_content(replacement_room: str, body: str) -> dict[str, Any]:
 
 def parse_tombstone(content: object) -> str | None:
     """The replacement room of an m.room.tombstone, or `None`."""
-    if isinstance(content, Mapping) and is_room_id(content.get("replacement_room")):
+    if _is_map(content) and is_room_id(content.get("replacement_room")):
         return content["replacement_room"]
     return None
 
@@ -355,7 +353,7 @@ class Memory:
 
 
 def parse_memory(content: object) -> Memory | None:
-    if not isinstance(content, Mapping):
+    if not _is_map(content):
         return None
     v = _version(content, "v")
     notes = content.get("notes")
@@ -394,14 +392,14 @@ class AccessDecisions:
 
 def parse_access(content: object) -> AccessDecisions | None:
     """Decisions by user; one malformed entry is skipped rather than voiding all the others."""
-    if not isinstance(content, Mapping):
+    if not _is_map(content):
         return None
     users = content.get("users")
-    if not isinstance(users, Mapping):
+    if not _is_map(users):
         return None
     parsed: dict[str, AccessDecision] = {}
     for uid, entry in users.items():
-        if not is_user_id(uid) or not isinstance(entry, Mapping):
+        if not is_user_id(uid) or not _is_map(entry):
             continue
         state, by, ts = entry.get("state"), entry.get("by"), entry.get("ts")
         if state in ACCESS_STATES and is_user_id(by) and _is_int(ts):
@@ -463,13 +461,13 @@ def summary_marker(platform_chat_id: str, upto_event_id: str | None) -> dict[str
 
 def _marker_body(content: object, key: str) -> Mapping[str, Any] | None:
     """The marker at top level, else inside `m.new_content` (streamed edits repeat it there)."""
-    if not isinstance(content, Mapping):
+    if not _is_map(content):
         return None
     body = content.get(key)
     if body is None:
         new_content = content.get("m.new_content")
-        body = new_content.get(key) if isinstance(new_content, Mapping) else None
-    return body if isinstance(body, Mapping) else None
+        body = new_content.get(key) if _is_map(new_content) else None
+    return body if _is_map(body) else None
 
 
 def parse_turn_marker(content: object) -> TurnMarker | None:

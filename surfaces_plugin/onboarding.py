@@ -55,13 +55,16 @@ class Onboarding:
         prefix = settings.command_prefix
         async with self._locks[user_id]:
             space_id = await self.space_of(user_id)
-            if space_id is not None:
+            if space_id is not None and self._has_rooms(user_id):
                 await self._reinvite(user_id, space_id)
                 return (
                     f"Your Space already exists: [open it]({self.link(space_id)}). "
                     f"I re-sent the invites you might have missed. `!{prefix} new` adds a room."
                 )
-            space_id = await self._create_space(user_id)
+            if space_id is None:
+                space_id = await self._create_space(user_id)
+            else:  # a crash came between the Space and its first room: finish onboarding
+                await self._reinvite(user_id, space_id)
             room = await self._create_working_room(
                 user_id, space_id, settings.default_agent, settings.spaces.first_room_title
             )
@@ -70,6 +73,10 @@ class Onboarding:
             f"to your first working room, [{room.title}]({self.link(room.room_id)}), where "
             f"you talk to `{room.agent}`. Accept the invites, then just write in the room."
         )
+
+    def _has_rooms(self, user_id: str) -> bool:
+        """Any working room, archived ones included: onboarding got past its first room."""
+        return any(room.owner == user_id for room in self.app.chats.all_rooms())
 
     async def space_of(self, user_id: str) -> str | None:
         user = await self.app.stores.users.get(user_id)

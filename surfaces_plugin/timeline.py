@@ -61,7 +61,19 @@ def _is_edit(content: dict[str, Any]) -> bool:
     return isinstance(relates, dict) and relates.get("rel_type") == "m.replace"
 
 
+def _ts(event: Event) -> int:
+    ts = event.get("origin_server_ts")
+    return ts if isinstance(ts, int) and not isinstance(ts, bool) else 0
+
+
+def _well_formed(event: object) -> bool:
+    """What the homeserver always sends; anything else in a page is skipped, never trusted."""
+    return isinstance(event, dict) and isinstance(event.get("event_id"), str)
+
+
 def is_owner_text(event: Event, owner: str) -> bool:
+    if not isinstance(event, dict):
+        return False
     content = _content(event)
     return (
         event.get("type") == "m.room.message"
@@ -73,6 +85,8 @@ def is_owner_text(event: Event, owner: str) -> bool:
 
 
 def is_bot_answer(event: Event, bot_id: str) -> bool:
+    if not isinstance(event, dict):
+        return False
     content = _content(event)
     return (
         event.get("type") == "m.room.message"
@@ -100,6 +114,8 @@ class TimelineHistory:
 
 def ends_conversation(event: Event, bot_id: str, platform_chat_id: str) -> bool:
     """Read further back than this and the events belong to another conversation (or none)."""
+    if not isinstance(event, dict):
+        return False
     if event.get("type") == "m.room.create":
         return True
     if event.get("sender") != bot_id:
@@ -125,11 +141,13 @@ def history_from_timeline(
     summary: str | None = None
     summary_upto: str | None = None
     for event in events_newest_first:
+        if not _well_formed(event):
+            continue
         if ends_conversation(event, bot_id, platform_chat_id):
             break
         content = _content(event)
-        sender = event.get("sender", "")
-        ts = int(event.get("origin_server_ts", 0) or 0)
+        sender = str(event.get("sender", ""))
+        ts = _ts(event)
         if sender == bot_id and event.get("type") == "m.room.message":
             if _is_edit(content):
                 target = content["m.relates_to"].get("event_id")

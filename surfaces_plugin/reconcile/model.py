@@ -46,11 +46,22 @@ class RoomSnapshot:
     def get(self, event_type: str, state_key: str = "") -> StateEvent | None:
         return self.state.get((event_type, state_key))
 
-    @property
+    @cached_property
+    def by_type(self) -> Mapping[str, Mapping[str, StateEvent]]:
+        """event type → state_key → event; built once so readers touch only their type."""
+        index: dict[str, dict[str, StateEvent]] = {}
+        for (event_type, state_key), event in self.state.items():
+            index.setdefault(event_type, {})[state_key] = event
+        return index
+
+    def of_type(self, event_type: str) -> Mapping[str, StateEvent]:
+        return self.by_type.get(event_type, {})
+
+    @cached_property
     def room_version(self) -> str:
         return create_room_version(self.create.content if self.create else None)
 
-    @property
+    @cached_property
     def power_levels(self) -> Mapping[str, Any] | None:
         event = self.get(POWER_LEVELS_TYPE)
         return event.content if event and isinstance(event.content, Mapping) else None
@@ -59,11 +70,12 @@ class RoomSnapshot:
     def members(self) -> Mapping[str, str]:
         """mxid → membership ('join', 'invite', 'leave', 'ban', 'knock')."""
         result: dict[str, str] = {}
-        for (event_type, state_key), event in self.state.items():
-            if event_type == MEMBER_TYPE and isinstance(event.content, Mapping):
-                membership = event.content.get("membership")
-                if isinstance(membership, str):
-                    result[state_key] = membership
+        for state_key, event in self.of_type(MEMBER_TYPE).items():
+            membership = (
+                event.content.get("membership") if isinstance(event.content, dict) else None
+            )
+            if isinstance(membership, str):
+                result[state_key] = membership
         return result
 
 

@@ -12,8 +12,10 @@ winning Space, tombstone losing Spaces, add links, write bindings, parents, remo
 
 from __future__ import annotations
 
+import gc
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,6 +23,7 @@ from ..layout import (
     BINDING_TYPE,
     LAYOUT_VERSION,
     MEMORY_TYPE,
+    NAMESPACE,
     REMOVED,
     SPACE_CHILD_TYPE,
     SPACE_PARENT_TYPE,
@@ -163,6 +166,7 @@ class _Room:
     kind: RoomKind
     owner: str
     joined: bool
+    room_id: str = field(init=False)
     degraded: bool = False
     binding: Binding | None = None  # the desired binding (trusted, cached or copied)
     binding_event: Binding | None = None  # what a bot-sent binding event holds now
@@ -172,9 +176,8 @@ class _Room:
     replaced_by: str | None = None
     links: dict[str, _Link] = field(default_factory=dict)  # spaces: child id → link
 
-    @property
-    def room_id(self) -> str:
-        return self.snap.room_id
+    def __post_init__(self) -> None:
+        self.room_id = self.snap.room_id  # a plain attribute: read on every hot path
 
     @property
     def writable(self) -> bool:
@@ -229,7 +232,21 @@ class _Out:
 def plan(snapshot: Snapshot, cache: CacheView, new_chat_id: NewChatId) -> Plan:
     """Compute what to write and what the cache should hold. Pure; deterministic for a given
     `new_chat_id` (called with the room id whenever a room needs a fresh platform_chat_id)."""
-    return _Planner(snapshot, cache, new_chat_id).run()
+    with _gc_paused():
+        return _Planner(snapshot, cache, new_chat_id).run()
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The planner allocates many short-lived objects next to a huge live snapshot: cyclic GC
+    passes over that snapshot doubled the run time at 50,000 rooms. Nothing awaits in between."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class _Planner:
@@ -249,6 +266,7 @@ class _Planner:
         for room_id in sorted(self.s.rooms):
             self._classify(self.s.rooms[room_id])
         self._follow_upgrades()
+        self._report_foreign_claims()
         for room in self.rooms.values():
             room.degraded = room.joined and self._lacks_power(room)
         self._index_links()
@@ -276,15 +294,14 @@ class _Planner:
         if create is None:
             self._ignore(snap.room_id, "no m.room.create event in the snapshot")
             return
-        claims = has_our_markers(create.content)
         if create.sender != self.bot:
-            if claims:
+            if has_our_markers(create.content):
                 self._ignore(snap.room_id, f"markers set by {create.sender}, not the bot")
             self.foreign.add(snap.room_id)
             return
         markers = parse_create_markers(create.content)
         if markers is None:
-            if claims:
+            if has_our_markers(create.content):
                 self._ignore(snap.room_id, "malformed markers in m.room.create")
             self.foreign.add(snap.room_id)
             return
@@ -297,6 +314,18 @@ class _Planner:
             if room.binding is None:
                 return
         self.rooms[snap.room_id] = room
+
+    def _report_foreign_claims(self) -> None:
+        """`org.surfaces.*` state in a room that is not ours (e.g. a user's fake binding)."""
+        prefix = NAMESPACE + "."
+        for room_id in sorted(self.foreign):
+            claims = sorted(
+                (event_type, key, event.sender)
+                for (event_type, key), event in self.s.rooms[room_id].state.items()
+                if event_type.startswith(prefix)
+            )
+            for event_type, _, sender in claims:
+                self._ignore(room_id, f"{event_type} by {sender} in a room that is not ours")
 
     def _load_binding(self, room: _Room) -> None:
         """The bot-sent binding, else the cached copy (a revert), else the room is ignored."""
@@ -402,6 +431,8 @@ class _Planner:
 
     def _lacks_power(self, room: _Room) -> bool:
         have = user_level(room.snap, self.bot)
+        if have == math.inf:  # the creator on room v12+: the common case, decided at once
+            return False
         return any(have < state_level(room.snap, t) for t in _MAINTAINED_TYPES[room.kind])
 
     # -- spaces ---------------------------------------------------------------
@@ -411,9 +442,8 @@ class _Planner:
 
     def _index_links(self) -> None:
         for space in self._spaces():
-            for (event_type, child_id), event in space.snap.state.items():
-                if event_type == SPACE_CHILD_TYPE:
-                    space.links[child_id] = self._read_link(space, child_id, event)
+            for child_id, event in space.snap.of_type(SPACE_CHILD_TYPE).items():
+                space.links[child_id] = self._read_link(space, child_id, event)
 
     def _read_link(self, space: _Room, child_id: str, event: StateEvent) -> _Link:
         by_bot = event.sender == self.bot
@@ -545,7 +575,9 @@ class _Planner:
         for room in rooms:
             assert room.binding is not None
             target = self._target_space(room)
-            binding = replace(room.binding, space_id=target)
+            binding = room.binding
+            if binding.space_id != target:
+                binding = replace(binding, space_id=target)
             space = self.rooms.get(target)
             link = space.links.get(room.room_id) if space else None
             unlinked = (
@@ -577,12 +609,19 @@ class _Planner:
             assert room.binding is not None
             if room.binding.platform_chat_id is not None or not room.writable:
                 continue
-            row = self.cache.rooms.get(room.room_id)
-            cached = row.platform_chat_id if row else None
+            cached = self._cached_chat_id(room)
             pcid = cached if cached and cached not in taken else self.new_chat_id(room.room_id)
             taken.add(pcid)
             room.binding = replace(room.binding, platform_chat_id=pcid)
             self.out.note("backfilled", room.room_id)
+
+    def _cached_chat_id(self, room: _Room) -> str | None:
+        """The id the DB knows for this conversation (newest room of an upgrade chain first)."""
+        for room_id in reversed(room.conversation_rooms):
+            row = self.cache.rooms.get(room_id)
+            if row is not None and row.platform_chat_id:
+                return row.platform_chat_id
+        return None
 
     def _split_duplicate(self, pcid: str, group: list[_Room]) -> None:
         """Keeper: a room we can't rewrite, then the cache's holder, then the oldest conversation
@@ -623,8 +662,10 @@ class _Planner:
         target = self._target_space(room)
         desired = space_parent_content(self.s.server_name)
         repaired = False
-        for (event_type, key), event in sorted(room.snap.state.items()):
-            if event_type != SPACE_PARENT_TYPE or key == target:
+        parents = room.snap.of_type(SPACE_PARENT_TYPE)
+        for key in sorted(parents):
+            event = parents[key]
+            if key == target:
                 continue
             live = parse_space_parent(event.content) is not None
             if live and event.sender != self.bot:
@@ -686,6 +727,8 @@ class _Planner:
     def _stale_reason(self, space: _Room, child_id: str) -> str | None:
         child = self.rooms.get(child_id)
         if child is None:
+            if child_id not in self.s.rooms and child_id in self.cache.rooms:
+                return _LOST  # ours, but the bot can't see it any more (e.g. kicked, not re-read)
             ours_but_unbound = child_id in self.s.rooms and child_id not in self.foreign
             return None if ours_but_unbound else "not one of our rooms"
         if child.kind != "working":
@@ -768,8 +811,8 @@ class _Planner:
                 self.out.note("degraded", room.room_id)
             if not room.joined:
                 self.out.note("lost", room.room_id)
-            if room.room_id not in self.cache.rooms:
-                self.out.note("adopted", room.room_id)
+            if room.room_id not in self.cache.rooms and room.replaced_by is None:
+                self.out.note("adopted", room.room_id)  # (a replaced room's row goes missing)
         missing = sorted(set(self.cache.rooms) - set(rooms))
         r = self.out.report
         report = Report(

@@ -61,10 +61,18 @@ async def test_echo_answer_is_streamed_with_turn_marker(make_surfaces) -> None:
     [room] = h.app.chats.all_rooms()
     await h.say(room.room_id, ALICE, "hello there my agent")
     assert h.client.bodies(room.room_id) == ["echo: hello there my agent"]
+    first_user = h.client.room_events(room.room_id)[0]["event_id"]
     events = h.client.messages(room.room_id)
     assert len(events) > 1  # first chunk posted, then edited
     first = events[0]["content"]
-    assert first[layout.TURN_KEY] == {"platform_chat_id": room.platform_chat_id, "agent": "echo"}
+    assert first[layout.TURN_KEY] == {
+        "platform_chat_id": room.platform_chat_id,
+        "agent": "echo",
+        "answers": first_user,
+        "partial": True,  # streaming; the final edit drops it
+    }
+    final = events[-1]["content"]["m.new_content"][layout.TURN_KEY]
+    assert "partial" not in final and final["answers"] == first_user
 
 
 async def test_streaming_off_sends_one_message(make_surfaces) -> None:

@@ -102,9 +102,7 @@ class World:
     def link(self, space_id: str, room_id: str, order: str = "0001", **kw: Any) -> None:
         self.put(space_id, "m.space.child", room_id, layout.space_child_content(HS, order), **kw)
 
-    def put(
-        self, room_id: str, type_: str, key: str, content: Any, *, sender: str = BOT
-    ) -> None:
+    def put(self, room_id: str, type_: str, key: str, content: Any, *, sender: str = BOT) -> None:
         room = self.rooms[room_id]
         event = StateEvent(type_, key, sender, content, f"${type_}-{key}-{len(room.state)}")
         self.rooms[room_id] = replace(room, state={**room.state, (type_, key): event})
@@ -365,7 +363,13 @@ def test_t8_kicked_bot_marks_the_room_lost_and_only_unlinks_it() -> None:
     assert p.rooms["!a1"].platform_chat_id == "chat-!a1"  # kept from the stale state
     assert writes_in(p, "!a1") == []
     assert p.writes == (
-        SetState("!sa", "m.space.child", "!a1", {"org.surfaces.unlinked": "lost"}, "bot is no longer in the room"),
+        SetState(
+            "!sa",
+            "m.space.child",
+            "!a1",
+            {"org.surfaces.unlinked": "lost"},
+            "bot is no longer in the room",
+        ),
     )
     assert p.report.lost == ("!a1",)
     # let back in: the room is linked again, not archived
@@ -410,7 +414,13 @@ def test_t9_demoted_bot_marks_the_room_degraded_and_writes_nothing_there() -> No
 
 def upgraded_world(*, upgrader: str = BOT, predecessor: str = "!a1", joined: bool = True) -> World:
     w = healthy_world()
-    w.put("!a1", "m.room.tombstone", "", layout.tombstone_content("!a1v2", "upgraded"), sender=upgrader)
+    w.put(
+        "!a1",
+        "m.room.tombstone",
+        "",
+        layout.tombstone_content("!a1v2", "upgraded"),
+        sender=upgrader,
+    )
     w.room("!a1v2", {"predecessor": {"room_id": predecessor}}, creator=upgrader, ts=9)
     if not joined:
         w.rooms["!a1v2"] = replace(w.rooms["!a1v2"], bot_membership="leave")
@@ -453,10 +463,21 @@ def test_t11_upgrade_by_an_empowered_owner_on_an_older_room_version_is_followed(
     w = World(version="10")
     w.space("!sa")
     w.working("!a1", "!sa")
-    w.put("!a1", "m.room.power_levels", "", {**layout.power_levels(BOT, "10"), "users": {BOT: 100, ALICE: 100}})
+    w.put(
+        "!a1",
+        "m.room.power_levels",
+        "",
+        {**layout.power_levels(BOT, "10"), "users": {BOT: 100, ALICE: 100}},
+    )
     w.put("!a1", "m.room.tombstone", "", layout.tombstone_content("!a2", "up"), sender=ALICE)
     w.room("!a2", {"predecessor": {"room_id": "!a1"}}, creator=ALICE, members={ALICE: "join"})
-    w.put("!a2", "m.room.power_levels", "", {**layout.power_levels(BOT, "10"), "users": {BOT: 100, ALICE: 100}}, sender=ALICE)
+    w.put(
+        "!a2",
+        "m.room.power_levels",
+        "",
+        {**layout.power_levels(BOT, "10"), "users": {BOT: 100, ALICE: 100}},
+        sender=ALICE,
+    )
     p, _ = converge(w.snapshot())
     assert p.rooms["!a2"].routable and p.rooms["!a1"].replaced_by == "!a2"
 
@@ -478,7 +499,13 @@ def test_t11_chain_of_upgrades_ends_in_the_last_room() -> None:
 def test_t12_binding_edited_by_a_user_is_reverted_from_the_cache() -> None:
     w = healthy_world()
     healthy = plan(w.snapshot(), CacheView(), chat_id)
-    w.put("!a1", layout.BINDING_TYPE, "", {**state_of(w.snapshot(), "!a1", layout.BINDING_TYPE), "agent": "evil"}, sender=ALICE)
+    w.put(
+        "!a1",
+        layout.BINDING_TYPE,
+        "",
+        {**state_of(w.snapshot(), "!a1", layout.BINDING_TYPE), "agent": "evil"},
+        sender=ALICE,
+    )
     p, after = converge(w.snapshot(), cache_of(healthy))
     assert state_of(after, "!a1", layout.BINDING_TYPE)["agent"] == "echo"
     assert after.rooms["!a1"].get(layout.BINDING_TYPE).sender == BOT
@@ -488,10 +515,19 @@ def test_t12_binding_edited_by_a_user_is_reverted_from_the_cache() -> None:
 
 def test_t12_binding_edited_by_a_user_without_a_cache_is_ignored_not_trusted() -> None:
     w = healthy_world()
-    w.put("!a1", layout.BINDING_TYPE, "", {**state_of(w.snapshot(), "!a1", layout.BINDING_TYPE), "agent": "evil"}, sender=ALICE)
+    w.put(
+        "!a1",
+        layout.BINDING_TYPE,
+        "",
+        {**state_of(w.snapshot(), "!a1", layout.BINDING_TYPE), "agent": "evil"},
+        sender=ALICE,
+    )
     p, _ = converge(w.snapshot())
     assert "!a1" not in p.rooms  # never routed on a binding the bot did not write
-    assert ("!a1", f"binding sent by {ALICE}, not the bot, and no cached copy to restore") in p.report.ignored
+    assert (
+        "!a1",
+        f"binding sent by {ALICE}, not the bot, and no cached copy to restore",
+    ) in p.report.ignored
     assert p.writes == ()  # and its link is left alone
 
 
@@ -517,7 +553,12 @@ def test_t13_room_changed_during_the_run_is_replanned_from_its_fresh_state() -> 
     first = plan(w.snapshot(), CacheView(), chat_id)
     # `!ai archive` ran while we read: link cleared and binding archived
     w.put("!sa", "m.space.child", "!a1", {})
-    w.put("!a1", layout.BINDING_TYPE, "", {**state_of(w.snapshot(), "!a1", layout.BINDING_TYPE), "archived": True})
+    w.put(
+        "!a1",
+        layout.BINDING_TYPE,
+        "",
+        {**state_of(w.snapshot(), "!a1", layout.BINDING_TYPE), "archived": True},
+    )
     stale = healthy_world().snapshot()
     refreshed = stale.with_room(w.rooms["!sa"]).with_room(w.rooms["!a1"])
     p, _ = converge(refreshed, cache_of(first))
@@ -593,7 +634,10 @@ def test_t16_malformed_via_is_rewritten() -> None:
 
 def test_t16_malformed_markers_and_bindings_are_ignored_safely() -> None:
     w = healthy_world()
-    w.room("!badowner", {"org.surfaces.kind": "working", "org.surfaces.owner": "alice", "org.surfaces.v": 1})
+    w.room(
+        "!badowner",
+        {"org.surfaces.kind": "working", "org.surfaces.owner": "alice", "org.surfaces.v": 1},
+    )
     w.room("!impostor", layout.working_creation_content(ALICE), creator=MALLORY)
     w.room("!future", {**layout.working_creation_content(ALICE), "org.surfaces.v": 2})
     w.working("!badbinding", "!sa")
@@ -616,7 +660,12 @@ def test_t17_changes_made_while_the_bot_was_down_are_picked_up() -> None:
     before = healthy_world()
     cache = cache_of(plan(before.snapshot(), CacheView(), chat_id))
     w = healthy_world()
-    w.put("!a1", layout.BINDING_TYPE, "", {**state_of(w.snapshot(), "!a1", layout.BINDING_TYPE), "agent": "gpt", "title": "Renamed"})
+    w.put(
+        "!a1",
+        layout.BINDING_TYPE,
+        "",
+        {**state_of(w.snapshot(), "!a1", layout.BINDING_TYPE), "agent": "gpt", "title": "Renamed"},
+    )
     w.working("!a9", "!sa", ts=9)
     w.rooms.pop("!b1")
     w.put("!sb", "m.space.child", "!b1", {})
@@ -680,7 +729,9 @@ def test_blocked_owner_is_not_invited() -> None:
 
 def test_users_with_only_an_access_decision_are_listed_without_a_space() -> None:
     w = healthy_world()
-    w.access = AccessDecisions({BOB: AccessDecision("approved", BOT, 1), MALLORY: AccessDecision("blocked", BOT, 2)})
+    w.access = AccessDecisions(
+        {BOB: AccessDecision("approved", BOT, 1), MALLORY: AccessDecision("blocked", BOT, 2)}
+    )
     p, _ = converge(w.snapshot())
     assert p.users[MALLORY].space_id is None and p.users[MALLORY].access == "blocked"
     assert p.users[BOB].access == "approved" and p.users[ALICE].access is None
@@ -750,13 +801,25 @@ def worlds(draw: st.DrawFn) -> Snapshot:
                 w.room(f"{room}v2", {"predecessor": {"room_id": room}}, ts=5)
                 w.put(room, "m.room.tombstone", "", layout.tombstone_content(f"{room}v2", "x"))
             case 5:
-                w.put(room, layout.BINDING_TYPE, "", {"v": 1, "agent": 3}, sender=draw(st.sampled_from([BOT, ALICE])))
+                w.put(
+                    room,
+                    layout.BINDING_TYPE,
+                    "",
+                    {"v": 1, "agent": 3},
+                    sender=draw(st.sampled_from([BOT, ALICE])),
+                )
             case 6:
                 w.put(room, "m.room.power_levels", "", {"users": {BOT: 0}, "state_default": 50})
             case 7:
                 w.put(room, "m.room.member", ALICE, {"membership": "leave"}, sender=ALICE)
             case _:
-                w.put(room, "m.space.parent", other, {"via": [HS]}, sender=draw(st.sampled_from([BOT, ALICE])))
+                w.put(
+                    room,
+                    "m.space.parent",
+                    other,
+                    {"via": [HS]},
+                    sender=draw(st.sampled_from([BOT, ALICE])),
+                )
     return w.snapshot()
 
 
@@ -768,3 +831,12 @@ def test_any_world_converges_even_when_a_run_is_interrupted(snapshot: Snapshot, 
     resumed, _ = converge(partial)
     assert resumed.rooms == whole.rooms
     assert resumed.users == whole.users
+
+
+def test_link_to_a_cached_room_missing_from_the_snapshot_is_unlinked_as_lost() -> None:
+    w = healthy_world()
+    cache = cache_of(plan(w.snapshot(), CacheView(), chat_id))
+    w.rooms.pop("!a1")  # kicked, and the inventory only read joined rooms
+    p, after = converge(w.snapshot(), cache)
+    assert state_of(after, "!sa", "m.space.child", "!a1") == {"org.surfaces.unlinked": "lost"}
+    assert p.report.missing == ("!a1",)
