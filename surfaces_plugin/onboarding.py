@@ -134,8 +134,8 @@ class Onboarding:
         assert agent is not None
         title = title or f"Chat with {agent.name}"
         chat_id = await app.backends.for_agent(agent).create_chat()
-        existing = await app.chats.rooms_of(owner)
-        order = layout.order_key(len(existing) + 1)
+        # Creation time orders the Space, as reconciliation orders the rooms it re-links.
+        order = layout.order_key(now_ms())
         room = WorkingRoom(
             room_id="",
             owner=owner,
