@@ -1,0 +1,222 @@
+"""Security on a real Synapse: forged layout is not trusted, other users cannot reach someone's
+conversation or notes, admin commands stay with admins, blocked users get one refusal, and
+secrets (API keys, access tokens) never reach logs or rooms."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from devtools.e2e import BotFactory, MakeUser
+from devtools.fake_openai import FakeOpenAI
+from devtools.matrix_user import MatrixUser, is_message
+from devtools.maubot_standalone import StandaloneBot
+from devtools.synapse import SynapseServer
+
+from .invariants import TURN, BotView, check_answers, onboard
+from .test_reliability import API_KEY, FAST_STREAM, answer_of, ask, fake_backend_config
+
+pytestmark = pytest.mark.e2e
+
+QUIET_S = 2.5  # how long "no answer" is waited for (answers come in well under a second)
+
+
+async def bot_texts_after(user: MatrixUser, room: str, bot: StandaloneBot, sent: str) -> list[str]:
+    await asyncio.sleep(QUIET_S)
+    return [user.latest_text(room, e) for e in user.messages(room, bot.user_id, after=sent)]
+
+
+async def binding(user: MatrixUser, room: str) -> dict:
+    content = await user.get_state_event(room, "org.surfaces.binding")
+    assert content is not None
+    return content
+
+
+async def test_forged_surfaces_room_is_not_routed(
+    bot_factory: BotFactory, make_user: MakeUser
+) -> None:
+    """alice creates a room that claims to be a working room (create markers and a binding she
+    sent herself) and invites the bot: nothing there is trusted, before or after a restart."""
+    bot = bot_factory(FAST_STREAM)
+    alice = await make_user()
+    _dm, space, _room = await onboard(alice, bot)
+    forged = await alice.create_room(
+        preset="private_chat",
+        invite=[bot.user_id],
+        creation_content={
+            "org.surfaces.kind": "working",
+            "org.surfaces.owner": alice.user_id,
+            "org.surfaces.v": 1,
+        },
+        initial_state=[
+            {
+                "type": "org.surfaces.binding",
+                "state_key": "",
+                "content": {
+                    "v": 1,
+                    "owner": alice.user_id,
+                    "space_id": space,
+                    "agent": "echo",
+                    "platform_chat_id": "echo-forged",
+                    "title": "Forged",
+                },
+            },
+            {"type": "m.space.parent", "state_key": space, "content": {"via": ["localhost"]}},
+        ],
+    )
+    await alice.wait_for_membership(forged, bot.user_id, "join", timeout=15)
+
+    for attempt in range(2):
+        sent = await alice.send_text(forged, f"route me {attempt}")
+        texts = await bot_texts_after(alice, forged, bot, sent)
+        assert not [t for t in texts if t.startswith("echo:")], texts
+        assert not any(
+            TURN in e["content"] for e in alice.messages(forged, bot.user_id, after=sent)
+        )
+        rooms = await ask(alice, forged, "!ai rooms", "working rooms", bot)
+        assert "Forged" not in rooms and "echo-forged" not in rooms
+        space_children = [
+            e["state_key"] for e in await alice.get_state(space) if e["type"] == "m.space.child"
+        ]
+        assert forged not in space_children
+        if attempt == 0:
+            bot.restart()  # reconciliation reads the forged state too: still not trusted
+
+
+async def test_other_users_cannot_reach_alices_conversation_notes_or_admin_commands(
+    bot_factory: BotFactory, make_user: MakeUser
+) -> None:
+    bot = bot_factory(FAST_STREAM)
+    alice = await make_user()
+    bob = await make_user()
+    alice_dm, alice_space, room = await onboard(alice, bot)
+    assert await answer_of(alice, room, bot, "my private question") == "echo: my private question"
+    await ask(alice, alice_dm, "!ai memory add alice's secret note", "Noted", bot)
+    await ask(alice, room, "!ai system You serve alice.", "system prompt is set", bot)
+    before = await binding(alice, room)
+
+    # alice invites bob into her working room.
+    await alice.invite(room, bob.user_id)
+    await bob.join(room)
+    sent = await bob.send_text(room, "answer me instead")
+    texts = await bot_texts_after(bob, room, bot, sent)
+    assert not [t for t in texts if t.startswith("echo:")], texts
+    assert len(texts) == 1 and "only they can talk to the agent" in texts[0], texts
+    sent = await bob.send_text(room, "and again")
+    assert await bot_texts_after(bob, room, bot, sent) == []  # told once, then ignored
+
+    for command in (
+        "!ai reset",
+        "!ai export",
+        "!ai system You serve bob now.",
+        "!ai agent echo",
+        "!ai archive",
+        "!ai retry",
+        "!ai compact",
+        "!ai context",
+    ):
+        reply = await ask(bob, room, command, "works in one of your working rooms", bot)
+        assert "secret" not in reply and "You serve alice" not in reply, (command, reply)
+    await asyncio.sleep(1)
+    assert await binding(alice, room) == before
+    # Nothing but those refusals and the one notice came from the bot since bob joined.
+    uploads = [e for e in bob.messages(room, bot.user_id) if e["content"].get("msgtype") == "m.file"]
+    assert uploads == []
+    # The layout is the bot's alone: bob cannot write it either.
+    assert await bob.send_state(room, "org.surfaces.binding", "", {**before, "owner": bob.user_id}) == 403
+    assert await bob.send_state(room, "m.space.parent", "!x:localhost", {"via": ["localhost"]}) == 403
+
+    # bob's own commands show only his own things.
+    bob_dm, _bob_space, bob_room = await onboard(bob, bot)
+    await ask(bob, bob_dm, "!ai memory add bob's note", "Noted", bot)
+    rooms = await ask(bob, bob_dm, "!ai rooms", "working rooms", bot)
+    assert rooms.count("General") == 1 and room not in rooms, rooms
+    memory = await ask(bob, bob_dm, "!ai memory", "shared notes", bot)
+    assert "bob's note" in memory and "secret" not in memory, memory
+    for command in ("!ai status", f"!ai admin approve {bob.user_id}", "!ai reconcile"):
+        reply = await ask(bob, bob_dm, command, "for admins only", bot)
+        assert "Reconciliation" not in reply
+
+    # alice's conversation is untouched and still answered once per message.
+    assert await answer_of(alice, room, bot, "still mine?") == "echo: still mine?"
+    notes = await ask(alice, alice_dm, "!ai memory", "shared notes", bot)
+    assert "alice's secret note" in notes and "bob's note" not in notes
+    assert alice_space not in rooms
+    assert await answer_of(bob, bob_room, bot, "mine") == "echo: mine"
+
+
+async def test_blocked_user_gets_one_refusal_and_nothing_else(
+    bot_factory: BotFactory, make_user: MakeUser
+) -> None:
+    admin = await make_user()
+    bot = bot_factory({**FAST_STREAM, "access": {"admins": [admin.user_id]}})
+    alice = await make_user()
+    dm, _space, room = await onboard(alice, bot)
+    admin_dm = await admin.open_dm(bot.user_id)
+    await admin.wait_for_notice(admin_dm, "Hi!", sender=bot.user_id, timeout=15)
+    await ask(admin, admin_dm, f"!ai admin block {alice.user_id}", "now blocked", bot)
+
+    sent = await alice.send_text(room, "please answer")
+    await alice.send_text(room, "please answer again")
+    texts = await bot_texts_after(alice, room, bot, sent)
+    assert texts == ["Sorry, you may no longer use this bot; ask an admin."], texts
+    sent = await alice.send_text(dm, "!ai start")
+    texts = await bot_texts_after(alice, dm, bot, sent)
+    assert texts == ["Sorry, you are blocked from using this bot."], texts
+    invites_before = set(alice.invites)
+    assert not any(
+        e["content"].get("msgtype") == "m.text"
+        for e in alice.messages(room, bot.user_id, after=sent)
+    )
+
+    # A restart (catch-up) does not answer what a blocked user sent.
+    bot.kill()
+    await alice.send_text(room, "while you were down")
+    bot.start()
+    await asyncio.sleep(QUIET_S)
+    assert not [
+        e for e in alice.messages(room, bot.user_id) if e["content"].get("msgtype") == "m.text"
+        and "while you were down" in alice.latest_text(room, e)
+    ]
+    assert set(alice.invites) == invites_before
+
+    await ask(admin, admin_dm, f"!ai admin unblock {alice.user_id}", "now unblocked", bot)
+    assert await answer_of(alice, room, bot, "back again") == "echo: back again"
+
+
+async def test_secrets_never_reach_logs_or_rooms(
+    bot_factory: BotFactory, make_user: MakeUser, synapse: SynapseServer
+) -> None:
+    """The provider rejects the key and echoes it back in its error (as real ones do): neither
+    the key nor the bot's access token shows up in the bot's log or in any room."""
+    admin = await make_user()
+    async with FakeOpenAI(require_key="sk-the-right-one") as fake:
+        config = fake_backend_config(fake.base_url)
+        config["access"] = {"admins": [admin.user_id]}
+        bot = bot_factory(config)
+        dm, _space, room = await onboard(admin, bot)
+        sent = await admin.send_text(room, "hello")
+        notice = await admin.wait_for_notice(room, "API key", bot.user_id, 15, after=sent)
+        assert "`gpt`" in admin.latest_text(room, notice)
+        assert any(API_KEY in str(r["authorization"]) for r in fake.requests)  # really sent
+        await ask(admin, dm, "!ai status", "Surfaces status", bot)
+        await ask(admin, dm, "!ai agents", "Agents", bot)
+        await ask(admin, dm, "!ai reconcile", "Reconciliation", bot)
+        bot.restart()
+        await ask(admin, dm, "!ai status", "Surfaces status", bot)
+
+    log = bot.log_text()
+    assert "Incorrect API key" in log or "401" in log  # the failure was logged…
+    assert API_KEY not in log  # …without the key
+    assert bot.access_token not in log
+    view = BotView(synapse, bot)
+    for room_id in await view.joined_rooms():
+        everything = json.dumps(await view.timeline(room_id)) + json.dumps(
+            await view.state(room_id)
+        )
+        assert API_KEY not in everything, room_id
+        assert bot.access_token not in everything, room_id
+    assert check_answers(await view.timeline(room), admin.user_id, bot.user_id).twice == []
+    assert not [e for e in admin.messages(room, bot.user_id) if is_message(e, msgtype="m.text")]
