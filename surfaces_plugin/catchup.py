@@ -147,6 +147,10 @@ async def _room_missed(app: Surfaces, room: WorkingRoom, window_start: int) -> l
     )
     if scan.interrupted is not None:
         await _mark_interrupted(app, room, scan.interrupted)
+    if events and room.last_activity_ms is None:  # the cache lost it: the timeline dates it
+        newest = events[0].get("origin_server_ts")
+        if isinstance(newest, int):
+            await app.chats.touch(room, newest)
     return [
         Job(
             room_id=room.room_id,

@@ -193,10 +193,12 @@ class ChatManager:
             ),
         )
 
-    async def touch(self, room: WorkingRoom) -> None:
-        """Record activity for `!ai rooms` (cache only)."""
+    async def touch(self, room: WorkingRoom, ts: int | None = None) -> None:
+        """Record activity for `!ai rooms` (cache only); an older `ts` changes nothing."""
         current = self._rooms.get(room.room_id, room)
-        await self.remember(dataclasses.replace(current, last_activity_ms=now_ms()))
+        ts = now_ms() if ts is None else ts
+        if current.last_activity_ms is None or ts > current.last_activity_ms:
+            await self.remember(dataclasses.replace(current, last_activity_ms=ts))
 
     # conversations
 

@@ -86,3 +86,17 @@ async def test_bot_kicked_from_a_room_stops_routing_and_is_recorded_lost(make_su
     assert row is not None and row.bot_membership == "lost"
     await h.say(room.room_id, ALICE, "anyone there?")
     assert h.client.bodies(room.room_id) == []
+
+
+async def test_last_activity_is_restored_from_the_timeline_after_a_wipe(make_surfaces) -> None:
+    h = await make_surfaces()
+    dm = h.dm(ALICE)
+    await h.say(dm, ALICE, "!ai start")
+    [room] = h.app.chats.all_rooms()
+    await h.say(room.room_id, ALICE, "hello")
+    await h.app.stop()
+    await wipe_cache(h)
+    h2 = await make_surfaces(client=h.client)
+    await h2.say(dm, ALICE, "!ai rooms")
+    assert "last activity never" not in h2.last_reply(dm)
+    assert "last activity 20" in h2.last_reply(dm)
