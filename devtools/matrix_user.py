@@ -75,6 +75,20 @@ def is_message(event: Event, sender: str | None = None, msgtype: str | None = No
     return msgtype is None or event.get("content", {}).get("msgtype") == msgtype
 
 
+def create_content(state: list[Event]) -> dict[str, Any]:
+    """The m.room.create content in a room's state (or an invite's stripped state)."""
+    for event in state:
+        if event.get("type") == "m.room.create":
+            return dict(event.get("content", {}))
+    return {}
+
+
+def room_kind(state: list[Event]) -> str | None:
+    """`space` or `working` for Surfaces rooms (from the create event's markers)."""
+    kind = create_content(state).get("org.surfaces.kind")
+    return kind if isinstance(kind, str) else None
+
+
 class MatrixUser:
     """One logged-in user with a background sync loop. Use `await MatrixUser.login(...)` or `start()`."""
 

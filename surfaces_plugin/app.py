@@ -79,7 +79,7 @@ class Surfaces:
         else:
             await self.chats.load_from_cache()
         # Missed messages first (oldest first); those also seen live are deduplicated by event id.
-        await self.dispatcher.catch_up()
+        self.dispatcher.start_catch_up([r for r in self.chats.all_rooms() if not r.archived])
         self.ready.set()
         pending, self._pending = self._pending, []
         for evt in pending:

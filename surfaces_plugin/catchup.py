@@ -8,7 +8,6 @@ edited to say so, and not answered again.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,20 +177,14 @@ async def _mark_interrupted(app: Surfaces, room: WorkingRoom, cut: Interrupted) 
         await app.chats.add_answer(room, text, cut.event_id, None)
 
 
-async def find_missed(app: Surfaces, rooms: list[WorkingRoom]) -> list[Job]:
+async def missed_in_room(app: Surfaces, room: WorkingRoom) -> list[Job]:
+    """The room's messages sent while the bot was down, oldest first; [] when none or unreadable."""
     minutes = app.settings.reconciliation.catch_up_minutes
     if minutes <= 0:
         return []
     window_start = int((time.time() - minutes * 60) * 1000)
-    slots = asyncio.Semaphore(app.settings.reconciliation.concurrency)
-
-    async def one(room: WorkingRoom) -> list[Job]:
-        async with slots:
-            try:
-                return await _room_missed(app, room, window_start)
-            except GatewayError as e:
-                app.log.warning("Catch-up skipped %s: %s", room.room_id, e)
-                return []
-
-    per_room = await asyncio.gather(*(one(room) for room in rooms))
-    return [job for jobs in per_room for job in jobs]
+    try:
+        return await _room_missed(app, room, window_start)
+    except GatewayError as e:
+        app.log.warning("Catch-up skipped %s: %s", room.room_id, e)
+        return []

@@ -38,7 +38,6 @@ from .timeline import ends_conversation, history_from_timeline, read_back, summa
 
 if TYPE_CHECKING:
     from .app import Surfaces
-    from .dispatch import Job
 
 
 def now_ms() -> int:
@@ -478,9 +477,3 @@ class ChatManager:
                 "Rebuilt %d messages of %s in %s from the timeline", len(seqs), pcid, room.room_id
             )
         return len(seqs)
-
-    async def missed_messages(self) -> list[Job]:
-        """Owner messages sent while the bot was down, oldest first (read from the timeline)."""
-        from .catchup import find_missed
-
-        return await find_missed(self.app, [r for r in self._rooms.values() if not r.archived])

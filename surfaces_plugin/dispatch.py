@@ -17,6 +17,7 @@ from mautrix.types import EventID, MessageEvent, RoomID
 
 from . import layout, replies
 from .backends import BackendError
+from .catchup import missed_in_room
 from .chats import WorkingRoom
 from .config import AgentSpec
 from .context_window import Window
@@ -66,6 +67,8 @@ class Dispatcher:
         self._generating: dict[str, asyncio.Task[None]] = {}
         self._told_not_owner: set[tuple[str, str]] = set()
         self._seen: set[str] = set()  # event ids queued or answered in this process
+        # Rooms still reading back what was missed: their live messages wait here, in order.
+        self._held: dict[str, list[Job]] = {}
         self.limiter = RateLimiter()
 
     # intake (synchronous: keeps arrival order)
@@ -88,6 +91,10 @@ class Dispatcher:
         )
 
     def enqueue(self, job: Job) -> None:
+        held = self._held.get(job.room_id)
+        if held is not None:
+            held.append(job)
+            return
         if not job.retry:
             if job.event_id in self._seen:
                 return
@@ -303,10 +310,30 @@ class Dispatcher:
         )
         return True
 
-    async def catch_up(self) -> None:
-        """Answer what was sent while the bot was down (after reconciliation)."""
-        for job in await self.app.chats.missed_messages():
-            self.enqueue(job)
+    def start_catch_up(self, rooms: list[WorkingRoom]) -> asyncio.Task[None]:
+        """Answer what was sent while the bot was down, room by room, in the background.
+
+        A room's live messages wait until its own missed ones are queued, so each room keeps
+        its order while rooms with nothing missed answer at once.
+        """
+        for room in rooms:
+            self._held.setdefault(room.room_id, [])
+        return self.app.spawn(self._catch_up(rooms), name="catch-up")
+
+    async def _catch_up(self, rooms: list[WorkingRoom]) -> None:
+        slots = asyncio.Semaphore(self.app.settings.reconciliation.concurrency)
+
+        async def one(room: WorkingRoom) -> None:
+            missed: list[Job] = []
+            try:
+                async with slots:
+                    missed = await missed_in_room(self.app, room)
+            finally:  # whatever happened, the room's live messages must not stay held
+                held = self._held.pop(room.room_id, [])
+                for job in [*missed, *held]:
+                    self.enqueue(job)
+
+        await asyncio.gather(*(one(room) for room in rooms))
 
     async def stop(self) -> None:
         for task in list(self._workers.values()):

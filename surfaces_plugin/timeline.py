@@ -48,6 +48,9 @@ async def read_back(
         token = page.get("end")
         if not chunk or not token or (stop is not None and stop(chunk)):
             break
+        # A page holding the room's creation reached the start: save a request.
+        if any(e.get("type") == "m.room.create" for e in chunk):
+            break
     return events
 
 

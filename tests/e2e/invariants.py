@@ -12,7 +12,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from devtools.matrix_user import Event, MatrixUser
+from devtools.matrix_user import Event, MatrixUser, create_content
 from devtools.maubot_standalone import StandaloneBot
 from devtools.synapse import SynapseServer
 
@@ -22,13 +22,6 @@ TURN = f"{NS}.turn"
 
 def q(value: str) -> str:
     return urllib.parse.quote(value, safe="")
-
-
-def create_content(state: list[Event]) -> dict[str, Any]:
-    for event in state:
-        if event.get("type") == "m.room.create":
-            return dict(event.get("content", {}))
-    return {}
 
 
 async def wait_invite_of_kind(user: MatrixUser, kind: str, timeout: float = 15.0) -> str:

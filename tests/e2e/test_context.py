@@ -19,7 +19,7 @@ import pytest
 
 from devtools.e2e import BotFactory, MakeUser
 from devtools.fake_openai import FakeOpenAI
-from devtools.matrix_user import Event, MatrixUser, is_message
+from devtools.matrix_user import Event, MatrixUser, create_content, is_message
 from devtools.maubot_standalone import StandaloneBot
 from devtools.synapse import SynapseServer
 from surfaces_plugin import layout
@@ -184,15 +184,8 @@ def bot(module_bot: StandaloneBot, request: pytest.FixtureRequest) -> Standalone
 # helpers
 
 
-def _create_of(invite_state: list[Event]) -> dict[str, Any]:
-    for event in invite_state:
-        if event.get("type") == "m.room.create":
-            return dict(event.get("content", {}))
-    return {}
-
-
 def _working_invite(room_id: str, state: list[Event]) -> bool:
-    return _create_of(state).get(layout.KIND_KEY) == "working"
+    return create_content(state).get(layout.KIND_KEY) == "working"
 
 
 @dataclass
@@ -211,7 +204,7 @@ async def onboard(bot: StandaloneBot, make_user: MakeUser) -> Setup:
     asked = await alice.send_text(dm, "!ai start")
     # (the greeting for the DM may arrive after the command; wait for the answer itself)
     await alice.wait_for_notice(dm, "Space is ready", sender=bot.user_id, after=asked, timeout=30)
-    space = await alice.wait_for_invite(lambda _, st: _create_of(st).get("type") == "m.space")
+    space = await alice.wait_for_invite(lambda _, st: create_content(st).get("type") == "m.space")
     room = await alice.wait_for_invite(_working_invite)
     await alice.join(space)
     await alice.join(room)

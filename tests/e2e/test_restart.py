@@ -18,7 +18,7 @@ from urllib.parse import quote
 import pytest
 
 from devtools.e2e import BotFactory, MakeUser
-from devtools.matrix_user import Event, MatrixUser
+from devtools.matrix_user import Event, MatrixUser, create_content
 from devtools.maubot_server import MaubotServer
 from devtools.maubot_standalone import SYNC_DONE, StandaloneBot
 from devtools.procs import LogCursor
@@ -89,13 +89,6 @@ def bot_spaces(bot: StandaloneBot) -> list[str]:
     return spaces
 
 
-def _create_of(invite_state: list[Event]) -> dict[str, Any]:
-    for event in invite_state:
-        if event.get("type") == "m.room.create":
-            return dict(event.get("content", {}))
-    return {}
-
-
 def start_writes(log_text: str) -> list[int]:
     """Write counts of each start-up reconciliation logged so far, oldest first."""
     return [int(m["writes"]) for m in _DONE_RE.finditer(log_text) if m["reason"] == "start"]
@@ -157,9 +150,9 @@ async def onboard(alice: MatrixUser, bot_id: str) -> Onboarded:
     await alice.wait_for_notice(dm, "!ai start", sender=bot_id)  # the greeting
     asked = await alice.send_text(dm, "!ai start")
     await alice.wait_for_notice(dm, "Space is ready", sender=bot_id, after=asked, timeout=15)
-    space = await alice.wait_for_invite(lambda _, st: _create_of(st).get("type") == "m.space")
+    space = await alice.wait_for_invite(lambda _, st: create_content(st).get("type") == "m.space")
     room = await alice.wait_for_invite(
-        lambda _, st: _create_of(st).get(layout.KIND_KEY) == "working"
+        lambda _, st: create_content(st).get(layout.KIND_KEY) == "working"
     )
     await alice.join(space)
     await alice.join(room)

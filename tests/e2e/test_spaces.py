@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from devtools.e2e import BotFactory, MakeUser
-from devtools.matrix_user import Event, MatrixUser
+from devtools.matrix_user import MatrixUser, room_kind
 from devtools.maubot_standalone import StandaloneBot
 from devtools.synapse import SynapseServer
 from tests.e2e.conftest import PLUGIN_DIR, _watch_log
@@ -56,20 +56,8 @@ def bot(module_bot: StandaloneBot, request: pytest.FixtureRequest) -> Standalone
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def create_content(state: list[Event]) -> dict[str, Any]:
-    """The m.room.create content in a room's (stripped invite) state."""
-    for event in state:
-        if event.get("type") == "m.room.create":
-            return dict(event.get("content", {}))
-    return {}
-
-
-def kind_of(state: list[Event]) -> str | None:
-    return create_content(state).get("org.surfaces.kind")
-
-
 async def wait_invite_of_kind(user: MatrixUser, kind: str, timeout: float = 10.0) -> str:
-    return await user.wait_for_invite(lambda _rid, state: kind_of(state) == kind, timeout=timeout)
+    return await user.wait_for_invite(lambda _rid, state: room_kind(state) == kind, timeout=timeout)
 
 
 async def greeted_dm(user: MatrixUser, bot: StandaloneBot) -> str:
@@ -267,8 +255,8 @@ async def test_simultaneous_starts_make_one_space(
     kinds = sorted("ready" if "Space is ready" in t else "exists" for t in start_replies())
     assert kinds == ["exists", "ready"], start_replies()
 
-    spaces = [rid for rid, state in carol.invites.items() if kind_of(state) == "space"]
-    rooms = [rid for rid, state in carol.invites.items() if kind_of(state) == "working"]
+    spaces = [rid for rid, state in carol.invites.items() if room_kind(state) == "space"]
+    rooms = [rid for rid, state in carol.invites.items() if room_kind(state) == "working"]
     assert len(spaces) == 1 and len(rooms) == 1, carol.invites
     new_bot_rooms = set(synapse.joined_rooms(bot.access_token)) - before
     assert new_bot_rooms == {spaces[0], rooms[0]}

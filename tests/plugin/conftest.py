@@ -68,7 +68,9 @@ class Harness:
 async def make_surfaces(db: Database) -> AsyncIterator[Callable[..., Any]]:
     started: list[Surfaces] = []
 
-    async def make(client: FakeClient | None = None, **overrides: Any) -> Harness:
+    async def make(
+        client: FakeClient | None = None, *, settle: bool = True, **overrides: Any
+    ) -> Harness:
         client = client or FakeClient()
         settings = parse_settings(config_with(**overrides))
         app = Surfaces(
@@ -79,7 +81,10 @@ async def make_surfaces(db: Database) -> AsyncIterator[Callable[..., Any]]:
         )
         await app.start(early_events=[])
         started.append(app)
-        return Harness(app, client)
+        harness = Harness(app, client)
+        if settle:
+            await harness.settle()  # start-up work (catch-up) runs in the background
+        return harness
 
     yield make
     for app in started:

@@ -47,6 +47,7 @@ class FakeApi:
         if path.endswith("/capabilities"):
             return {"capabilities": {"m.room_versions": {"default": self.client.room_version}}}
         if path.endswith("/messages"):
+            await asyncio.sleep(self.client.messages_delay)
             room_id = path.split("/rooms/")[1].split("/")[0]
             from urllib.parse import unquote
 
@@ -98,6 +99,7 @@ class FakeClient:
         self.api = FakeApi(self)
         self._ids = itertools.count(1)
         self.typing: list[tuple[str, int]] = []
+        self.messages_delay = 0.0  # seconds each /messages request takes
         self.media: dict[str, tuple[bytes, str | None, str | None]] = {}  # mxc → data, type, name
         self.page_limit: int | None = None  # force small /messages pages to exercise paging
         self.pages_read = 0

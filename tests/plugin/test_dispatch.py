@@ -208,3 +208,20 @@ async def test_messages_during_startup_are_answered_after_once(make_surfaces) ->
     h.app._pending.clear()
     await h.settle()
     assert h.client.bodies(room) == ["re: while starting"]
+
+
+async def test_live_message_waits_for_the_rooms_missed_ones(make_surfaces) -> None:
+    h = await make_surfaces(streaming={"enabled": False})
+    dm = h.dm(ALICE)
+    await h.say(dm, ALICE, "!ai start")
+    [room] = h.app.chats.all_rooms()
+    await h.app.stop()
+    h.client.user_message(room.room_id, ALICE, "sent while down")  # maubot would drop it
+    h.client.messages_delay = 0.3  # catch-up is still reading when the live message arrives
+    h2 = await make_surfaces(client=h.client, settle=False, streaming={"enabled": False})
+    assert h2.app.ready.is_set()  # live traffic is routed while catch-up runs
+    await h2.say(room.room_id, ALICE, "sent after the restart")
+    assert h2.client.bodies(room.room_id) == [
+        "echo: sent while down",
+        "echo: sent after the restart",
+    ]
