@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .app import Surfaces
 
 TYPING_REFRESH_S = 20.0
+TYPING_DELAY_S = 0.3  # answers faster than this show no typing notice (two requests saved)
 CANCELLED_MARK = "\n\n*(cancelled)*"
 
 
@@ -199,7 +200,7 @@ class Dispatcher:
             room.platform_chat_id, agent.id, answers=job.event_id or None
         )
         stream = _StreamedReply(app, RoomID(room.room_id), marker)
-        typing = app.spawn(self._keep_typing(room.room_id), name="typing")
+        typing = _Typing(app, RoomID(room.room_id))
         usage = None
         try:
             window = await self._window_within_budget(room, agent, job)
@@ -223,8 +224,7 @@ class Dispatcher:
             await app.chats.mark_processed(room, job.event_id, job.ts)
             return
         finally:
-            typing.cancel()
-            await self._stop_typing(room.room_id)
+            await typing.stop()
         if stream.event_id:
             await app.chats.add_answer(room, stream.text, stream.event_id, usage)
         if usage is not None:
@@ -267,22 +267,6 @@ class Dispatcher:
 
     async def _edit_notice(self, room_id: RoomID, event_id: EventID, text: str) -> None:
         await self.app.send_content(room_id, replies.edit(event_id, replies.notice(text)))
-
-    async def _keep_typing(self, room_id: str) -> None:
-        while True:
-            await self.app.gateway.write(
-                "show typing",
-                lambda: self.app.client.set_typing(
-                    RoomID(room_id), timeout=int(TYPING_REFRESH_S * 1500)
-                ),
-            )
-            await asyncio.sleep(TYPING_REFRESH_S)
-
-    async def _stop_typing(self, room_id: str) -> None:
-        try:
-            await self.app.client.set_typing(RoomID(room_id), timeout=0)
-        except Exception:  # typing is cosmetic; never fail an answer for it
-            pass
 
     # commands
 
@@ -341,6 +325,37 @@ class Dispatcher:
         await asyncio.gather(*self._workers.values(), return_exceptions=True)
 
 
+class _Typing:
+    """The typing notice, shown only when an answer takes a while (fast ones need none)."""
+
+    def __init__(self, app: Surfaces, room_id: RoomID) -> None:
+        self.app = app
+        self.room_id = room_id
+        self.shown = False
+        self._task = app.spawn(self._run(), name="typing")
+
+    async def _run(self) -> None:
+        await asyncio.sleep(TYPING_DELAY_S)
+        while True:
+            self.shown = True
+            await self.app.gateway.write(
+                "show typing",
+                lambda: self.app.client.set_typing(
+                    self.room_id, timeout=int(TYPING_REFRESH_S * 1500)
+                ),
+            )
+            await asyncio.sleep(TYPING_REFRESH_S)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        if not self.shown:
+            return
+        try:
+            await self.app.client.set_typing(self.room_id, timeout=0)
+        except Exception:  # typing is cosmetic; never fail an answer for it
+            pass
+
+
 class _StreamedReply:
     """One answer in the room: posted at the first chunk, then edited at most every interval.
 
@@ -360,7 +375,7 @@ class _StreamedReply:
         self.event_id: EventID | None = None
         self._shown = ""
         self._shown_partial = False
-        self._last_edit = 0.0
+        self._last_edit = time.monotonic()  # the first post also waits one interval
 
     @property
     def _streaming(self) -> bool:
@@ -370,11 +385,12 @@ class _StreamedReply:
         self.text += text
         if not self._streaming:
             return
+        interval = self.app.settings.streaming.edit_interval_ms / 1000
+        if time.monotonic() - self._last_edit < interval:
+            return  # an answer that ends within the interval is sent once, not posted and edited
         if self.event_id is None:
             await self._post(self.text, partial=True)
-            return
-        interval = self.app.settings.streaming.edit_interval_ms / 1000
-        if time.monotonic() - self._last_edit >= interval:
+        else:
             await self._edit(self.text, partial=True)
 
     async def finish(self) -> None:
@@ -386,15 +402,22 @@ class _StreamedReply:
         self.text = final
 
     async def cancelled(self) -> None:
-        if self.event_id is not None:
-            await self._edit(self.text + CANCELLED_MARK)
+        if self.text.strip():
+            await self._show(self.text + CANCELLED_MARK)
         else:
             await self.app.send_notice(self.room_id, "Cancelled before the agent said anything.")
 
     async def failed(self, message: str) -> None:
-        if self.event_id is not None:
-            await self._edit(self.text + "\n\n*(the answer stopped here)*")
+        if self.text.strip():
+            await self._show(self.text + "\n\n*(the answer stopped here)*")
         await self.app.send_notice(self.room_id, message)
+
+    async def _show(self, text: str) -> None:
+        """The final text of an ended answer, whether it was posted already or still buffered."""
+        if self.event_id is None:
+            await self._post(text)
+        else:
+            await self._edit(text)
 
     async def _post(self, text: str, partial: bool = False) -> None:
         content = replies.rendered(text, "m.text", self.partial_marker if partial else self.marker)

@@ -46,16 +46,10 @@ class RoomSnapshot:
     def get(self, event_type: str, state_key: str = "") -> StateEvent | None:
         return self.state.get((event_type, state_key))
 
-    @cached_property
-    def by_type(self) -> Mapping[str, Mapping[str, StateEvent]]:
-        """event type → state_key → event; built once so readers touch only their type."""
-        index: dict[str, dict[str, StateEvent]] = {}
-        for (event_type, state_key), event in self.state.items():
-            index.setdefault(event_type, {})[state_key] = event
-        return index
-
     def of_type(self, event_type: str) -> Mapping[str, StateEvent]:
-        return self.by_type.get(event_type, {})
+        """state_key → event for one type. A scan, not a stored index: the planner reads at most
+        one type per room once, and an index kept on every snapshot cost more memory than it saved."""
+        return {key: event for (t, key), event in self.state.items() if t == event_type}
 
     @cached_property
     def room_version(self) -> str:
@@ -65,6 +59,15 @@ class RoomSnapshot:
     def power_levels(self) -> Mapping[str, Any] | None:
         event = self.get(POWER_LEVELS_TYPE)
         return event.content if event and isinstance(event.content, Mapping) else None
+
+    def membership(self, user_id: str) -> str | None:
+        """`members.get(user_id)` without building `members`: one lookup."""
+        event = self.state.get((MEMBER_TYPE, user_id))
+        if event is None:
+            return None
+        content = event.content
+        membership = content.get("membership") if isinstance(content, dict) else None
+        return membership if isinstance(membership, str) else None
 
     @cached_property
     def members(self) -> Mapping[str, str]:

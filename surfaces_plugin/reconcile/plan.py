@@ -146,7 +146,7 @@ def invite_level(room: RoomSnapshot) -> int:
 # working data
 
 
-@dataclass
+@dataclass(slots=True)
 class _Link:
     """One m.space.child event as seen in a Space."""
 
@@ -160,7 +160,7 @@ class _Link:
         return self.sender_is_bot and self.live
 
 
-@dataclass
+@dataclass(slots=True)
 class _Room:
     snap: RoomSnapshot
     kind: RoomKind
@@ -175,6 +175,7 @@ class _Room:
     restored: bool = False  # binding rebuilt from the cache after tampering
     replaced_by: str | None = None
     links: dict[str, _Link] = field(default_factory=dict)  # spaces: child id → link
+    bot_level: float | None = None  # the bot's power level here, once computed
 
     def __post_init__(self) -> None:
         self.room_id = self.snap.room_id  # a plain attribute: read on every hot path
@@ -429,8 +430,14 @@ class _Planner:
 
     # -- power ----------------------------------------------------------------
 
+    def _bot_level(self, room: _Room) -> float:
+        level = room.bot_level
+        if level is None:
+            level = room.bot_level = user_level(room.snap, self.bot)
+        return level
+
     def _lacks_power(self, room: _Room) -> bool:
-        have = user_level(room.snap, self.bot)
+        have = self._bot_level(room)
         if have == math.inf:  # the creator on room v12+: the common case, decided at once
             return False
         return any(have < state_level(room.snap, t) for t in _MAINTAINED_TYPES[room.kind])
@@ -511,7 +518,7 @@ class _Planner:
                 key=lambda s: (
                     s.degraded,
                     -self._valid_children(s),
-                    s.snap.members.get(owner) != "join",
+                    s.snap.membership(owner) != "join",
                     s.ts,
                     s.room_id,
                 )
@@ -755,9 +762,9 @@ class _Planner:
         if room.kind == "space" and self.canonical.get(room.owner) != room.room_id:
             return
         access = self.s.access.state_of(room.owner) if self.s.access else None
-        if access == "blocked" or room.owner in room.snap.members:
+        if access == "blocked" or room.snap.membership(room.owner) is not None:
             return
-        if user_level(room.snap, self.bot) < invite_level(room.snap):
+        if self._bot_level(room) < invite_level(room.snap):
             return
         self.out.invites.append(Invite(room.room_id, room.owner, "owner was never invited"))
         self.invited.add(room.room_id)
@@ -787,7 +794,7 @@ class _Planner:
         """As it will be once our invites land, so the cache matches the next run's."""
         if room.room_id in self.invited and user_id == room.owner:
             return "invite"
-        return room.snap.members.get(user_id)
+        return room.snap.membership(user_id)
 
     def _users(self) -> dict[str, UserRecord]:
         owners = {r.owner for r in self.rooms.values()}

@@ -225,3 +225,14 @@ async def test_live_message_waits_for_the_rooms_missed_ones(make_surfaces) -> No
         "echo: sent while down",
         "echo: sent after the restart",
     ]
+
+
+async def test_fast_answer_is_one_message_without_typing_notice(make_surfaces) -> None:
+    h = await make_surfaces()  # streaming on, 800 ms between edits: the echo answer is faster
+    dm = h.dm(ALICE)
+    await h.say(dm, ALICE, "!ai start")
+    [room] = h.app.chats.all_rooms()
+    await h.say(room.room_id, ALICE, "quick one")
+    assert h.client.bodies(room.room_id) == ["echo: quick one"]
+    assert len(h.client.messages(room.room_id)) == 1  # posted once, never edited
+    assert h.client.typing == []
