@@ -211,6 +211,7 @@ class Dispatcher:
                     usage = chunk.usage or usage
                     if chunk.text:
                         await stream.add(chunk.text)
+            await typing.stop()  # the agent is done: no typing notice while the answer is sent
             await stream.finish()
         except asyncio.CancelledError:
             await asyncio.shield(stream.cancelled())
@@ -350,6 +351,7 @@ class _Typing:
         self._task.cancel()
         if not self.shown:
             return
+        self.shown = False
         try:
             await self.app.client.set_typing(self.room_id, timeout=0)
         except Exception:  # typing is cosmetic; never fail an answer for it
