@@ -7,9 +7,10 @@ Every `to_content`/builder returns plain JSON-ready dicts, so callers never hand
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 from mautrix.types import EventType, RoomCreatePreset
@@ -70,15 +71,51 @@ _ORDER_WIDTH = 16  # ms timestamps are 13 digits; 16 keeps keys fixed-width for 
 # ---------------------------------------------------------------------------
 # small validators
 
+_T = TypeVar("_T")
+
+
+def fast_constructor(cls: type[_T]) -> Callable[..., _T]:
+    """A constructor for a frozen dataclass that takes every field by keyword, for hot paths.
+
+    The generated `__init__` of a frozen dataclass sets each field through `object.__setattr__`,
+    about 3× slower than filling the instance dict at once; the planner builds a few such objects
+    per room for tens of thousands of rooms. The result is the same object (equal, hashable,
+    still frozen). Every field must be given: defaults are not applied.
+    """
+    assert "__slots__" not in cls.__dict__ and not hasattr(cls, "__post_init__")
+    names = frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]
+    count, new = len(names), object.__new__
+
+    def make(**values: Any) -> _T:
+        if len(values) != count or values.keys() != names:
+            raise TypeError(f"{cls.__name__}: fields {sorted(names ^ values.keys())}")
+        obj = new(cls)
+        obj.__dict__.update(values)
+        return obj
+
+    return make
+
+
+# Memoized regex checks: the same owner and Space ids recur in every room of a user. Only strings
+# within the length limit reach the cache, so it stays small (a few MB at most).
+@lru_cache(maxsize=8192)
+def _user_id_shape(value: str) -> bool:
+    return _USER_ID_RE.match(value) is not None
+
+
+@lru_cache(maxsize=8192)
+def _room_id_shape(value: str) -> bool:
+    return _ROOM_ID_RE.match(value) is not None
+
 
 def is_user_id(value: object) -> bool:
     """`@localpart:server`, within the spec's length limit."""
-    return isinstance(value, str) and len(value) <= _MAX_ID_LEN and bool(_USER_ID_RE.match(value))
+    return isinstance(value, str) and len(value) <= _MAX_ID_LEN and _user_id_shape(value)
 
 
 def is_room_id(value: object) -> bool:
     """`!opaque` (room v12 ids have no server part) or `!opaque:server`."""
-    return isinstance(value, str) and len(value) <= _MAX_ID_LEN and bool(_ROOM_ID_RE.match(value))
+    return isinstance(value, str) and len(value) <= _MAX_ID_LEN and _room_id_shape(value)
 
 
 def _is_map(value: object) -> bool:
@@ -92,14 +129,6 @@ def _is_int(value: object) -> bool:
 def _version(content: Mapping[str, Any], key: str) -> int | None:
     v = content.get(key)
     return v if _is_int(v) and v >= 1 else None
-
-
-def _opt_str(content: Mapping[str, Any], key: str) -> tuple[bool, str | None]:
-    """(ok, value): missing or null is ok/None, a non-string is not ok."""
-    value = content.get(key)
-    if value is None:
-        return True, None
-    return (True, value) if isinstance(value, str) else (False, None)
 
 
 def _nonempty_str(value: object) -> bool:
@@ -131,15 +160,19 @@ def parse_create_markers(create_content: object) -> RoomMarkers | None:
     """
     if not _is_map(create_content):
         return None
-    kind = create_content.get(KIND_KEY)
-    owner = create_content.get(OWNER_KEY)
-    v = _version(create_content, VERSION_KEY)
-    if kind not in ROOM_KINDS or not is_user_id(owner) or v is None:
+    get = create_content.get  # inlined checks: this runs for every room at every start
+    kind = get(KIND_KEY)
+    owner = get(OWNER_KEY)
+    v = get(VERSION_KEY)
+    if kind not in ROOM_KINDS or type(v) is not int or v < 1 or not is_user_id(owner):
         return None
-    is_space = create_content.get("type") == "m.space"
+    is_space = get("type") == "m.space"
     if (kind == "space") != is_space:  # a space that isn't m.space (or vice versa) is corrupt
         return None
-    return RoomMarkers(kind=kind, owner=owner, v=v)
+    return _new_markers(kind=kind, owner=owner, v=v)
+
+
+_new_markers = fast_constructor(RoomMarkers)
 
 
 def has_our_markers(create_content: object) -> bool:
@@ -209,31 +242,36 @@ class Binding:
         return content
 
 
+_new_binding = fast_constructor(Binding)
+
+
 def parse_binding(content: object) -> Binding | None:
     """A binding, or `None` when any known key has the wrong shape (unknown keys are ignored)."""
     if not _is_map(content):
         return None
-    v = _version(content, "v")
-    owner = content.get("owner")
-    space_id = content.get("space_id")
-    agent = content.get("agent")
-    title = content.get("title", "")
-    pcid_ok, pcid = _opt_str(content, "platform_chat_id")
-    prompt_ok, prompt = _opt_str(content, "system_prompt")
-    archived = content.get("archived", False)
+    get = content.get  # inlined checks (same rules as _version, _opt_str, _nonempty_str)
+    v = get("v")
+    owner = get("owner")
+    space_id = get("space_id")
+    agent = get("agent")
+    title = get("title", "")
+    pcid = get("platform_chat_id")
+    prompt = get("system_prompt")
+    archived = get("archived", False)
     if (
-        v is None
+        type(v) is not int
+        or v < 1
+        or not isinstance(agent, str)
+        or agent == ""
+        or not isinstance(title, str)
+        or (pcid is not None and (not isinstance(pcid, str) or pcid == ""))
+        or (prompt is not None and not isinstance(prompt, str))
+        or not isinstance(archived, bool)
         or not is_user_id(owner)
         or not is_room_id(space_id)
-        or not _nonempty_str(agent)
-        or not isinstance(title, str)
-        or not pcid_ok
-        or pcid == ""
-        or not prompt_ok
-        or not isinstance(archived, bool)
     ):
         return None
-    return Binding(
+    return _new_binding(
         owner=owner,
         space_id=space_id,
         agent=agent,
@@ -270,6 +308,12 @@ def _parse_via(content: Mapping[str, Any]) -> tuple[str, ...] | None:
         if not isinstance(server, str) or not server:
             return None
     return tuple(via)
+
+
+def is_live_link(content: object) -> bool:
+    """Whether `parse_space_child` (and `parse_space_parent`) would give a link, without
+    building one: both are `None` exactly when the content is not a map or `via` is invalid."""
+    return _is_map(content) and _parse_via(content) is not None
 
 
 def is_valid_order(order: object) -> bool:

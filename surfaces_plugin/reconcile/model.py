@@ -51,11 +51,11 @@ class RoomSnapshot:
         one type per room once, and an index kept on every snapshot cost more memory than it saved."""
         return {key: event for (t, key), event in self.state.items() if t == event_type}
 
-    @cached_property
+    @property
     def room_version(self) -> str:
         return create_room_version(self.create.content if self.create else None)
 
-    @cached_property
+    @property
     def power_levels(self) -> Mapping[str, Any] | None:
         event = self.get(POWER_LEVELS_TYPE)
         return event.content if event and isinstance(event.content, Mapping) else None

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import gc
 import math
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from operator import attrgetter, itemgetter
+from types import MappingProxyType
 from typing import Any
 
 from ..layout import (
@@ -34,14 +37,15 @@ from ..layout import (
     RoomKind,
     additional_creators,
     create_predecessor,
+    create_room_version,
     creators_have_infinite_power,
+    fast_constructor,
     has_our_markers,
+    is_live_link,
     order_key,
     parse_binding,
     parse_create_markers,
     parse_memory,
-    parse_space_child,
-    parse_space_parent,
     parse_tombstone,
     space_child_content,
     space_parent_content,
@@ -69,6 +73,9 @@ _MAINTAINED_TYPES: Mapping[str, tuple[str, ...]] = {
 }
 _MAX_UPGRADE_CHAIN = 64  # a cycle guard; real chains are a handful of rooms
 _LOST = "bot is no longer in the room"
+_NO_LINKS: Mapping[str, Any] = MappingProxyType({})
+_BINDING_KEY = (BINDING_TYPE, "")
+_TOMBSTONE_KEY = (TOMBSTONE_TYPE, "")
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,7 @@ def _level(value: object, default: int) -> int:
 
 def user_level(room: RoomSnapshot, user_id: str) -> float:
     create = room.create
-    if create is not None and creators_have_infinite_power(room.room_version):
+    if create is not None and creators_have_infinite_power(create_room_version(create.content)):
         if user_id == create.sender or user_id in additional_creators(create.content):
             return math.inf
     pl = room.power_levels
@@ -174,7 +181,8 @@ class _Room:
     lineage: tuple[_Room, ...] = ()  # the rooms this one replaced, oldest first
     restored: bool = False  # binding rebuilt from the cache after tampering
     replaced_by: str | None = None
-    links: dict[str, _Link] = field(default_factory=dict)  # spaces: child id → link
+    # spaces: child id → link (set by _index_links); other rooms share one empty mapping
+    links: Mapping[str, _Link] = field(default_factory=lambda: _NO_LINKS)
     bot_level: float | None = None  # the bot's power level here, once computed
 
     def __post_init__(self) -> None:
@@ -209,10 +217,10 @@ class _Out:
     link_adds: list[SetState] = field(default_factory=list)
     link_removals: list[SetState] = field(default_factory=list)
     invites: list[Invite] = field(default_factory=list)
-    report: dict[str, list[Any]] = field(default_factory=dict)
+    report: defaultdict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
 
     def note(self, key: str, item: Any) -> None:
-        self.report.setdefault(key, []).append(item)
+        self.report[key].append(item)
 
     def writes(self) -> tuple[Action, ...]:
         return (
@@ -262,10 +270,12 @@ class _Planner:
         self.canonical: dict[str, str] = {}  # owner → canonical Space
         self.tombstones_checked: set[str] = set()
         self.invited: set[str] = set()  # rooms whose owner this plan invites
+        self.parent = space_parent_content(snapshot.server_name)  # compared with, never written
 
     def run(self) -> Plan:
-        for room_id in sorted(self.s.rooms):
-            self._classify(self.s.rooms[room_id])
+        rooms, classify = self.s.rooms, self._classify
+        for room_id in sorted(rooms):
+            classify(rooms[room_id])
         self._follow_upgrades()
         self._report_foreign_claims()
         for room in self.rooms.values():
@@ -330,7 +340,7 @@ class _Planner:
 
     def _load_binding(self, room: _Room) -> None:
         """The bot-sent binding, else the cached copy (a revert), else the room is ignored."""
-        event = room.snap.get(BINDING_TYPE)
+        event = room.snap.state.get(_BINDING_KEY)
         problem = None
         if event is None:
             problem = "no binding"
@@ -373,7 +383,7 @@ class _Planner:
 
     def _valid_successor(self, room: _Room) -> str | None:
         """The replacement room when the tombstone is authorised and verifiably points back."""
-        event = room.snap.get(TOMBSTONE_TYPE)
+        event = room.snap.state.get(_TOMBSTONE_KEY)
         if event is None or room.room_id in self.tombstones_checked:
             return None
         self.tombstones_checked.add(room.room_id)
@@ -398,6 +408,8 @@ class _Planner:
         """Working rooms with a valid tombstone hand their binding to the new room."""
         for room_id in sorted(self.rooms):
             room = self.rooms[room_id]
+            if _TOMBSTONE_KEY not in room.snap.state:  # the common case: nothing to follow
+                continue
             for _ in range(_MAX_UPGRADE_CHAIN):
                 if room.kind != "working" or room.replaced_by is not None:
                     break
@@ -449,13 +461,15 @@ class _Planner:
 
     def _index_links(self) -> None:
         for space in self._spaces():
-            for child_id, event in space.snap.of_type(SPACE_CHILD_TYPE).items():
-                space.links[child_id] = self._read_link(space, child_id, event)
+            space.links = {
+                child_id: self._read_link(space, child_id, event)
+                for child_id, event in space.snap.of_type(SPACE_CHILD_TYPE).items()
+            }
 
     def _read_link(self, space: _Room, child_id: str, event: StateEvent) -> _Link:
         by_bot = event.sender == self.bot
-        live = parse_space_child(event.content) is not None
         content = event.content
+        live = is_live_link(content)
         cleared = by_bot and not live and isinstance(content, Mapping) and "via" not in content
         because = content.get(UNLINKED_KEY) if cleared else None
         if not by_bot and live:
@@ -612,7 +626,7 @@ class _Planner:
             if len(group) > 1:
                 self._split_duplicate(pcid, group)
         taken = {r.binding.platform_chat_id for r in rooms if r.binding}
-        for room in sorted(rooms, key=lambda r: r.room_id):
+        for room in sorted(rooms, key=_room_id):
             assert room.binding is not None
             if room.binding.platform_chat_id is not None or not room.writable:
                 continue
@@ -653,7 +667,10 @@ class _Planner:
         self.out.note("duplicates_resolved", (pcid, group[0].room_id, tuple(renewed)))
 
     def _write_binding(self, room: _Room) -> None:
-        if not room.writable or room.binding is None or room.binding == room.binding_event:
+        binding = room.binding
+        if binding is None or binding is room.binding_event or not room.writable:
+            return
+        if binding == room.binding_event:
             return
         reason = "follow upgrade" if room.adopted_from else "repair binding"
         if room.restored:
@@ -667,14 +684,15 @@ class _Planner:
         if not room.writable:
             return
         target = self._target_space(room)
-        desired = space_parent_content(self.s.server_name)
         repaired = False
-        parents = room.snap.of_type(SPACE_PARENT_TYPE)
-        for key in sorted(parents):
-            event = parents[key]
-            if key == target:
-                continue
-            live = parse_space_parent(event.content) is not None
+        others = [
+            (key, event)
+            for (event_type, key), event in room.snap.state.items()
+            if event_type == SPACE_PARENT_TYPE and key != target
+        ]
+        others.sort(key=_first)
+        for key, event in others:
+            live = is_live_link(event.content)
             if live and event.sender != self.bot:
                 self._ignore(room.room_id, f"parent link to {key} sent by {event.sender}")
             elif live:
@@ -683,7 +701,12 @@ class _Planner:
                 )
                 repaired = True
         current = room.snap.get(SPACE_PARENT_TYPE, target)
-        if current is None or current.sender != self.bot or dict(current.content) != desired:
+        if (
+            current is None
+            or current.sender != self.bot
+            or _as_dict(current.content) != self.parent
+        ):
+            desired = space_parent_content(self.s.server_name)  # each write gets its own dict
             self.out.parents.append(
                 SetState(room.room_id, SPACE_PARENT_TYPE, target, desired, "parent link")
             )
@@ -761,10 +784,13 @@ class _Planner:
             return
         if room.kind == "space" and self.canonical.get(room.owner) != room.room_id:
             return
-        access = self.s.access.state_of(room.owner) if self.s.access else None
-        if access == "blocked" or room.snap.membership(room.owner) is not None:
+        if room.snap.membership(room.owner) is not None:
             return
-        if self._bot_level(room) < invite_level(room.snap):
+        access = self.s.access.state_of(room.owner) if self.s.access else None
+        if access == "blocked":
+            return
+        have = self._bot_level(room)
+        if have != math.inf and have < invite_level(room.snap):
             return
         self.out.invites.append(Invite(room.room_id, room.owner, "owner was never invited"))
         self.invited.add(room.room_id)
@@ -773,17 +799,17 @@ class _Planner:
     # -- results --------------------------------------------------------------
 
     def _record(self, room: _Room) -> RoomRecord:
-        b = room.binding
-        return RoomRecord(
+        b = room.binding or _NoBinding
+        return _new_record(
             room_id=room.room_id,
             kind=room.kind,
             owner=room.owner,
-            space_id=b.space_id if b else None,
-            agent=b.agent if b else None,
-            title=b.title if b else None,
-            platform_chat_id=b.platform_chat_id if b else None,
-            system_prompt=b.system_prompt if b else None,
-            archived=b.archived if b else False,
+            space_id=b.space_id,
+            agent=b.agent,
+            title=b.title,
+            platform_chat_id=b.platform_chat_id,
+            system_prompt=b.system_prompt,
+            archived=b.archived,
             bot_membership="join" if room.joined else "lost",
             owner_membership=self._membership(room, room.owner),
             replaced_by=room.replaced_by,
@@ -822,9 +848,10 @@ class _Planner:
                 self.out.note("adopted", room.room_id)  # (a replaced room's row goes missing)
         missing = sorted(set(self.cache.rooms) - set(rooms))
         r = self.out.report
+        kinds = Counter(x.kind for x in rooms.values())
         report = Report(
-            spaces=sum(1 for x in rooms.values() if x.kind == "space"),
-            working_rooms=sum(1 for x in rooms.values() if x.kind == "working"),
+            spaces=kinds["space"],
+            working_rooms=kinds["working"],
             foreign=len(self.foreign),
             missing=tuple(missing),
             **{k: tuple(sorted(v) if k in _SORTED_KEYS else v) for k, v in r.items()},
@@ -833,6 +860,22 @@ class _Planner:
 
 
 _SORTED_KEYS = frozenset({"adopted", "degraded", "lost"})
+_new_record = fast_constructor(RoomRecord)
+
+
+class _NoBinding:
+    """What `_record` reads for a room without a binding."""
+
+    space_id = agent = title = platform_chat_id = system_prompt = None
+    archived = False
+
+
+_first = itemgetter(0)
+_room_id = attrgetter("room_id")
+
+
+def _as_dict(content: Mapping[str, Any]) -> Mapping[str, Any]:
+    return content if type(content) is dict else dict(content)
 
 
 # ---------------------------------------------------------------------------
