@@ -26,7 +26,6 @@ import asyncio
 import json
 import re
 import shutil
-import sqlite3
 import tempfile
 import time
 import uuid
@@ -45,7 +44,6 @@ from bench._common import (
     write_result,
 )
 from bench._matrix import CS, bounded, create_body
-from devtools import REPO_ROOT
 from devtools.maubot_standalone import STARTED, StandaloneBot
 from devtools.procs import LogCursor
 from devtools.synapse import SynapseServer
@@ -177,25 +175,6 @@ async def floor_once(synapse: SynapseServer, token: str, concurrency: int) -> tu
         return time.perf_counter() - started, len(joined)
 
 
-def plugin_tables() -> list[str]:
-    text = (REPO_ROOT / "surfaces_plugin" / "store" / "migrations.py").read_text()
-    return sorted(set(_TABLE_RE.findall(text))) + ["version"]
-
-
-def drop_plugin_db(bot: StandaloneBot) -> list[str]:
-    """What losing the plugin database means in standalone mode, where it shares maubot's file."""
-    db = sqlite3.connect(bot.data_dir / "bot.db")
-    try:
-        existing = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        dropped = [t for t in plugin_tables() if t in existing]
-        for name in dropped:
-            db.execute(f'DROP TABLE "{name}"')
-        db.commit()
-    finally:
-        db.close()
-    return dropped
-
-
 def bot_run(bot: StandaloneBot, label: str, fresh_start: bool = True) -> dict[str, Any]:
     """Start (or restart) the bot and read this start's reconciliation from its log."""
     if bot.running:
@@ -277,7 +256,7 @@ def measure(n: int, concurrency: int, reseed: bool, floors: int) -> dict[str, An
         runs.append(bot_run(bot, "warm"))
         floor()
         bot.stop()
-        dropped = drop_plugin_db(bot)
+        dropped = bot.drop_plugin_tables()
         runs.append(bot_run(bot, "plugin DB lost"))
         floor()
         runs.append(bot_run(bot, "warm after DB loss"))

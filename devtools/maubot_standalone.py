@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from devtools import REPO_ROOT
 from devtools.configs import logging_config, plugin_config
 from devtools.procs import LogCursor, free_port, kill_process, log_tail, spawn, stop_process
 from devtools.synapse import SynapseServer
+from surfaces_plugin.store.migrations import CACHE_TABLES, VERSION_TABLE
 
 # mautrix logs each finished /sync at TRACE with this text.
 SYNC_DONE = "(/v3/sync) completed in"
@@ -193,6 +195,18 @@ class StandaloneBot:
         """SIGTERM, then SIGKILL after a bounded wait. Stop the bot before Synapse."""
         stop_process(self._proc, timeout)
         self._proc = None
+
+    def drop_plugin_tables(self) -> list[str]:
+        """Lose the plugin database: standalone keeps it in maubot's own SQLite file, so drop the
+        plugin's tables and its schema version; maubot's tables (sync token) stay, as on a full
+        server where each instance has its own plugin database. Returns the tables dropped."""
+        assert not self.running, "stop the bot first"
+        with sqlite3.connect(self.data_dir / "bot.db") as conn:
+            existing = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            dropped = [t for t in (*CACHE_TABLES, VERSION_TABLE) if t in existing]
+            for table in dropped:
+                conn.execute(f'DROP TABLE "{table}"')
+        return dropped
 
     def kill(self) -> None:
         """SIGKILL: a crash, for tests of recovery."""

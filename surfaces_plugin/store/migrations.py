@@ -11,6 +11,19 @@ from mautrix.util.async_db import Connection, UpgradeTable
 
 upgrade_table = UpgradeTable()
 
+# Every table of the plugin database, and mautrix's schema-version table (tests drop them all).
+CACHE_TABLES = (
+    "users",
+    "rooms",
+    "chats",
+    "messages",
+    "memory",
+    "onboarding_journal",
+    "processed",
+    "state_kv",
+)
+VERSION_TABLE = "version"
+
 
 @upgrade_table.register(description="Initial schema")
 async def upgrade_v1(conn: Connection) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ SYSTEM_PROMPT = "You are a careful test assistant."
 SUMMARY_PREFIX = "You summarise a conversation"  # compaction.instructions(...)
 SUMMARY_TEXT = "SUMMARY: the user described their garden, their bicycle trip and their cat."
 # maubot's and mautrix's own tables share the standalone SQLite file with the plugin's.
-NOT_PLUGIN_TABLES = ("standalone_", "crypto_", "mx_", "sqlite_")
 
 # Long-ish prose, one topic per message, so a 256-token budget overflows after a few turns.
 LONG_MESSAGES = [
@@ -401,19 +399,6 @@ async def test_memory_note_reaches_another_room_of_the_same_user(
 # 4. history rebuilt from the timeline after the plugin database is lost
 
 
-def wipe_plugin_tables(bot: StandaloneBot) -> list[str]:
-    """Drop every plugin table from the stopped bot's SQLite file; maubot's own tables stay, so
-    the bot keeps its sync state (like losing a full-server instance's plugin database)."""
-    assert not bot.running
-    db = bot.data_dir / "bot.db"
-    with sqlite3.connect(db) as conn:
-        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        plugin = [n for n in names if not n.startswith(NOT_PLUGIN_TABLES)]
-        for table in plugin:
-            conn.execute(f'DROP TABLE "{table}"')
-    return plugin
-
-
 async def test_history_is_rebuilt_from_the_timeline_after_the_database_is_lost(
     bot_factory: BotFactory, make_user: MakeUser, fake: ThreadedFake
 ) -> None:
@@ -427,7 +412,7 @@ async def test_history_is_rebuilt_from_the_timeline_after_the_database_is_lost(
     requests_before = len(fake.bodies)
 
     bot.stop()
-    dropped = wipe_plugin_tables(bot)
+    dropped = bot.drop_plugin_tables()
     assert {"rooms", "messages", "chats"} <= set(dropped), dropped
     bot.start()
 

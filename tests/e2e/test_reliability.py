@@ -25,6 +25,7 @@ from devtools.fake_openai import FakeOpenAI
 from devtools.matrix_user import MatrixError, MatrixUser, is_message
 from devtools.maubot_standalone import StandaloneBot
 from devtools.synapse import SynapseServer
+from surfaces_plugin.store.migrations import CACHE_TABLES
 from tests.conftest import POSTGRES_URL, REQUIRE_POSTGRES, _postgres_unavailable
 
 from .invariants import (
@@ -194,16 +195,6 @@ async def test_answer_cut_off_by_a_crash_is_marked_and_not_repeated(
 
 # -- losing the plugin database ----------------------------------------------------------------
 
-PLUGIN_TABLES = (
-    "users",
-    "rooms",
-    "chats",
-    "messages",
-    "memory",
-    "onboarding_journal",
-    "processed",
-    "state_kv",
-)
 # The columns of each cache table that Matrix holds the truth for.
 RESTORABLE = {
     "users": "user_id, space_id",
@@ -242,7 +233,7 @@ class PluginDatabase:
         return {table: await self.rows(table, cols) for table, cols in RESTORABLE.items()}
 
     async def wipe(self) -> None:
-        for table in PLUGIN_TABLES:
+        for table in CACHE_TABLES:
             await self._run(f"DELETE FROM {table}")
 
 

@@ -31,7 +31,6 @@ BINDING = layout.BINDING_TYPE
 CHILD = layout.SPACE_CHILD_TYPE
 TURN = layout.TURN_KEY
 # maubot's own tables and mautrix's stores share the standalone SQLite file with the plugin.
-_NOT_PLUGIN_TABLES = ("standalone_", "crypto_", "mx_", "sqlite_")
 # Cache columns that Matrix holds, so a rebuild must restore them exactly.
 USER_COLUMNS = ("user_id", "space_id", "missing")
 ROOM_COLUMNS = (
@@ -92,24 +91,6 @@ def bot_spaces(bot: StandaloneBot) -> list[str]:
 def start_writes(log_text: str) -> list[int]:
     """Write counts of each start-up reconciliation logged so far, oldest first."""
     return [int(m["writes"]) for m in _DONE_RE.finditer(log_text) if m["reason"] == "start"]
-
-
-def plugin_tables(db: Path) -> list[str]:
-    with sqlite3.connect(db) as conn:
-        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-    return [n for n in names if not n.startswith(_NOT_PLUGIN_TABLES)]
-
-
-def wipe_plugin_db(bot: StandaloneBot) -> None:
-    """Drop the plugin's tables (and its schema version) from the stopped bot's SQLite file;
-    maubot's own tables stay, like losing the plugin database of a full-server instance."""
-    assert not bot.running
-    db = bot.data_dir / "bot.db"
-    tables = plugin_tables(db)
-    assert {"users", "rooms", "version"} <= set(tables), tables
-    with sqlite3.connect(db) as conn:
-        for table in tables:
-            conn.execute(f'DROP TABLE "{table}"')
 
 
 def cache_rows(bot: StandaloneBot) -> dict[str, dict[str, dict[str, Any]]]:
@@ -224,7 +205,8 @@ async def test_wiped_database_is_rebuilt_from_matrix(
     assert len(before["rooms"]) == 3  # the Space and two working rooms
 
     bot.stop()
-    wipe_plugin_db(bot)
+    dropped = bot.drop_plugin_tables()
+    assert {"users", "rooms", "version"} <= set(dropped), dropped
     await asyncio.to_thread(bot.start)
 
     assert not row_differences(before, cache_rows(bot))

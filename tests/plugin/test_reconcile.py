@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from surfaces_plugin import layout
+from surfaces_plugin.store.migrations import CACHE_TABLES
 
 ALICE = "@alice:localhost"
 
 
 async def wipe_cache(h) -> None:
-    for table in ("users", "rooms", "chats", "messages", "memory", "processed", "onboarding_journal"):
+    for table in CACHE_TABLES:
         await h.app.stores.db.execute(f"DELETE FROM {table}")
 
 

@@ -16,19 +16,11 @@ from surfaces_plugin.store import (
     User,
     upgrade_table,
 )
+from surfaces_plugin.store.migrations import CACHE_TABLES
 
 ALICE = "@alice:example.org"
 BOB = "@bob:example.org"
-TABLES = (
-    "users",
-    "rooms",
-    "chats",
-    "messages",
-    "memory",
-    "onboarding_journal",
-    "processed",
-    "state_kv",
-)
+TABLES = CACHE_TABLES
 
 
 def working_room(room_id: str, owner: str = ALICE, **kw: object) -> Room:
