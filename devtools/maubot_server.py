@@ -25,7 +25,14 @@ from ruamel.yaml import YAML
 
 from devtools.configs import logging_config
 from devtools.maubot_standalone import SYNC_DONE, WAKE_TYPE
-from devtools.procs import LogCursor, free_port, kill_process, log_tail, spawn, stop_process
+from devtools.procs import (
+    LogCursor,
+    ServerProcess,
+    free_port,
+    kill_process,
+    spawn,
+    stop_process,
+)
 from devtools.synapse import SynapseServer
 
 API = "/_matrix/maubot/v1"
@@ -40,7 +47,7 @@ class MaubotError(RuntimeError):
         self.body = body
 
 
-class MaubotServer:
+class MaubotServer(ServerProcess):
     """One full maubot server with its own data dir, admin account and management API token."""
 
     def __init__(
@@ -146,21 +153,6 @@ class MaubotServer:
         for mxid in self.bot_tokens:
             self._wait_synced(mxid, cursor, timeout)
         return self
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def _tails(self) -> str:
-        return (
-            f"--- {self.log_path} ---\n{log_tail(self.log_path)}\n"
-            f"--- stdout/stderr ---\n{log_tail(self.data_dir / 'stdout.log')}"
-        )
-
-    def __enter__(self) -> MaubotServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- management API ----------------------------------------------------------------------------
 

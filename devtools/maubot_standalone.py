@@ -22,7 +22,14 @@ from urllib.parse import quote
 
 from devtools import REPO_ROOT
 from devtools.configs import logging_config, plugin_config
-from devtools.procs import LogCursor, free_port, kill_process, log_tail, spawn, stop_process
+from devtools.procs import (
+    LogCursor,
+    ServerProcess,
+    free_port,
+    kill_process,
+    spawn,
+    stop_process,
+)
 from devtools.synapse import SynapseServer
 from surfaces_plugin.store.migrations import CACHE_TABLES, VERSION_TABLE
 
@@ -37,7 +44,7 @@ class BotError(RuntimeError):
     """The bot process failed to start or become ready."""
 
 
-class StandaloneBot:
+class StandaloneBot(ServerProcess):
     """One standalone maubot process running the repo's plugin as a fresh bot account."""
 
     def __init__(
@@ -217,17 +224,3 @@ class StandaloneBot:
         self.stop()
         return self.start(timeout)
 
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def _tails(self) -> str:
-        return (
-            f"--- {self.log_path} ---\n{log_tail(self.log_path)}\n"
-            f"--- stdout/stderr ---\n{log_tail(self.data_dir / 'stdout.log')}"
-        )
-
-    def __enter__(self) -> StandaloneBot:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

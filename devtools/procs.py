@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Self
 
 
 def free_port() -> int:
@@ -95,3 +96,33 @@ class LogCursor:
 
     def count(self, needle: str) -> int:
         return self.new_text().count(needle)
+
+
+class ServerProcess:
+    """What Synapse, standalone maubot and the full maubot server share: a data dir holding the
+    process's log and its stdout/stderr, and use as a context manager (start … stop)."""
+
+    data_dir: Path
+    log_path: Path
+
+    def start(self, *args: Any, **kwargs: Any) -> Self:
+        raise NotImplementedError
+
+    def stop(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _tails(self) -> str:
+        """The ends of the log and of stdout/stderr, for error messages."""
+        return (
+            f"--- {self.log_path} ---\n{log_tail(self.log_path)}\n"
+            f"--- stdout/stderr ---\n{log_tail(self.data_dir / 'stdout.log')}"
+        )
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -22,7 +22,7 @@ from typing import Any
 
 import signedjson.key
 
-from devtools.procs import free_port, log_tail, spawn, stop_process
+from devtools.procs import ServerProcess, free_port, spawn, stop_process
 
 SERVER_NAME = "localhost"
 # Generous enough that no test or benchmark ever meets a limit.
@@ -58,7 +58,7 @@ def _rate_limits() -> dict[str, Any]:
     }
 
 
-class SynapseServer:
+class SynapseServer(ServerProcess):
     """One Synapse process with its data dir; `start()`/`stop()` may be repeated (restart keeps data)."""
 
     def __init__(self, data_dir: Path | None = None, port: int | None = None) -> None:
@@ -177,21 +177,6 @@ class SynapseServer:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-    def _tails(self) -> str:
-        return (
-            f"--- {self.log_path} ---\n{log_tail(self.log_path)}\n"
-            f"--- stdout/stderr ---\n{log_tail(self.data_dir / 'stdout.log')}"
-        )
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> SynapseServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- HTTP --------------------------------------------------------------------------------------
 

@@ -58,6 +58,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+def watched(request: pytest.FixtureRequest, bot: StandaloneBot) -> StandaloneBot:
+    """A (module-shared) bot whose log tail goes into this test's failure report."""
+    _watch_log(request, f"bot {bot.user_id}", bot.log_path)
+    return bot
+
+
 def _watch_log(request: pytest.FixtureRequest, name: str, path: Path) -> None:
     """Register a log file to show in this test's failure report."""
     logs = getattr(request.node, "_e2e_logs", [])

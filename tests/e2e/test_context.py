@@ -24,7 +24,7 @@ from devtools.synapse import SynapseServer
 from surfaces_plugin import layout
 from surfaces_plugin.backends import ChatMessage
 from surfaces_plugin.context_window import SUMMARY_HEADING, message_tokens
-from tests.e2e.conftest import PLUGIN_DIR, _watch_log
+from tests.e2e.conftest import PLUGIN_DIR, watched
 
 pytestmark = pytest.mark.e2e
 
@@ -159,23 +159,14 @@ def module_bot(
     synapse: SynapseServer, fake: ThreadedFake, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[StandaloneBot]:
     """One bot whose agent uses the fake with the smallest budget; each test has its own user."""
-    bot = StandaloneBot(
-        synapse,
-        bot_config(fake),
-        data_dir=tmp_path_factory.mktemp("context-bot"),
-        repo_root=PLUGIN_DIR,
-    )
-    bot.start()
-    try:
+    data_dir = tmp_path_factory.mktemp("context-bot")
+    with StandaloneBot(synapse, bot_config(fake), data_dir=data_dir, repo_root=PLUGIN_DIR) as bot:
         yield bot
-    finally:
-        bot.stop()
 
 
 @pytest.fixture
 def bot(module_bot: StandaloneBot, request: pytest.FixtureRequest) -> StandaloneBot:
-    _watch_log(request, f"bot {module_bot.user_id}", module_bot.log_path)
-    return module_bot
+    return watched(request, module_bot)
 
 
 # ---------------------------------------------------------------------------------------------

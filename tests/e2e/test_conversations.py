@@ -20,7 +20,7 @@ from devtools.matrix_user import Event, MatrixUser, is_message
 from devtools.maubot_standalone import StandaloneBot
 from devtools.procs import LogCursor, free_port
 from devtools.synapse import SynapseServer
-from tests.e2e.conftest import PLUGIN_DIR, _watch_log
+from tests.e2e.conftest import PLUGIN_DIR, watched
 
 pytestmark = pytest.mark.e2e
 
@@ -97,22 +97,14 @@ def module_harness(
     """One bot for the module; its `fake` backend points at a loopback port each test's
     FakeOpenAI listens on (tests use fresh users, so they stay independent)."""
     port = free_port()
-    bot = StandaloneBot(
-        synapse,
-        bot_config(port),
-        data_dir=tmp_path_factory.mktemp("conversations-bot"),
-        repo_root=PLUGIN_DIR,
-    )
-    bot.start()
-    try:
+    data_dir = tmp_path_factory.mktemp("conversations-bot")
+    with StandaloneBot(synapse, bot_config(port), data_dir=data_dir, repo_root=PLUGIN_DIR) as bot:
         yield Harness(bot, port)
-    finally:
-        bot.stop()
 
 
 @pytest.fixture
 def harness(module_harness: Harness, request: pytest.FixtureRequest) -> Harness:
-    _watch_log(request, f"bot {module_harness.bot.user_id}", module_harness.bot.log_path)
+    watched(request, module_harness.bot)
     return module_harness
 
 

@@ -13,7 +13,7 @@ from devtools.e2e import BotFactory, MakeUser
 from devtools.matrix_user import MatrixUser, room_kind
 from devtools.maubot_standalone import StandaloneBot
 from devtools.synapse import SynapseServer
-from tests.e2e.conftest import PLUGIN_DIR, _watch_log
+from tests.e2e.conftest import PLUGIN_DIR, watched
 
 pytestmark = pytest.mark.e2e
 
@@ -37,20 +37,14 @@ def module_bot(
 ) -> Iterator[StandaloneBot]:
     """One open-mode bot with the echo and writer agents for the tests that need no special
     access config (each test uses fresh users, so they stay independent)."""
-    bot = StandaloneBot(
-        synapse, TWO_AGENTS, data_dir=tmp_path_factory.mktemp("spaces-bot"), repo_root=PLUGIN_DIR
-    )
-    bot.start()
-    try:
+    data_dir = tmp_path_factory.mktemp("spaces-bot")
+    with StandaloneBot(synapse, TWO_AGENTS, data_dir=data_dir, repo_root=PLUGIN_DIR) as bot:
         yield bot
-    finally:
-        bot.stop()
 
 
 @pytest.fixture
 def bot(module_bot: StandaloneBot, request: pytest.FixtureRequest) -> StandaloneBot:
-    _watch_log(request, f"bot {module_bot.user_id}", module_bot.log_path)
-    return module_bot
+    return watched(request, module_bot)
 
 
 # -- helpers -----------------------------------------------------------------------------------
