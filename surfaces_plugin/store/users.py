@@ -126,27 +126,25 @@ class UserStore(Repository):
         self, user_id: str, space_id: str | None, *, conn: Connection | None = None
     ) -> None:
         """Record the user's canonical Space, creating the user row when needed."""
-        async with self._acquire(conn) as c:
-            await c.execute(
-                """INSERT INTO users (user_id, space_id, updated_at) VALUES ($1, $2, $3)
-                ON CONFLICT (user_id) DO UPDATE SET space_id=excluded.space_id,
-                    updated_at=excluded.updated_at""",
-                user_id,
-                space_id,
-                now_ms(),
-            )
+        await self._set_column("space_id", user_id, space_id, conn)
 
     async def set_dm_room(
         self, user_id: str, dm_room_id: str | None, *, conn: Connection | None = None
     ) -> None:
         """Record (or with None, forget) the user's DM with the bot, creating the row when needed."""
+        await self._set_column("dm_room_id", user_id, dm_room_id, conn)
+
+    async def _set_column(
+        self, column: str, user_id: str, value: str | None, conn: Connection | None
+    ) -> None:
+        assert column in ("space_id", "dm_room_id")  # a fixed name, never user input
         async with self._acquire(conn) as c:
             await c.execute(
-                """INSERT INTO users (user_id, dm_room_id, updated_at) VALUES ($1, $2, $3)
-                ON CONFLICT (user_id) DO UPDATE SET dm_room_id=excluded.dm_room_id,
+                f"""INSERT INTO users (user_id, {column}, updated_at) VALUES ($1, $2, $3)
+                ON CONFLICT (user_id) DO UPDATE SET {column}=excluded.{column},
                     updated_at=excluded.updated_at""",
                 user_id,
-                dm_room_id,
+                value,
                 now_ms(),
             )
 
