@@ -307,18 +307,23 @@ class Dispatcher:
 
     async def _catch_up(self, rooms: list[WorkingRoom]) -> None:
         slots = asyncio.Semaphore(self.app.settings.reconciliation.concurrency)
+        started = time.monotonic()
+        caught_up = 0
 
         async def one(room: WorkingRoom) -> None:
+            nonlocal caught_up
             missed: list[Job] = []
             try:
                 async with slots:
                     missed = await missed_in_room(self.app, room)
             finally:  # whatever happened, the room's live messages must not stay held
                 held = self._held.pop(room.room_id, [])
+                caught_up += len(missed)
                 for job in [*missed, *held]:
                     self.enqueue(job)
 
         await asyncio.gather(*(one(room) for room in rooms))
+        self.app.reconciler.note_catch_up(caught_up, len(rooms), time.monotonic() - started)
 
     async def stop(self) -> None:
         for task in list(self._workers.values()):

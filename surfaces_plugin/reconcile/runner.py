@@ -93,6 +93,14 @@ class Reconciler:
 
         return new_chat_id
 
+    def note_catch_up(self, messages: int, rooms: int, seconds: float) -> None:
+        """Catch-up runs after the start-up reconciliation; its result joins that report."""
+        self.app.log.info(
+            "Catch-up: %d missed messages to answer in %d rooms (%.2f s)", messages, rooms, seconds
+        )
+        if self.last is not None:
+            self.last.counts["messages caught up"] = messages
+
     def schedule_periodic(self) -> None:
         """(Re)arm the periodic run from the current config; 0 minutes turns it off."""
         if self._periodic is not None:

@@ -101,3 +101,17 @@ async def test_last_activity_is_restored_from_the_timeline_after_a_wipe(make_sur
     await h2.say(dm, ALICE, "!ai rooms")
     assert "last activity never" not in h2.last_reply(dm)
     assert "last activity 20" in h2.last_reply(dm)
+
+
+async def test_report_counts_messages_caught_up(make_surfaces) -> None:
+    h = await make_surfaces(access={"admins": [ALICE]})
+    dm = h.dm(ALICE)
+    await h.say(dm, ALICE, "!ai start")
+    [room] = h.app.chats.all_rooms()
+    await h.app.stop()
+    h.client.user_message(room.room_id, ALICE, "one")
+    h.client.user_message(room.room_id, ALICE, "two")
+    h2 = await make_surfaces(client=h.client, access={"admins": [ALICE]})
+    assert h2.client.bodies(room.room_id) == ["echo: one", "echo: two"]
+    await h2.say(dm, ALICE, "!ai status")
+    assert "- messages caught up: 2" in h2.last_reply(dm)
