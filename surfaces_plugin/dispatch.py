@@ -17,7 +17,7 @@ from mautrix.types import EventID, MessageEvent, RoomID
 
 from . import layout, replies
 from .backends import BackendError
-from .catchup import missed_in_room
+from .catchup import INTERRUPTED_MARK, missed_in_room
 from .chats import WorkingRoom
 from .config import AgentSpec
 from .context_window import Window
@@ -70,6 +70,7 @@ class Dispatcher:
         self._seen: set[str] = set()  # event ids queued or answered in this process
         # Rooms still reading back what was missed: their live messages wait here, in order.
         self._held: dict[str, list[Job]] = {}
+        self._stopping = False
         self.limiter = RateLimiter()
 
     # intake (synchronous: keeps arrival order)
@@ -214,10 +215,17 @@ class Dispatcher:
             await typing.stop()  # the agent is done: no typing notice while the answer is sent
             await stream.finish()
         except asyncio.CancelledError:
-            await asyncio.shield(stream.cancelled())
+            # `!ai cancel`, or the plugin stopping (a restart): say which in the answer itself.
+            mark = (
+                INTERRUPTED_MARK.format(prefix=app.settings.command_prefix)
+                if self._stopping
+                else CANCELLED_MARK
+            )
+            await asyncio.shield(stream.cancelled(mark))
             if stream.event_id:
-                await app.chats.add_answer(room, stream.text + CANCELLED_MARK, stream.event_id, None)
-            await app.chats.mark_processed(room, job.event_id, job.ts)
+                await app.chats.add_answer(room, stream.text + mark, stream.event_id, None)
+            if stream.event_id or not self._stopping:  # unanswered at a stop: caught up later
+                await app.chats.mark_processed(room, job.event_id, job.ts)
             raise
         except BackendError as e:
             app.log.warning("Agent %s failed in %s: %s", agent.id, room.room_id, e)
@@ -326,6 +334,7 @@ class Dispatcher:
         self.app.reconciler.note_catch_up(caught_up, len(rooms), time.monotonic() - started)
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in list(self._workers.values()):
             task.cancel()
         await asyncio.gather(*self._workers.values(), return_exceptions=True)
@@ -408,10 +417,10 @@ class _StreamedReply:
             await self._edit(final)
         self.text = final
 
-    async def cancelled(self) -> None:
+    async def cancelled(self, mark: str = CANCELLED_MARK) -> None:
         if self.text.strip():
-            await self._show(self.text + CANCELLED_MARK)
-        else:
+            await self._show(self.text + mark)
+        elif mark == CANCELLED_MARK:
             await self.app.send_notice(self.room_id, "Cancelled before the agent said anything.")
 
     async def failed(self, message: str) -> None:

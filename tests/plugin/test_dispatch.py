@@ -236,3 +236,16 @@ async def test_fast_answer_is_one_message_without_typing_notice(make_surfaces) -
     assert h.client.bodies(room.room_id) == ["echo: quick one"]
     assert len(h.client.messages(room.room_id)) == 1  # posted once, never edited
     assert h.client.typing == []
+
+
+async def test_answer_in_flight_at_stop_says_it_was_interrupted(make_surfaces) -> None:
+    h, room, backend = await onboarded(make_surfaces)
+    backend.gate = asyncio.Event()  # the answer is half-way when the plugin stops
+    await h.app.on_message(h.client.user_message(room, ALICE, "a long question"))
+    for _ in range(100):
+        if h.client.messages(room):
+            break
+        await asyncio.sleep(0.01)
+    await h.app.stop()
+    [answer] = h.client.bodies(room)
+    assert answer.endswith("*(interrupted by a restart; send `!ai retry` for a full answer)*")
