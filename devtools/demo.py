@@ -55,11 +55,9 @@ TOUR: list[Step] = [
     Say("!ai start", note="Create your Space and its first working room"),
     JoinInvite("space", kind="space", note="Accept the invite to your Space"),
     JoinInvite("general", kind="working", note="Accept the invite to the first working room"),
-    Say(
-        "Hello, agent!",
-        room="general",
-        note="Talk to the echo agent (its answer streams in by edits)",
-    ),
+    Say("Hello, agent!", room="general", note="Talk to the echo agent: no command needed"),
+    Say("!ai memory add I prefer short answers", note="A note shared by all your rooms"),
+    Say("!ai context", room="general", note="What the next request to the agent holds"),
     Say("!ai rooms", note="List your working rooms"),
 ]
 
