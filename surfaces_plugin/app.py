@@ -181,7 +181,13 @@ class Surfaces:
             return
         await self.commands.run(request, sub, args)
 
+    def on_layout_state(self, evt: StateEvent) -> None:
+        """Someone else changed a room's state: a reconciliation reading it now reads it again."""
+        if evt.sender != self.bot_id:
+            self.reconciler.mark_dirty(evt.room_id)
+
     async def on_member(self, evt: StateEvent) -> None:
+        self.on_layout_state(evt)
         if evt.state_key != self.bot_id or evt.sender == self.bot_id:
             return
         if evt.content.membership in (Membership.LEAVE, Membership.BAN):

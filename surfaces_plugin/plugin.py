@@ -8,6 +8,7 @@ from mautrix.types import EventType, MessageEvent, StateEvent
 from mautrix.util.async_db import UpgradeTable
 from mautrix.util.config import BaseProxyConfig
 
+from . import layout
 from .app import Surfaces
 from .config import Config, ConfigError, parse_settings, plain_config
 from .store.migrations import upgrade_table
@@ -61,6 +62,15 @@ class SurfacesPlugin(Plugin):
             self._early.append(evt)
             return
         await self.app.on_message(evt)
+
+    @event.on(EventType.SPACE_CHILD)
+    @event.on(EventType.SPACE_PARENT)
+    @event.on(EventType.ROOM_TOMBSTONE)
+    @event.on(EventType.ROOM_POWER_LEVELS)
+    @event.on(layout.BINDING)
+    async def on_layout_state(self, evt: StateEvent) -> None:
+        if self.app is not None:
+            self.app.on_layout_state(evt)
 
     @event.on(EventType.ROOM_MEMBER)
     async def on_member(self, evt: StateEvent) -> None:

@@ -43,6 +43,19 @@ def room_snapshot(room_id: str, raw_state: list[Any]) -> RoomSnapshot:
     return RoomSnapshot(room_id=room_id, create=state.get((layout.CREATE_TYPE, "")), state=state)
 
 
+async def read_room(app: Surfaces, room_id: str) -> RoomSnapshot | None:
+    """One room's full state; None when it cannot be read (logged)."""
+    try:
+        raw = await app.gateway.read(
+            "read room state",
+            lambda: app.client.api.request(Method.GET, Path.v3.rooms[room_id].state),
+        )
+    except GatewayError as e:
+        app.log.warning("Reconciliation could not read %s: %s", room_id, e)
+        return None
+    return room_snapshot(room_id, raw if isinstance(raw, list) else [])
+
+
 async def read_snapshot(app: Surfaces, concurrency: int) -> Snapshot:
     gateway, client = app.gateway, app.client
     joined = await gateway.read("list joined rooms", client.get_joined_rooms)
@@ -52,16 +65,11 @@ async def read_snapshot(app: Surfaces, concurrency: int) -> Snapshot:
 
     async def read(room_id: str) -> None:
         async with slots:
-            try:
-                raw = await gateway.read(
-                    "read room state",
-                    lambda: client.api.request(Method.GET, Path.v3.rooms[room_id].state),
-                )
-            except GatewayError as e:
-                app.log.warning("Reconciliation could not read %s: %s", room_id, e)
-                unreadable.add(room_id)
-                return
-        rooms[room_id] = room_snapshot(room_id, raw if isinstance(raw, list) else [])
+            room = await read_room(app, room_id)
+        if room is None:
+            unreadable.add(room_id)
+        else:
+            rooms[room_id] = room
 
     await asyncio.gather(*(read(str(room_id)) for room_id in joined))
     try:

@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 from .. import layout
 from .apply import rebuild_cache, write_plan
-from .inventory import read_cache, read_snapshot
+from .inventory import read_cache, read_room, read_snapshot
 from .model import Snapshot
-from .plan import Report, plan
+from .plan import Plan, Report, plan
 
 if TYPE_CHECKING:
     from ..app import Surfaces
 
 REPORT_KEY = "reconciliation.last_report"
+MAX_DIRTY_ROUNDS = 3  # rooms that keep changing are left to the next run
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Reconciler:
         self.last: RunReport | None = None
         self._lock = asyncio.Lock()
         self._periodic: asyncio.Task[None] | None = None
+        self._running = False
+        self._dirty: set[str] = set()
 
     async def run(self, reason: str) -> RunReport:
         async with self._lock:
@@ -60,24 +63,50 @@ class Reconciler:
             started = time.monotonic()
             dry_run = app.settings.reconciliation.dry_run
             report = RunReport(reason=reason, started_ms=int(time.time() * 1000), dry_run=dry_run)
-            snapshot = await read_snapshot(app, app.settings.reconciliation.concurrency)
-            cache = await read_cache(app)
-            result = plan(snapshot, cache, self._chat_id_factory(snapshot))
-            if dry_run:
-                report.counts["writes planned"] = len(result.writes)
-            else:
-                applied = await write_plan(app, result)
-                report.writes = applied.writes
-                report.ignored += [f"write failed: {item}" for item in applied.failed]
-                app.chats.load(await rebuild_cache(app, snapshot, result))
-            if dry_run:
-                await app.chats.load_from_cache()
+            self._dirty = set()
+            self._running = True
+            try:
+                snapshot = await read_snapshot(app, app.settings.reconciliation.concurrency)
+                result = await self._plan_and_apply(snapshot, report)
+                # Rooms changed by others while we read them: read again, plan again (T13).
+                for _ in range(MAX_DIRTY_ROUNDS):
+                    dirty, self._dirty = self._dirty, set()
+                    if not dirty:
+                        break
+                    for room_id in sorted(dirty):
+                        room = await read_room(app, room_id)
+                        if room is not None:
+                            snapshot = snapshot.with_room(room)
+                    report.counts["rooms re-read after live changes"] = len(dirty) + (
+                        report.counts.get("rooms re-read after live changes", 0)
+                    )
+                    result = await self._plan_and_apply(snapshot, report)
+            finally:
+                self._running = False
             _count(report, result.report)
             report.seconds = time.monotonic() - started
             self.last = report
             await self.app.stores.kv.set_json(REPORT_KEY, report.to_json())
             self.app.log.info("Reconciliation done: %s", report.to_markdown().replace("\n", "; "))
             return report
+
+    async def _plan_and_apply(self, snapshot: Snapshot, report: RunReport) -> Plan:
+        app = self.app
+        result = plan(snapshot, await read_cache(app), self._chat_id_factory(snapshot))
+        if report.dry_run:
+            report.counts["writes planned"] = len(result.writes)
+            await app.chats.load_from_cache()
+            return result
+        applied = await write_plan(app, result)
+        report.writes += applied.writes
+        report.ignored += [f"write failed: {item}" for item in applied.failed]
+        app.chats.load(await rebuild_cache(app, snapshot, result))
+        return result
+
+    def mark_dirty(self, room_id: str) -> None:
+        """A room's state changed live; if a run is reading Matrix now, it reads the room again."""
+        if self._running:
+            self._dirty.add(room_id)
 
     def _chat_id_factory(self, snapshot: Snapshot):  # noqa: ANN202 - plan's NewChatId
         """Fresh platform_chat_ids named after the room's backend, like Backend.create_chat."""

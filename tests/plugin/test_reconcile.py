@@ -115,3 +115,34 @@ async def test_report_counts_messages_caught_up(make_surfaces) -> None:
     assert h2.client.bodies(room.room_id) == ["echo: one", "echo: two"]
     await h2.say(dm, ALICE, "!ai status")
     assert "- messages caught up: 2" in h2.last_reply(dm)
+
+
+async def test_room_changed_during_reconciliation_is_read_again(make_surfaces, monkeypatch) -> None:
+    from mautrix.types import StateEvent
+
+    from surfaces_plugin.reconcile import runner
+
+    h = await make_surfaces()
+    dm = h.dm(ALICE)
+    await h.say(dm, ALICE, "!ai start")
+    [room] = h.app.chats.all_rooms()
+    h.client.rooms[room.room_id].members[ALICE] = "join"
+    await h.app.reconciler.run(reason="joined")
+    assert (await h.app.stores.rooms.get(room.room_id)).owner_membership == "join"
+
+    original = runner.read_snapshot
+
+    async def read_then_alice_leaves(app, concurrency):
+        snapshot = await original(app, concurrency)  # read while alice is still in the room
+        h.client.rooms[room.room_id].members[ALICE] = "leave"
+        h.app.on_layout_state(StateEvent.deserialize({
+            "type": "m.room.member", "room_id": room.room_id, "event_id": "$leave",
+            "sender": ALICE, "state_key": ALICE, "origin_server_ts": 1,
+            "content": {"membership": "leave"},
+        }))
+        return snapshot
+
+    monkeypatch.setattr(runner, "read_snapshot", read_then_alice_leaves)
+    report = await h.app.reconciler.run(reason="live change")
+    assert report.counts["rooms re-read after live changes"] == 1
+    assert (await h.app.stores.rooms.get(room.room_id)).owner_membership == "leave"
