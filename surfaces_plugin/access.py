@@ -38,15 +38,11 @@ class AccessService:
             if user.access_state == "pending" and user.dm_room_id:
                 self._pending[user.user_id] = user.dm_room_id
 
-    def _state(self, user_id: str) -> str | None:
-        entry = self.decisions.users.get(user_id)
-        return entry.state if entry is not None else None
-
     def has_access(self, user_id: str) -> bool:
         access = self.app.settings.access
         if access.is_admin(user_id):
             return True
-        state = self._state(user_id)
+        state = self.decisions.state_of(user_id)
         if state == "blocked":
             return False
         if access.mode == "open" or state == "approved":
@@ -57,7 +53,7 @@ class AccessService:
         """May this user talk to the bot at all (approval mode lets them ask)."""
         if self.has_access(user_id):
             return True
-        return self.app.settings.access.mode == "approval" and self._state(user_id) != "blocked"
+        return self.app.settings.access.mode == "approval" and self.decisions.state_of(user_id) != "blocked"
 
     def pending(self) -> list[str]:
         return sorted(self._pending)
@@ -67,7 +63,7 @@ class AccessService:
         user = req.sender
         if self.has_access(user):
             return True
-        if self._state(user) == "blocked":
+        if self.decisions.state_of(user) == "blocked":
             await req.reply("Sorry, you are blocked from using this bot.")
             return False
         if self.app.settings.access.mode == "approval":

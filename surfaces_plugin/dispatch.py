@@ -66,7 +66,7 @@ class Dispatcher:
         self._queues: dict[str, deque[Job]] = defaultdict(deque)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._generating: dict[str, asyncio.Task[None]] = {}
-        self._told_not_owner: set[tuple[str, str]] = set()
+        self._told_once: set[tuple[str, str]] = set()
         self._seen: set[str] = set()  # event ids queued or answered in this process
         # Rooms still reading back what was missed: their live messages wait here, in order.
         self._held: dict[str, list[Job]] = {}
@@ -108,30 +108,25 @@ class Dispatcher:
             )
 
     def _tell_not_owner_once(self, room: WorkingRoom, user_id: str) -> None:
-        key = (room.room_id, user_id)
-        if key in self._told_not_owner:
-            return
-        self._told_not_owner.add(key)
-        self.app.spawn(
-            self.app.send_notice(
-                RoomID(room.room_id),
-                f"{user_id}: this room is {room.owner}'s conversation with `{room.agent}`; "
-                "only they can talk to the agent here.",
-            ),
-            name="not-owner notice",
+        self._notice_once(
+            room,
+            f"not owner {user_id}",
+            f"{user_id}: this room is {room.owner}'s conversation with `{room.agent}`; "
+            "only they can talk to the agent here.",
         )
 
     def _refuse_once(self, room: WorkingRoom, user_id: str) -> None:
-        key = (room.room_id, f"refused {user_id}")
-        if key in self._told_not_owner:
-            return
-        self._told_not_owner.add(key)
-        self.app.spawn(
-            self.app.send_notice(
-                RoomID(room.room_id), "Sorry, you may no longer use this bot; ask an admin."
-            ),
-            name="refusal notice",
+        self._notice_once(
+            room, f"refused {user_id}", "Sorry, you may no longer use this bot; ask an admin."
         )
+
+    def _notice_once(self, room: WorkingRoom, reason: str, text: str) -> None:
+        """A notice sent at most once per room and reason in this process (no chat flooding)."""
+        key = (room.room_id, reason)
+        if key in self._told_once:
+            return
+        self._told_once.add(key)
+        self.app.spawn(self.app.send_notice(RoomID(room.room_id), text), name=reason)
 
     async def _drain(self, room_id: str) -> None:
         queue = self._queues[room_id]

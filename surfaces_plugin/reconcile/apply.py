@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mautrix.api import Method, Path
-from mautrix.types import RoomID, UserID
+from mautrix.types import EventType, RoomID, UserID
 
 from .. import layout
 from ..chats import WorkingRoom
@@ -56,7 +56,7 @@ async def write_plan(app: Surfaces, plan: Plan) -> ApplyResult:
                     f"repair {action.type} in {action.room_id}",
                     lambda a=action: app.client.send_state_event(
                         RoomID(a.room_id),
-                        layout_type(a.type),
+                        EventType.find(a.type, EventType.Class.STATE),
                         dict(a.content),
                         state_key=a.state_key,
                     ),
@@ -72,12 +72,6 @@ async def write_plan(app: Surfaces, plan: Plan) -> ApplyResult:
             result.failed.append(f"{_describe(action)}: {e}")
             app.log.warning("Reconciliation write failed: %s: %s", _describe(action), e)
     return result
-
-
-def layout_type(event_type: str) -> Any:
-    from mautrix.types import EventType
-
-    return EventType.find(event_type, EventType.Class.STATE)
 
 
 def _describe(action: SetState | Invite) -> str:
@@ -160,11 +154,9 @@ async def rebuild_cache(app: Surfaces, snapshot: Snapshot, plan: Plan) -> list[W
     await app.stores.replace_topology(users, rooms, chats, memories=_memories(snapshot, plan))
     stored = {r.room_id: r for r in await app.stores.rooms.list_all(kind="working")}
     for record in plan.rooms.values():
-        if (
-            record.kind == "working"
-            and record.routable
-            or (record.kind == "working" and record.archived and record.bot_membership == "join")
-        ):
+        # Routed rooms and archived ones still joined (commands there say they are archived).
+        keep = record.routable or (record.archived and record.bot_membership == "join")
+        if record.kind == "working" and keep:
             row = stored.get(record.room_id)
             if row is not None and row.platform_chat_id:
                 working.append(WorkingRoom.from_row(row))

@@ -58,7 +58,10 @@ class ChatStore(Repository):
     _upsert = f"""
         INSERT INTO chats ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
         ON CONFLICT (platform_chat_id) DO UPDATE SET
-            room_id=excluded.room_id, agent=excluded.agent, created_ms=excluded.created_ms,
+            room_id=excluded.room_id, agent=excluded.agent,
+            -- a rebuild from Matrix does not know when the chat began: 0 keeps the stored time
+            created_ms=CASE WHEN excluded.created_ms > 0 THEN excluded.created_ms
+                ELSE chats.created_ms END,
             archived=excluded.archived,
             summary=COALESCE(excluded.summary, chats.summary),
             summary_upto_seq=CASE WHEN excluded.summary IS NULL

@@ -378,3 +378,10 @@ async def test_stores_share_one_transaction(db: Database, stores: Stores) -> Non
         await stores.processed.mark("!r", "$u", 1, conn=conn)
     assert await stores.messages.has_event("$u")
     assert await stores.processed.get("!r") is not None
+
+
+async def test_rebuilt_chat_without_a_start_time_keeps_the_stored_one(stores: Stores) -> None:
+    await stores.chats.upsert(Chat(platform_chat_id="c", room_id="!r", agent="echo", created_ms=42))
+    await stores.chats.upsert(Chat(platform_chat_id="c", room_id="!r", agent="echo", created_ms=0))
+    chat = await stores.chats.get("c")
+    assert chat is not None and chat.created_ms == 42
