@@ -1,97 +1,137 @@
-"""The running Surfaces service: owns the services and routes incoming events.
+"""The running Surfaces service: builds and wires the services, and routes incoming events.
 
-Events that arrive before start-up work is done (reconciliation) wait in `_pending` and are
-routed afterwards in arrival order, so nothing is lost or answered twice.
+This is the one place that knows every service; each service receives only what it uses.
+Events that arrive before start-up work is done (reconciliation) wait behind the ready gate
+and are routed afterwards in arrival order, so nothing is lost or answered twice.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import Any
 
 from mautrix.client import Client, SyncStream
-from mautrix.types import (
-    EventID,
-    EventType,
-    Membership,
-    MessageEvent,
-    MessageType,
-    RoomID,
-    StateEvent,
-)
+from mautrix.types import Membership, MessageEvent, MessageType, StateEvent
 from mautrix.util.async_db import Database
 
-from . import replies
 from .access import AccessService
-from .agents import BackendRegistry
-from .chats import ChatManager
+from .backends import BackendRegistry
+from .catchup import CatchUp
 from .commands import CommandTree, split_command
 from .config import Settings
-from .context import Request
+from .context_builder import ContextBuilder
 from .dispatch import Dispatcher
-from .handlers import register_commands
-from .matrix import Gateway
+from .handlers import Request, Services, register_commands
+from .history import History
+from .matrix import Gateway, MatrixIO
 from .memory import MemoryService
 from .onboarding import Onboarding
 from .reconcile.runner import Reconciler
+from .rooms import RoomDirectory
 from .store import Stores
 
 _ROUTED_MSGTYPES = (MessageType.TEXT, MessageType.EMOTE)
+
+
+class ReadyGate:
+    """Holds events until start-up is done, then lets them through in arrival order."""
+
+    def __init__(self) -> None:
+        self._open = False
+        self._held: list[MessageEvent] = []
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def hold(self, events: list[MessageEvent]) -> None:
+        self._held += events
+
+    def close(self) -> None:
+        self._open = False
+
+    def open(self) -> list[MessageEvent]:
+        """Open the gate; returns what waited, oldest first."""
+        self._open = True
+        held, self._held = self._held, []
+        return held
 
 
 class Surfaces:
     def __init__(
         self, *, client: Client, database: Database, settings: Settings, log: logging.Logger
     ) -> None:
-        self.client = client
         self.settings = settings
         self.log = log
-        self.gateway = Gateway(
+        gateway = Gateway(
             concurrency=max(8, settings.reconciliation.concurrency), log=log.getChild("matrix")
         )
-        self.stores = Stores(database)
-        self.backends = BackendRegistry(settings, log=log.getChild("backends"))
-        self.access = AccessService(self)
-        self.chats = ChatManager(self)
-        self.memory = MemoryService(self)
-        self.onboarding = Onboarding(self)
-        self.dispatcher = Dispatcher(self)
-        self.reconciler = Reconciler(self)
-        self.commands = CommandTree(log.getChild("commands"))
-        register_commands(self.commands)
-        self.ready = asyncio.Event()
-        self._pending: list[MessageEvent] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.io = io = MatrixIO(client, gateway, log)
+        self.stores = stores = Stores(database)
+        current = self.current_settings
+        self.backends = backends = BackendRegistry(settings, log=log.getChild("backends"))
+        self.rooms = rooms = RoomDirectory(io, stores.rooms, log)
+        self.access = access = AccessService(io, stores.users, current, log)
+        self.memory = memory = MemoryService(io, stores.memory, stores.users, current, log)
+        self.history = history = History(io, stores, rooms, backends, current, log)
+        context = ContextBuilder(io, history, memory.notes, backends, current)
+        onboarding = Onboarding(io, stores, rooms, history, backends, access, current, log)
+        self.reconciler = reconciler = Reconciler(io, stores, rooms, current, log)
+        catch_up = CatchUp(io, rooms, history, stores.processed, current, log)
+        self.dispatcher = Dispatcher(
+            io, rooms, history, context, access, backends, catch_up, current, log,
+            on_caught_up=reconciler.note_catch_up,
+        )
+        self.onboarding = onboarding
+        commands = CommandTree(log.getChild("commands"))
+        register_commands(commands)
+        self.services = Services(
+            io=io,
+            rooms=rooms,
+            history=history,
+            context=context,
+            memory=memory,
+            onboarding=onboarding,
+            access=access,
+            dispatcher=self.dispatcher,
+            catch_up=catch_up,
+            reconciler=reconciler,
+            commands=commands,
+            status=self.status_text,
+        )
+        self.gate = ReadyGate()
         self._invites_seen: set[str] = set()
+
+    def current_settings(self) -> Settings:
+        """Services read settings through this, so a live config change reaches them all."""
+        return self.settings
 
     @property
     def bot_id(self) -> str:
-        return self.client.mxid
+        return self.io.bot_id
 
     # lifecycle
 
     async def start(self, early_events: list[MessageEvent]) -> None:
-        self._pending[:0] = early_events
+        self.gate.hold(early_events)
         await self.access.load()
         if self.settings.reconciliation.on_start:
             await self.reconciler.run(reason="start")
         else:
-            await self.chats.load_from_cache()
+            await self.rooms.load_from_cache()
         # Missed messages first (oldest first); those also seen live are deduplicated by event id.
-        self.dispatcher.start_catch_up([r for r in self.chats.all_rooms() if not r.archived])
-        self.ready.set()
-        pending, self._pending = self._pending, []
-        for evt in pending:
-            self._route(evt)
+        self.dispatcher.start_catch_up([r for r in self.rooms.all_rooms() if not r.archived])
+        self.open_gate()
         self.reconciler.schedule_periodic()
+
+    def open_gate(self) -> None:
+        """Route what waited behind the gate, in arrival order, and everything after it."""
+        for evt in self.gate.open():
+            self._route(evt)
 
     async def stop(self) -> None:
         self.reconciler.stop()
         await self.dispatcher.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.io.cancel_tasks()
         await self.backends.close()
 
     def apply_settings(self, settings: Settings) -> None:
@@ -101,22 +141,9 @@ class Surfaces:
         self.reconciler.schedule_periodic()
         self.log.info("Config updated live; changed: %s", ", ".join(changed) or "nothing")
 
-    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        """A background task that stop() cancels and whose failure is logged."""
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                self.log.error("Task %s failed", name, exc_info=t.exception())
-
-        task.add_done_callback(done)
-        return task
-
     async def status_text(self) -> str:
         users = await self.stores.users.list_all()
-        rooms = self.chats.all_rooms()
+        rooms = self.rooms.all_rooms()
         lines = [
             "**Surfaces status**",
             "",
@@ -134,27 +161,14 @@ class Surfaces:
         lines += ["", last.to_markdown() if last else "No reconciliation has run yet."]
         return "\n".join(lines)
 
-    # sending
-
-    async def send_notice(
-        self, room_id: RoomID, text: str, extra: dict[str, Any] | None = None
-    ) -> EventID:
-        return await self.send_content(room_id, replies.notice(text, extra))
-
-    async def send_content(self, room_id: RoomID, content: dict[str, Any]) -> EventID:
-        return await self.gateway.write(
-            "send a message",
-            lambda: self.client.send_message_event(room_id, EventType.ROOM_MESSAGE, content),
-        )
-
     # incoming
 
     async def on_message(self, evt: MessageEvent) -> None:
         # Runs synchronously up to the queueing, so events keep the order they were synced in.
         if evt.sender == self.bot_id or not self._is_new_text(evt):
             return
-        if not self.ready.is_set():
-            self._pending.append(evt)
+        if not self.gate.is_open:
+            self.gate.hold([evt])
             return
         self._route(evt)
 
@@ -167,19 +181,18 @@ class Surfaces:
         return not (relates and relates.rel_type and str(relates.rel_type) == "m.replace")
 
     def _route(self, evt: MessageEvent) -> None:
-        body = evt.content.body or ""
-        parsed = split_command(body, self.settings.command_prefix)
+        parsed = split_command(evt.content.body or "", self.settings.command_prefix)
         if parsed is not None:
             sub, args = parsed
-            self.spawn(self._run_command(evt, sub, args), name=f"command {sub}")
+            self.io.spawn(self._run_command(evt, sub, args), name=f"command {sub}")
             return
         self.dispatcher.submit(evt)
 
     async def _run_command(self, evt: MessageEvent, sub: str, args: str) -> None:
-        request = Request(self, evt)
-        if sub not in ("help", "") and not await self.access.admit(request):
+        if sub not in ("help", "") and not await self.access.admit(evt.sender, evt.room_id):
             return
-        await self.commands.run(request, sub, args)
+        request = Request(evt, self.services, self.settings)
+        await self.services.commands.run(request, sub, args)
 
     def on_layout_state(self, evt: StateEvent) -> None:
         """Someone else changed a room's state: a reconciliation reading it now reads it again."""
@@ -191,7 +204,7 @@ class Surfaces:
         if evt.state_key != self.bot_id or evt.sender == self.bot_id:
             return
         if evt.content.membership in (Membership.LEAVE, Membership.BAN):
-            await self.chats.lose(evt.room_id)  # kicked or banned: stop routing at once
+            await self.rooms.lose(evt.room_id)  # kicked or banned: stop routing at once
             return
         # The invite also reappears in the room's timeline after joining, with the event id the
         # invite section lacked: handle only the invite section's copy (and each event once).

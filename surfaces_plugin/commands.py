@@ -11,21 +11,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from .errors import Refusal, UsageError
 from .matrix import GatewayError
 
 if TYPE_CHECKING:
-    from .context import Request
+    from .handlers import Request
+
+__all__ = ["CommandSpec", "CommandTree", "Refusal", "UsageError", "split_command"]
 
 Handler = Callable[["Request", str], Awaitable[None]]
 Where = Literal["anywhere", "working_room"]
-
-
-class UsageError(Exception):
-    """Bad input from the user; the message is shown with the command's usage line."""
-
-
-class Refusal(Exception):
-    """The user may not do this; the message is shown as is (no usage line)."""
 
 
 @dataclass(frozen=True)
@@ -58,12 +53,6 @@ class CommandTree:
 
     def add(self, spec: CommandSpec) -> None:
         self._commands[spec.name] = spec
-
-    def __iter__(self):
-        return iter(self._commands.values())
-
-    def get(self, name: str) -> CommandSpec | None:
-        return self._commands.get(name)
 
     def help_text(self, prefix: str, *, is_admin: bool) -> str:
         lines = ["**Surfaces commands**", ""]

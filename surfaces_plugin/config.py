@@ -136,8 +136,11 @@ class Settings:
     def agent(self, agent_id: str) -> AgentSpec | None:
         return self.agents.get(agent_id)
 
-    def backend_for(self, agent: AgentSpec) -> BackendSpec:
-        return self.backends[agent.backend]
+    def agent_or_default(self, agent_id: str) -> AgentSpec:
+        """A room's agent; the default one when that agent left the config."""
+        agent = self.agents.get(agent_id) or self.agents.get(self.default_agent)
+        assert agent is not None  # config validation guarantees the default agent
+        return agent
 
     def describe_changes(self, old: Settings) -> list[str]:
         """Top-level keys whose value differs from `old` (for the log; no values, so no secrets)."""

@@ -7,40 +7,32 @@ order, while different rooms run concurrently.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from mautrix.types import EventID, MessageEvent, RoomID
+from mautrix.types import EventID, MessageEvent
 
 from . import layout, replies
-from .backends import BackendError
-from .catchup import INTERRUPTED_MARK, missed_in_room
-from .chats import WorkingRoom
-from .config import AgentSpec
+from .access import AccessService
+from .backends import BackendError, BackendRegistry
+from .catchup import INTERRUPTED_MARK, CatchUp
+from .config import AgentSpec, Settings
+from .context_builder import ContextBuilder
 from .context_window import Window
-
-if TYPE_CHECKING:
-    from .app import Surfaces
+from .history import History
+from .jobs import Job
+from .matrix import GatewayError, MatrixIO
+from .rooms import RoomDirectory, WorkingRoom
 
 TYPING_REFRESH_S = 20.0
 TYPING_DELAY_S = 0.3  # answers faster than this show no typing notice (two requests saved)
 CANCELLED_MARK = "\n\n*(cancelled)*"
 
-
-@dataclass(frozen=True)
-class Job:
-    """Answer `event` (a user message) in `room_id`; `retry` answers a stored message again."""
-
-    room_id: str
-    event_id: str
-    sender: str
-    body: str
-    ts: int
-    retry: bool = False
-    upto_seq: int | None = None  # a retry answers with the history up to that message
+CaughtUp = Callable[[int, int, float], None]  # (messages, rooms, seconds) once catch-up is done
 
 
 class RateLimiter:
@@ -61,8 +53,29 @@ class RateLimiter:
 
 
 class Dispatcher:
-    def __init__(self, app: Surfaces) -> None:
-        self.app = app
+    def __init__(
+        self,
+        io: MatrixIO,
+        rooms: RoomDirectory,
+        history: History,
+        context: ContextBuilder,
+        access: AccessService,
+        backends: BackendRegistry,
+        catch_up: CatchUp,
+        settings: Callable[[], Settings],
+        log: logging.Logger,
+        on_caught_up: CaughtUp,
+    ) -> None:
+        self.io = io
+        self.rooms = rooms
+        self.history = history
+        self.context = context
+        self.access = access
+        self.backends = backends
+        self.catch_up = catch_up
+        self.settings = settings
+        self.log = log
+        self.on_caught_up = on_caught_up
         self._queues: dict[str, deque[Job]] = defaultdict(deque)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._generating: dict[str, asyncio.Task[None]] = {}
@@ -76,7 +89,7 @@ class Dispatcher:
     # intake (synchronous: keeps arrival order)
 
     def submit(self, evt: MessageEvent) -> None:
-        room = self.app.chats.room(evt.room_id)
+        room = self.rooms.room(evt.room_id)
         if room is None:
             return
         if evt.sender != room.owner:
@@ -103,7 +116,7 @@ class Dispatcher:
             self._seen.add(job.event_id)
         self._queues[job.room_id].append(job)
         if job.room_id not in self._workers:
-            self._workers[job.room_id] = self.app.spawn(
+            self._workers[job.room_id] = self.io.spawn(
                 self._drain(job.room_id), name=f"room worker {job.room_id}"
             )
 
@@ -126,7 +139,7 @@ class Dispatcher:
         if key in self._told_once:
             return
         self._told_once.add(key)
-        self.app.spawn(self.app.send_notice(RoomID(room.room_id), text), name=reason)
+        self.io.spawn(self.io.send_notice(room.room_id, text), name=reason)
 
     async def _drain(self, room_id: str) -> None:
         queue = self._queues[room_id]
@@ -138,44 +151,18 @@ class Dispatcher:
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    self.app.log.exception("Answering %s in %s failed", job.event_id, room_id)
+                    self.log.exception("Answering %s in %s failed", job.event_id, room_id)
         finally:
             self._workers.pop(room_id, None)
 
     # the answer
 
     async def _answer(self, job: Job) -> None:
-        app = self.app
-        room = app.chats.room(job.room_id)
+        room = self.rooms.room(job.room_id)
         if room is None:
             return
-        settings = app.settings
-        prefix = settings.command_prefix
-        if not job.retry:
-            if await app.chats.is_answered(room, job.event_id, job.ts):
-                return
-            if not app.access.has_access(job.sender):  # blocked (or no longer allowed) since
-                self._refuse_once(room, job.sender)
-                await app.chats.mark_processed(room, job.event_id, job.ts)
-                return
-            if len(job.body) > settings.limits.max_message_chars:
-                await app.send_notice(
-                    RoomID(room.room_id),
-                    f"That message has {len(job.body)} characters; the limit is "
-                    f"{settings.limits.max_message_chars}. Send a shorter one.",
-                )
-                await app.chats.mark_processed(room, job.event_id, job.ts)
-                return
-            if not self.limiter.allow(job.sender, settings.limits.per_user_requests_per_minute):
-                await app.send_notice(
-                    RoomID(room.room_id),
-                    f"You are sending messages faster than the limit "
-                    f"({settings.limits.per_user_requests_per_minute} a minute). "
-                    f"Wait a little, then send `!{prefix} retry`.",
-                )
-                await app.chats.mark_processed(room, job.event_id, job.ts)
-                return
-            await app.chats.add_user_turn(room, job.event_id, job.sender, job.body, job.ts)
+        if not job.retry and not await self._admit(room, job):
+            return
         task = asyncio.current_task()
         assert task is not None
         generation = asyncio.ensure_future(self._generate(room, job))
@@ -188,19 +175,47 @@ class Dispatcher:
         finally:
             self._generating.pop(room.room_id, None)
 
+    async def _admit(self, room: WorkingRoom, job: Job) -> bool:
+        """Store a new message as a turn, or say why it is not answered (then it is processed)."""
+        if await self.history.is_answered(room, job.event_id, job.ts):
+            return False
+        settings = self.settings()
+        limits = settings.limits
+        refusal = None
+        if not self.access.has_access(job.sender):  # blocked (or no longer allowed) since
+            self._refuse_once(room, job.sender)
+        elif len(job.body) > limits.max_message_chars:
+            refusal = (
+                f"That message has {len(job.body)} characters; the limit is "
+                f"{limits.max_message_chars}. Send a shorter one."
+            )
+        elif not self.limiter.allow(job.sender, limits.per_user_requests_per_minute):
+            refusal = (
+                f"You are sending messages faster than the limit "
+                f"({limits.per_user_requests_per_minute} a minute). "
+                f"Wait a little, then send `!{settings.command_prefix} retry`."
+            )
+        else:
+            await self.history.add_user_turn(room, job.event_id, job.sender, job.body, job.ts)
+            return True
+        if refusal is not None:
+            await self.io.send_notice(room.room_id, refusal)
+        await self.history.mark_processed(room, job.event_id, job.ts)
+        return False
+
     async def _generate(self, room: WorkingRoom, job: Job) -> None:
-        app = self.app
-        agent = app.chats.agent_of(room)
-        backend = app.backends.for_agent(agent)
+        settings = self.settings()
+        agent = self.context.agent_of(room)
+        backend = self.backends.for_agent(agent)
         marker = layout.turn_marker(
             room.platform_chat_id, agent.id, answers=job.event_id or None
         )
-        stream = _StreamedReply(app, RoomID(room.room_id), marker)
-        typing = _Typing(app, RoomID(room.room_id))
+        stream = _StreamedReply(self.io, self.settings, room.room_id, marker)
+        typing = _Typing(self.io, room.room_id, self.log)
         usage = None
         try:
             window = await self._window_within_budget(room, agent, job)
-            request = app.chats.request_for(agent, window)
+            request = self.context.request(agent, window)
             # aclosing: a cancelled answer closes its HTTP response at once, not at GC time.
             async with aclosing(backend.stream(request)) as chunks:
                 async for chunk in chunks:
@@ -212,43 +227,42 @@ class Dispatcher:
         except asyncio.CancelledError:
             # `!ai cancel`, or the plugin stopping (a restart): say which in the answer itself.
             mark = (
-                INTERRUPTED_MARK.format(prefix=app.settings.command_prefix)
+                INTERRUPTED_MARK.format(prefix=settings.command_prefix)
                 if self._stopping
                 else CANCELLED_MARK
             )
             await asyncio.shield(stream.cancelled(mark))
             if stream.event_id:
-                await app.chats.add_answer(room, stream.text + mark, stream.event_id, None)
+                await self.history.add_answer(room, stream.text + mark, stream.event_id, None)
             if stream.event_id or not self._stopping:  # unanswered at a stop: caught up later
-                await app.chats.mark_processed(room, job.event_id, job.ts)
+                await self.history.mark_processed(room, job.event_id, job.ts)
             raise
         except BackendError as e:
-            app.log.warning("Agent %s failed in %s: %s", agent.id, room.room_id, e)
-            await stream.failed(e.user_message(agent.id, app.settings.command_prefix))
-            await app.chats.mark_processed(room, job.event_id, job.ts)
+            self.log.warning("Agent %s failed in %s: %s", agent.id, room.room_id, e)
+            await stream.failed(e.user_message(agent.id, settings.command_prefix))
+            await self.history.mark_processed(room, job.event_id, job.ts)
             return
         finally:
             await typing.stop()
         if stream.event_id:
-            await app.chats.add_answer(room, stream.text, stream.event_id, usage)
+            await self.history.add_answer(room, stream.text, stream.event_id, usage)
         if usage is not None:
-            app.chats.calibrate(agent.id, window.tokens, usage.prompt_tokens)
-        await app.chats.mark_processed(room, job.event_id, job.ts)
+            self.context.calibrate(agent.id, window.tokens, usage.prompt_tokens)
+        await self.history.mark_processed(room, job.event_id, job.ts)
 
     async def _window_within_budget(self, room: WorkingRoom, agent: AgentSpec, job: Job) -> Window:
         """The request's window; when turns would be left out, compact first (shown in the room)."""
-        app = self.app
-        window = await app.chats.build_window(room, agent, upto_seq=job.upto_seq)
+        window = await self.context.window(room, agent, upto_seq=job.upto_seq)
         if not window.over_budget:
             return window
-        room_id = RoomID(room.room_id)
-        notice = await app.send_notice(
+        room_id = room.room_id
+        notice = await self.io.send_notice(
             room_id, f"Compacting the conversation to fit `{agent.id}`'s context budget…"
         )
         try:
-            result = await app.chats.compact(room, agent, upto_seq=job.upto_seq)
+            result = await self.context.compact(room, agent, upto_seq=job.upto_seq)
         except BackendError as e:
-            app.log.warning("Compacting %s with %s failed: %s", room.room_id, agent.id, e)
+            self.log.warning("Compacting %s with %s failed: %s", room.room_id, agent.id, e)
             await self._edit_notice(
                 room_id,
                 notice,
@@ -267,10 +281,10 @@ class Dispatcher:
                 f"{result.summarised} older messages are now summarised (below)."
             )
         await self._edit_notice(room_id, notice, done)
-        return await app.chats.build_window(room, agent, upto_seq=job.upto_seq)
+        return await self.context.window(room, agent, upto_seq=job.upto_seq)
 
-    async def _edit_notice(self, room_id: RoomID, event_id: EventID, text: str) -> None:
-        await self.app.send_content(room_id, replies.edit(event_id, replies.notice(text)))
+    async def _edit_notice(self, room_id: str, event_id: EventID, text: str) -> None:
+        await self.io.edit(room_id, event_id, replies.notice(text))
 
     # commands
 
@@ -282,7 +296,7 @@ class Dispatcher:
         return True
 
     async def retry(self, room: WorkingRoom) -> bool:
-        last = await self.app.chats.last_user_turn(room)
+        last = await self.history.last_user_turn(room)
         if last is None:
             return False
         self.enqueue(
@@ -306,10 +320,10 @@ class Dispatcher:
         """
         for room in rooms:
             self._held.setdefault(room.room_id, [])
-        return self.app.spawn(self._catch_up(rooms), name="catch-up")
+        return self.io.spawn(self._catch_up(rooms), name="catch-up")
 
     async def _catch_up(self, rooms: list[WorkingRoom]) -> None:
-        slots = asyncio.Semaphore(self.app.settings.reconciliation.concurrency)
+        slots = asyncio.Semaphore(self.settings().reconciliation.concurrency)
         started = time.monotonic()
         caught_up = 0
 
@@ -318,7 +332,7 @@ class Dispatcher:
             missed: list[Job] = []
             try:
                 async with slots:
-                    missed = await missed_in_room(self.app, room)
+                    missed = await self.catch_up.missed_in_room(room)
             finally:  # whatever happened, the room's live messages must not stay held
                 held = self._held.pop(room.room_id, [])
                 caught_up += len(missed)
@@ -326,7 +340,7 @@ class Dispatcher:
                     self.enqueue(job)
 
         await asyncio.gather(*(one(room) for room in rooms))
-        self.app.reconciler.note_catch_up(caught_up, len(rooms), time.monotonic() - started)
+        self.on_caught_up(caught_up, len(rooms), time.monotonic() - started)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -338,22 +352,18 @@ class Dispatcher:
 class _Typing:
     """The typing notice, shown only when an answer takes a while (fast ones need none)."""
 
-    def __init__(self, app: Surfaces, room_id: RoomID) -> None:
-        self.app = app
+    def __init__(self, io: MatrixIO, room_id: str, log: logging.Logger) -> None:
+        self.io = io
         self.room_id = room_id
+        self.log = log
         self.shown = False
-        self._task = app.spawn(self._run(), name="typing")
+        self._task = io.spawn(self._run(), name="typing")
 
     async def _run(self) -> None:
         await asyncio.sleep(TYPING_DELAY_S)
         while True:
             self.shown = True
-            await self.app.gateway.write(
-                "show typing",
-                lambda: self.app.client.set_typing(
-                    self.room_id, timeout=int(TYPING_REFRESH_S * 1500)
-                ),
-            )
+            await self.io.set_typing(self.room_id, int(TYPING_REFRESH_S * 1500))
             await asyncio.sleep(TYPING_REFRESH_S)
 
     async def stop(self) -> None:
@@ -362,9 +372,9 @@ class _Typing:
             return
         self.shown = False
         try:
-            await self.app.client.set_typing(self.room_id, timeout=0)
-        except Exception:  # typing is cosmetic; never fail an answer for it
-            pass
+            await self.io.set_typing(self.room_id, 0)
+        except GatewayError as e:  # typing is cosmetic; never fail an answer for it
+            self.log.debug("Could not stop the typing notice in %s: %s", self.room_id, e)
 
 
 class _StreamedReply:
@@ -374,8 +384,15 @@ class _StreamedReply:
     cancelled, failed) edits it without, so an answer cut off by a crash stays recognisable.
     """
 
-    def __init__(self, app: Surfaces, room_id: RoomID, marker: dict[str, Any]) -> None:
-        self.app = app
+    def __init__(
+        self,
+        io: MatrixIO,
+        settings: Callable[[], Settings],
+        room_id: str,
+        marker: dict[str, Any],
+    ) -> None:
+        self.io = io
+        self.settings = settings
         self.room_id = room_id
         self.marker = marker
         self.partial_marker = {
@@ -388,16 +405,12 @@ class _StreamedReply:
         self._shown_partial = False
         self._last_edit = time.monotonic()  # the first post also waits one interval
 
-    @property
-    def _streaming(self) -> bool:
-        return self.app.settings.streaming.enabled
-
     async def add(self, text: str) -> None:
         self.text += text
-        if not self._streaming:
+        streaming = self.settings().streaming
+        if not streaming.enabled:
             return
-        interval = self.app.settings.streaming.edit_interval_ms / 1000
-        if time.monotonic() - self._last_edit < interval:
+        if time.monotonic() - self._last_edit < streaming.edit_interval_ms / 1000:
             return  # an answer that ends within the interval is sent once, not posted and edited
         if self.event_id is None:
             await self._post(self.text, partial=True)
@@ -416,12 +429,12 @@ class _StreamedReply:
         if self.text.strip():
             await self._show(self.text + mark)
         elif mark == CANCELLED_MARK:
-            await self.app.send_notice(self.room_id, "Cancelled before the agent said anything.")
+            await self.io.send_notice(self.room_id, "Cancelled before the agent said anything.")
 
     async def failed(self, message: str) -> None:
         if self.text.strip():
             await self._show(self.text + "\n\n*(the answer stopped here)*")
-        await self.app.send_notice(self.room_id, message)
+        await self.io.send_notice(self.room_id, message)
 
     async def _show(self, text: str) -> None:
         """The final text of an ended answer, whether it was posted already or still buffered."""
@@ -430,17 +443,16 @@ class _StreamedReply:
         else:
             await self._edit(text)
 
+    def _content(self, text: str, partial: bool) -> dict[str, Any]:
+        return replies.rendered(text, "m.text", self.partial_marker if partial else self.marker)
+
     async def _post(self, text: str, partial: bool = False) -> None:
-        content = replies.rendered(text, "m.text", self.partial_marker if partial else self.marker)
-        self.event_id = await self.app.send_content(self.room_id, content)
-        self._shown = text
-        self._shown_partial = partial
+        self.event_id = await self.io.send_content(self.room_id, self._content(text, partial))
+        self._shown, self._shown_partial = text, partial
         self._last_edit = time.monotonic()
 
     async def _edit(self, text: str, partial: bool = False) -> None:
         assert self.event_id is not None
-        new = replies.rendered(text, "m.text", self.partial_marker if partial else self.marker)
-        await self.app.send_content(self.room_id, replies.edit(self.event_id, new))
-        self._shown = text
-        self._shown_partial = partial
+        await self.io.edit(self.room_id, self.event_id, self._content(text, partial))
+        self._shown, self._shown_partial = text, partial
         self._last_edit = time.monotonic()

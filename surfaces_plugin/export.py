@@ -4,29 +4,25 @@ from __future__ import annotations
 
 import re
 import time
-from typing import TYPE_CHECKING
 
-from mautrix.types import RoomID
-
+from .clock import now_ms, utc_text
+from .context_builder import ContextBuilder
+from .history import History
+from .matrix import MatrixIO
+from .rooms import WorkingRoom
 from .store.chats import Chat
 from .store.messages import Message
-
-if TYPE_CHECKING:
-    from .app import Surfaces
-    from .chats import WorkingRoom
 
 MIME_TYPE = "text/markdown"
 
 
 def _when(ms: int | None) -> str:
-    if not ms:
-        return "unknown"
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
+    return utc_text(ms, never="unknown")
 
 
-def filename(title: str, now_ms: int) -> str:
+def filename(title: str, at_ms: int) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")[:40] or "conversation"
-    return f"{slug}-{time.strftime('%Y%m%d-%H%M', time.gmtime(now_ms / 1000))}.md"
+    return f"{slug}-{time.strftime('%Y%m%d-%H%M', time.gmtime(at_ms / 1000))}.md"
 
 
 def render_markdown(
@@ -34,7 +30,7 @@ def render_markdown(
     agent_name: str,
     chat: Chat | None,
     messages: list[Message],
-    now_ms: int,
+    at_ms: int,
 ) -> str:
     """The conversation as Markdown: header, the summary if any, then every turn (pure)."""
     first = messages[0].ts if messages else None
@@ -47,7 +43,7 @@ def render_markdown(
         f"- Conversation: `{room.platform_chat_id}`",
         f"- Started: {_when(chat.created_ms if chat else first)}",
         f"- Last message: {_when(last)}",
-        f"- Exported: {_when(now_ms)}",
+        f"- Exported: {_when(at_ms)}",
         f"- Messages: {len(messages)}",
     ]
     if room.system_prompt is not None:
@@ -67,27 +63,24 @@ def render_markdown(
     return "\n".join(lines) + "\n"
 
 
-async def export_conversation(app: Surfaces, room: WorkingRoom) -> int:
+async def export_conversation(
+    io: MatrixIO, history: History, context: ContextBuilder, room: WorkingRoom
+) -> int:
     """Upload the conversation and post it as a file; returns how many messages it holds."""
-    await app.chats.ensure_history(room)
-    messages = [
-        m
-        for m in await app.stores.messages.history(room.platform_chat_id)
-        if m.role in ("user", "assistant")
-    ]
+    chat, messages = await history.all_turns(room)
     if not messages:
         return 0
-    chat = await app.stores.chats.get(room.platform_chat_id)
-    agent = app.chats.agent_of(room)
-    now = int(time.time() * 1000)
+    agent = context.agent_of(room)
+    now = now_ms()
     data = render_markdown(room, agent.name, chat, messages, now).encode("utf-8")
     name = filename(room.title, now)
-    url = await app.gateway.write(
+    client = io.client
+    url = await io.gateway.write(
         "upload the export",
-        lambda: app.client.upload_media(data, mime_type=MIME_TYPE, filename=name, size=len(data)),
+        lambda: client.upload_media(data, mime_type=MIME_TYPE, filename=name, size=len(data)),
     )
-    await app.send_content(
-        RoomID(room.room_id),
+    await io.send_content(
+        room.room_id,
         {
             "msgtype": "m.file",
             "body": name,

@@ -2,21 +2,93 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from mautrix.types import EventID, MessageEvent, RoomID, UserID
+
+from .access import AccessService
 from .backends import BackendError
-from .commands import CommandSpec, CommandTree, Refusal, UsageError
-from .context import Request
+from .catchup import CatchUp
+from .commands import CommandSpec, CommandTree
+from .config import Settings
+from .context_builder import ContextBuilder
+from .dispatch import Dispatcher
+from .errors import Refusal, UsageError
 from .export import export_conversation
+from .history import History
+from .matrix import MatrixIO
+from .memory import MemoryService
+from .onboarding import Onboarding
+from .reconcile.runner import Reconciler
+from .rooms import RoomDirectory, WorkingRoom
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the commands call; `app.py` builds it."""
+
+    io: MatrixIO
+    rooms: RoomDirectory
+    history: History
+    context: ContextBuilder
+    memory: MemoryService
+    onboarding: Onboarding
+    access: AccessService
+    dispatcher: Dispatcher
+    catch_up: CatchUp
+    reconciler: Reconciler
+    commands: CommandTree
+    status: Callable[[], Awaitable[str]]
+
+
+@dataclass
+class Request:
+    """One incoming command: who sent it, where, and how to answer."""
+
+    event: MessageEvent
+    services: Services
+    settings: Settings
+
+    @property
+    def sender(self) -> UserID:
+        return self.event.sender
+
+    @property
+    def room_id(self) -> RoomID:
+        return self.event.room_id
+
+    @property
+    def is_admin(self) -> bool:
+        return self.settings.access.is_admin(self.sender)
+
+    async def reply(self, text: str) -> EventID:
+        return await self.services.io.send_notice(self.room_id, text)
+
+    async def working_room(self) -> WorkingRoom | None:
+        """The working room this command was sent in, when the sender owns it."""
+        room = self.services.rooms.room(self.room_id)
+        if room is None or room.owner != self.sender:
+            return None
+        return room
+
+    async def my_room(self) -> WorkingRoom:
+        """For commands the tree only runs in the sender's working room."""
+        room = await self.working_room()
+        assert room is not None  # the tree checked `where`
+        return room
+
 
 MAX_TITLE_CHARS = 80
 MAX_SYSTEM_PROMPT_CHARS = 4000
 
 
 async def cmd_help(req: Request, args: str) -> None:
-    await req.reply(req.app.commands.help_text(req.settings.command_prefix, is_admin=req.is_admin))
+    await req.reply(req.services.commands.help_text(req.settings.command_prefix, is_admin=req.is_admin))
 
 
 async def cmd_start(req: Request, args: str) -> None:
-    await req.reply(await req.app.onboarding.start(req.sender))
+    await req.reply(await req.services.onboarding.start(req.sender))
 
 
 def _split_agent_and_title(req: Request, args: str) -> tuple[str, str]:
@@ -30,11 +102,11 @@ async def cmd_new(req: Request, args: str) -> None:
     agent_id, title = _split_agent_and_title(req, args)
     if len(title) > MAX_TITLE_CHARS:
         raise UsageError(f"That title has {len(title)} characters; the limit is {MAX_TITLE_CHARS}.")
-    await req.reply(await req.app.onboarding.new_room(req.sender, agent_id, title))
+    await req.reply(await req.services.onboarding.new_room(req.sender, agent_id, title))
 
 
 async def cmd_rooms(req: Request, args: str) -> None:
-    rooms = await req.app.chats.rooms_of(req.sender)
+    rooms = req.services.rooms.rooms_of(req.sender)
     prefix = req.settings.command_prefix
     if not rooms:
         await req.reply(f"You have no working rooms yet. Send `!{prefix} start` to create your Space.")
@@ -42,7 +114,7 @@ async def cmd_rooms(req: Request, args: str) -> None:
     lines = [f"**Your working rooms** ({len(rooms)})", ""]
     for room in rooms:
         lines.append(
-            f"- [{room.title}]({req.app.onboarding.link(room.room_id)}) · agent `{room.agent}` · "
+            f"- [{room.title}]({req.services.io.link(room.room_id)}) · agent `{room.agent}` · "
             f"last activity {room.last_activity_text()}"
         )
     await req.reply("\n".join(lines))
@@ -67,25 +139,22 @@ async def cmd_agent(req: Request, args: str) -> None:
         raise UsageError("Which agent?")
     if req.settings.agent(agent_id) is None:
         raise _unknown_agent(req, agent_id)
-    room = await req.working_room()
-    assert room is not None  # the tree checked `where`
+    room = await req.my_room()
     if room.agent == agent_id:
         await req.reply(f"This room already talks to `{agent_id}`.")
         return
-    await req.app.chats.update_binding(room, agent=agent_id)
+    await req.services.rooms.update_binding(room, agent=agent_id)
     await req.reply(f"This room now talks to `{agent_id}`. The conversation so far is kept.")
 
 
 async def cmd_reset(req: Request, args: str) -> None:
-    room = await req.working_room()
-    assert room is not None
-    await req.app.chats.reset(room)  # posts the reset notice itself (it carries the marker)
+    room = await req.my_room()
+    await req.services.history.reset(room)  # posts the reset notice itself (it carries the marker)
 
 
 async def cmd_context(req: Request, args: str) -> None:
-    room = await req.working_room()
-    assert room is not None
-    report = await req.app.chats.context_report(room)
+    room = await req.my_room()
+    report = await req.services.context.report(room)
     w = report.window
     share = round(100 * w.tokens / w.budget) if w.budget else 0
     prefix = req.settings.command_prefix
@@ -112,11 +181,10 @@ async def cmd_context(req: Request, args: str) -> None:
 
 
 async def cmd_compact(req: Request, args: str) -> None:
-    room = await req.working_room()
-    assert room is not None
-    agent = req.app.chats.agent_of(room)
+    room = await req.my_room()
+    agent = req.services.context.agent_of(room)
     try:
-        result = await req.app.chats.compact(room, agent)
+        result = await req.services.context.compact(room, agent)
     except BackendError as e:
         raise Refusal(
             f"Could not compact the conversation: {e.user_message(agent.id, req.settings.command_prefix)}"
@@ -135,10 +203,9 @@ def _quoted(text: str) -> str:
 
 
 async def cmd_system(req: Request, args: str) -> None:
-    room = await req.working_room()
-    assert room is not None
-    chats = req.app.chats
-    agent = chats.agent_of(room)
+    room = await req.my_room()
+    rooms = req.services.rooms
+    agent = req.services.context.agent_of(room)
     prefix = req.settings.command_prefix
     if not args:
         if room.system_prompt is not None:
@@ -158,14 +225,14 @@ async def cmd_system(req: Request, args: str) -> None:
         if room.system_prompt is None:
             await req.reply(f"This room has no override; it already uses `{agent.id}`'s default.")
             return
-        await chats.update_binding(room, system_prompt=None)
+        await rooms.update_binding(room, system_prompt=None)
         await req.reply(f"Override cleared: this room uses `{agent.id}`'s default system prompt again.")
         return
     if len(args) > MAX_SYSTEM_PROMPT_CHARS:
         raise UsageError(
             f"That system prompt has {len(args)} characters; the limit is {MAX_SYSTEM_PROMPT_CHARS}."
         )
-    await chats.update_binding(room, system_prompt=args)
+    await rooms.update_binding(room, system_prompt=args)
     await req.reply(
         f"This room's system prompt is set ({len(args)} characters); it applies from the next "
         f"message. `!{prefix} system -` goes back to `{agent.id}`'s default."
@@ -173,7 +240,7 @@ async def cmd_system(req: Request, args: str) -> None:
 
 
 async def cmd_memory(req: Request, args: str) -> None:
-    memory = req.app.memory
+    memory = req.services.memory
     action, _, rest = args.partition(" ")
     rest = rest.strip()
     prefix = req.settings.command_prefix
@@ -203,16 +270,15 @@ async def cmd_memory(req: Request, args: str) -> None:
 
 
 async def cmd_export(req: Request, args: str) -> None:
-    room = await req.working_room()
-    assert room is not None
-    if await export_conversation(req.app, room) == 0:
+    room = await req.my_room()
+    services = req.services
+    if await export_conversation(services.io, services.history, services.context, room) == 0:
         raise Refusal("There is nothing to export yet: this conversation has no messages.")
 
 
 async def cmd_archive(req: Request, args: str) -> None:
-    room = await req.working_room()
-    assert room is not None
-    await req.app.onboarding.archive(room)
+    room = await req.my_room()
+    await req.services.onboarding.archive(room)
     await req.reply(
         "This room is archived: it left your Space and messages here no longer go to an agent. "
         "Its history stays."
@@ -220,21 +286,19 @@ async def cmd_archive(req: Request, args: str) -> None:
 
 
 async def cmd_retry(req: Request, args: str) -> None:
-    room = await req.working_room()
-    assert room is not None
-    if not await req.app.dispatcher.retry(room):
+    room = await req.my_room()
+    if not await req.services.dispatcher.retry(room):
         raise Refusal("There is no message in this conversation to answer again.")
 
 
 async def cmd_cancel(req: Request, args: str) -> None:
-    room = await req.working_room()
-    assert room is not None
-    if not req.app.dispatcher.cancel(room.room_id):
+    room = await req.my_room()
+    if not req.services.dispatcher.cancel(room.room_id):
         await req.reply("Nothing is being generated in this room.")
 
 
 async def cmd_status(req: Request, args: str) -> None:
-    await req.reply(await req.app.status_text())
+    await req.reply(await req.services.status())
 
 
 async def cmd_admin(req: Request, args: str) -> None:
@@ -244,12 +308,12 @@ async def cmd_admin(req: Request, args: str) -> None:
         raise UsageError("Say what to do and to whom.")
     if not target.startswith("@") or ":" not in target:
         raise UsageError(f"`{target}` is not a Matrix user id like `@alice:example.org`.")
-    await req.app.access.decide(req, action, target)
+    await req.services.access.decide(req.sender, action, target, reply=req.reply)
 
 
 async def cmd_reconcile(req: Request, args: str) -> None:
     await req.reply("Reconciling with Matrix…")
-    report = await req.app.reconciler.run(reason=f"requested by {req.sender}")
+    report = await req.services.reconciler.run(reason=f"requested by {req.sender}")
     await req.reply(report.to_markdown())
 
 

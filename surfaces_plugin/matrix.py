@@ -1,4 +1,4 @@
-"""The gateway: every Matrix call of the plugin goes through here.
+"""The gateway: every Matrix call of the plugin goes through here; `MatrixIO` wraps it for services.
 
 mautrix retries only 502/503/504 and connection errors, and never 429; the gateway retries both
 with a bounded backoff, bounds concurrency, counts writes (tests and benchmarks read the count),
@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from aiohttp import ClientError
+from mautrix.client import Client
 from mautrix.errors import (
     MatrixConnectionError,
     MatrixRequestError,
@@ -21,6 +22,9 @@ from mautrix.errors import (
     MLimitExceeded,
     MNotFound,
 )
+from mautrix.types import EventID, EventType, RoomID
+
+from . import layout, replies
 
 T = TypeVar("T")
 
@@ -118,3 +122,86 @@ def content_of(event: Any) -> dict[str, Any]:
     if hasattr(content, "serialize"):
         return content.serialize()
     return dict(content) if isinstance(content, dict) else {}
+
+
+class MatrixIO:
+    """What services need to act on Matrix: the client behind the gateway, sends, and tasks.
+
+    Background tasks live here too, so an answer or a notice spawned by any service is
+    cancelled when the plugin stops and its failure is logged.
+    """
+
+    def __init__(self, client: Client, gateway: Gateway, log: logging.Logger) -> None:
+        self.client = client
+        self.gateway = gateway
+        self.log = log
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def bot_id(self) -> str:
+        return self.client.mxid
+
+    @property
+    def server_name(self) -> str:
+        return self.bot_id.split(":", 1)[1]
+
+    def link(self, room_id: str) -> str:
+        """A matrix.to link; v12 room ids carry no server, so name ours as `via`."""
+        return layout.matrix_to(room_id, via=(self.server_name,))
+
+    # sending
+
+    async def send_notice(
+        self, room_id: str, text: str, extra: dict[str, Any] | None = None
+    ) -> EventID:
+        return await self.send_content(room_id, replies.notice(text, extra))
+
+    async def send_content(self, room_id: str, content: dict[str, Any]) -> EventID:
+        return await self.gateway.write(
+            "send a message",
+            lambda: self.client.send_message_event(
+                RoomID(room_id), EventType.ROOM_MESSAGE, content
+            ),
+        )
+
+    async def edit(self, room_id: str, event_id: str, new: dict[str, Any]) -> EventID:
+        return await self.send_content(room_id, replies.edit(event_id, new))
+
+    async def send_state(
+        self, action: str, room_id: str, event_type: EventType, content: Any, state_key: str = ""
+    ) -> EventID:
+        return await self.gateway.write(
+            action,
+            lambda: self.client.send_state_event(
+                RoomID(room_id), event_type, content, state_key=state_key
+            ),
+        )
+
+    async def set_typing(self, room_id: str, timeout_ms: int) -> None:
+        await self.gateway.write(
+            "show typing" if timeout_ms else "stop typing",
+            lambda: self.client.set_typing(RoomID(room_id), timeout=timeout_ms),
+        )
+
+    # background tasks
+
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        """A background task that `cancel_tasks` stops and whose failure is logged."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.log.error("Task %s failed", name, exc_info=t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    def running_tasks(self) -> list[asyncio.Task[Any]]:
+        return [t for t in self._tasks if not t.done()]
+
+    async def cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -7,48 +7,60 @@ plugin database keeps a copy so the message path reads them without a homeserver
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from mautrix.types import RoomID
 
 from . import layout
-from .commands import Refusal, UsageError
-from .matrix import NotFound
-
-if TYPE_CHECKING:
-    from .app import Surfaces
+from .config import Settings
+from .errors import Refusal, UsageError
+from .matrix import MatrixIO, NotFound
+from .store.memory import MemoryStore
+from .store.users import UserStore
 
 MAX_NOTES = 20
 MAX_NOTE_CHARS = 500
 
 
 class MemoryService:
-    def __init__(self, app: Surfaces) -> None:
-        self.app = app
+    def __init__(
+        self,
+        io: MatrixIO,
+        cache: MemoryStore,
+        users: UserStore,
+        settings: Callable[[], Settings],
+        log: logging.Logger,
+    ) -> None:
+        self.io = io
+        self.cache = cache
+        self.users = users
+        self.settings = settings
+        self.log = log
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def notes(self, user_id: str) -> tuple[str, ...]:
         """The notes for a request: from the cache, read from the Space once if never cached."""
-        cached = await self.app.stores.memory.get(user_id)
+        cached = await self.cache.get(user_id)
         if cached is not None:
             return cached.notes
-        space_id = await self.app.onboarding.space_of(user_id)
+        space_id = await self._space_of(user_id)
         if space_id is None:
             return ()
         try:
             memory = await self._read(space_id)
         except Exception as e:  # the answer goes on without notes rather than failing
-            self.app.log.warning("Could not read the memory of %s: %s", user_id, e)
+            self.log.warning("Could not read the memory of %s: %s", user_id, e)
             return ()
-        await self.app.stores.memory.set(user_id, memory.notes)
+        await self.cache.set(user_id, memory.notes)
         return memory.notes
 
     async def current(self, user_id: str) -> tuple[str, ...]:
         """The notes as the Space holds them now (refreshes the cache)."""
         space_id = await self._space(user_id)
         memory = await self._read(space_id)
-        await self.app.stores.memory.set(user_id, memory.notes)
+        await self.cache.set(user_id, memory.notes)
         return memory.notes
 
     async def add(self, user_id: str, text: str) -> int:
@@ -95,10 +107,14 @@ class MemoryService:
 
     @property
     def _prefix(self) -> str:
-        return self.app.settings.command_prefix
+        return self.settings().command_prefix
+
+    async def _space_of(self, user_id: str) -> str | None:
+        user = await self.users.get(user_id)
+        return user.space_id if user is not None and user.space_id else None
 
     async def _space(self, user_id: str) -> str:
-        space_id = await self.app.onboarding.space_of(user_id)
+        space_id = await self._space_of(user_id)
         if space_id is None:
             raise Refusal(
                 f"Shared memory lives in your Space, and you have none yet. "
@@ -108,25 +124,21 @@ class MemoryService:
 
     async def _read(self, space_id: str) -> layout.Memory:
         try:
-            content = await self.app.gateway.read(
+            client = self.io.client
+            content = await self.io.gateway.read(
                 "read your shared memory",
-                lambda: self.app.client.get_state_event(RoomID(space_id), layout.MEMORY, ""),
+                lambda: client.get_state_event(RoomID(space_id), layout.MEMORY, ""),
             )
         except NotFound:
             return layout.Memory()
         raw = content.serialize() if hasattr(content, "serialize") else content
         memory = layout.parse_memory(raw)
         if memory is None:
-            self.app.log.warning("Ignoring malformed %s in %s", layout.MEMORY_TYPE, space_id)
+            self.log.warning("Ignoring malformed %s in %s", layout.MEMORY_TYPE, space_id)
             return layout.Memory()
         return memory
 
     async def _write(self, user_id: str, space_id: str, notes: tuple[str, ...]) -> None:
         content = layout.Memory(notes=notes).to_content()
-        await self.app.gateway.write(
-            "save your shared memory",
-            lambda: self.app.client.send_state_event(
-                RoomID(space_id), layout.MEMORY, content, state_key=""
-            ),
-        )
-        await self.app.stores.memory.set(user_id, notes)
+        await self.io.send_state("save your shared memory", space_id, layout.MEMORY, content)
+        await self.cache.set(user_id, notes)

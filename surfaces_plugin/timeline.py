@@ -1,22 +1,21 @@
-"""Reading a working room's timeline back with /messages, and what it says about a conversation.
+"""The one reader of room history: /messages page by page, and what the events say.
 
-Used where the plugin database cannot answer: messages sent while the bot was down (catch-up)
-and a conversation's history after the database was lost (rebuild). The predicates and the
-parse are pure functions of event dicts, newest first as /messages returns them.
+Used where the plugin database cannot answer: messages sent while the bot was down (catch-up,
+`scan_timeline`) and a conversation's history after the database was lost (rebuild,
+`history_from_timeline`). Both follow edits the same way (`latest_edits`). The predicates and
+the parses are pure functions of event dicts, newest first as /messages returns them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mautrix.api import Method, Path
 
 from . import layout
-
-if TYPE_CHECKING:
-    from .app import Surfaces
+from .matrix import MatrixIO
 
 PAGE_SIZE = 50
 
@@ -24,7 +23,7 @@ Event = dict[str, Any]
 
 
 async def read_back(
-    app: Surfaces,
+    io: MatrixIO,
     room_id: str,
     stop: Callable[[list[Event]], bool] | None = None,
     max_pages: int = 4,
@@ -37,9 +36,9 @@ async def read_back(
         query: dict[str, Any] = {"dir": "b", "limit": str(page_size)}
         if token:
             query["from"] = token
-        page = await app.gateway.read(
+        page = await io.gateway.read(
             "read the room's messages",
-            lambda q=query: app.client.api.request(
+            lambda q=query: io.client.api.request(
                 Method.GET, Path.v3.rooms[room_id].messages, query_params=q
             ),
         )
@@ -62,6 +61,30 @@ def _content(event: Event) -> dict[str, Any]:
 def _is_edit(content: dict[str, Any]) -> bool:
     relates = content.get("m.relates_to")
     return isinstance(relates, dict) and relates.get("rel_type") == "m.replace"
+
+
+def edit_target(event: Event) -> tuple[str, dict[str, Any]] | None:
+    """(the edited event's id, its new content) when `event` is a well-formed edit."""
+    content = _content(event)
+    new = content.get("m.new_content")
+    if not _is_edit(content) or not isinstance(new, dict):
+        return None
+    target = content["m.relates_to"].get("event_id")
+    return (target, new) if isinstance(target, str) else None
+
+
+def note_edit(latest: dict[str, dict[str, Any]], event: Event, sender: str) -> bool:
+    """Record an edit by `sender` in `latest` (edited id → newest new content); True if it was one.
+
+    Events come newest first, so the first edit seen of an event is its latest version.
+    """
+    if event.get("sender") != sender:
+        return False
+    edit = edit_target(event)
+    if edit is None:
+        return _is_edit(_content(event))  # a malformed edit is still not a message
+    latest.setdefault(*edit)
+    return True
 
 
 def _ts(event: Event) -> int:
@@ -139,7 +162,7 @@ def history_from_timeline(
     is_command: Callable[[str], bool],
 ) -> TimelineHistory:
     """The conversation's turns and latest summary, back to its reset notice or the room start."""
-    final_text: dict[str, str] = {}  # answer event id → its latest edit's text
+    latest: dict[str, dict[str, Any]] = {}  # answer id → its latest edit's content
     turns: list[TimelineTurn] = []
     summary: str | None = None
     summary_upto: str | None = None
@@ -152,12 +175,7 @@ def history_from_timeline(
         sender = str(event.get("sender", ""))
         ts = _ts(event)
         if sender == bot_id and event.get("type") == "m.room.message":
-            if _is_edit(content):
-                target = content["m.relates_to"].get("event_id")
-                new = content.get("m.new_content")
-                # Newest first: the first edit seen is the latest one.
-                if isinstance(target, str) and isinstance(new, dict):
-                    final_text.setdefault(target, str(new.get("body", "")))
+            if note_edit(latest, event, bot_id):
                 continue
             marker = layout.parse_summary_marker(content)
             if marker is not None and marker.platform_chat_id == platform_chat_id:
@@ -166,7 +184,8 @@ def history_from_timeline(
                     summary_upto = marker.upto_event_id
                 continue
             if is_bot_answer(event, bot_id):
-                text = final_text.get(event["event_id"], str(content.get("body", "")))
+                final = latest.get(event["event_id"], content)
+                text = str(final.get("body", ""))
                 turns.append(TimelineTurn("assistant", text, event["event_id"], sender, ts))
             continue
         if is_owner_text(event, owner) and not is_command(content["body"]):
@@ -185,3 +204,76 @@ def summary_notice_text(summary: str, summarised: int) -> str:
 
 def summary_text(notice_body: str) -> str:
     return notice_body.partition("\n\n")[2].strip()
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """A streamed answer cut off by a crash: its latest version still says `partial`."""
+
+    event_id: str
+    text: str
+    marker: layout.TurnMarker
+
+
+@dataclass(frozen=True)
+class Scan:
+    missed: list[Event]  # oldest first
+    interrupted: Interrupted | None = None
+    answered: str | None = None  # the user message the bot's newest answer answers
+
+
+def scan_timeline(
+    events_newest_first: list[Event],
+    owner: str,
+    bot_id: str,
+    after_ts: int,
+    is_command: Callable[[str], bool] = lambda body: False,
+) -> Scan:
+    """What catch-up must do, from the room's newest events back (pure, never raises).
+
+    Owner messages after the one the bot's newest answer answers (or after that answer, when
+    it does not say) and newer than `after_ts` are missed; commands are not turns. When that
+    answer's latest version is still partial, the bot died while streaming it.
+    """
+    missed: list[Event] = []
+    latest: dict[str, dict[str, Any]] = {}  # answer id → its latest edit's content
+    interrupted: Interrupted | None = None
+    answered: str | None = None
+    for event in events_newest_first:
+        if not isinstance(event, dict):
+            continue
+        if answered is not None and event.get("event_id") == answered:
+            break
+        ts = event.get("origin_server_ts")
+        if isinstance(ts, int) and ts <= after_ts:
+            break
+        if answered is None and note_edit(latest, event, bot_id):
+            continue
+        if answered is None and is_bot_answer(event, bot_id):
+            current = latest.get(str(event.get("event_id")), event.get("content"))
+            marker = layout.parse_turn_marker(current)
+            if marker is not None and marker.partial:
+                body = current.get("body") if isinstance(current, dict) else None
+                interrupted = Interrupted(
+                    str(event.get("event_id")), body if isinstance(body, str) else "", marker
+                )
+            first = layout.parse_turn_marker(event.get("content"))
+            if first is None or first.answers is None:
+                break  # an older answer that does not say what it answers: stop here
+            answered = first.answers
+            continue
+        if is_owner_text(event, owner) and not is_command(event["content"]["body"]):
+            missed.append(event)
+    missed.reverse()
+    return Scan(missed=missed, interrupted=interrupted, answered=answered)
+
+
+def missed_in_timeline(
+    events_newest_first: list[Event],
+    owner: str,
+    bot_id: str,
+    after_ts: int,
+    is_command: Callable[[str], bool] = lambda body: False,
+) -> list[Event]:
+    """Owner messages the bot has not answered, oldest first (see `scan_timeline`)."""
+    return scan_timeline(events_newest_first, owner, bot_id, after_ts, is_command).missed

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import aiohttp
-
-from ..config import BackendSpec
 from .base import (
     Backend,
     BackendError,
@@ -13,13 +10,16 @@ from .base import (
     ErrorKind,
     GenerationRequest,
     Usage,
+    new_chat_id,
 )
 from .echo import EchoBackend
 from .openai import OpenAIBackend
+from .registry import BackendRegistry, build_backend
 
 __all__ = [
     "Backend",
     "BackendError",
+    "BackendRegistry",
     "ChatMessage",
     "Chunk",
     "EchoBackend",
@@ -28,13 +28,6 @@ __all__ = [
     "OpenAIBackend",
     "Usage",
     "build_backend",
+    "new_chat_id",
 ]
 
-
-def build_backend(spec: BackendSpec, http: aiohttp.ClientSession | None = None) -> Backend:
-    """`http` is shared (the plugin's session) when given; otherwise the backend makes its own."""
-    if spec.type == "echo":
-        return EchoBackend(spec)
-    if spec.type == "openai":
-        return OpenAIBackend(spec, http)
-    raise ValueError(f"unknown backend type {spec.type!r}")

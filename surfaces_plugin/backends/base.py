@@ -116,6 +116,11 @@ def _seconds(value: float | None) -> str:
     return f"{value:.0f} s" if value and value >= 1 else "a second"
 
 
+def new_chat_id(backend_id: str) -> str:
+    """A fresh platform_chat_id: opaque and unique; the backend id prefix makes it readable."""
+    return f"{backend_id}-{uuid.uuid4().hex}"
+
+
 class Backend(ABC):
     """An agent provider. `stream` is an async generator; cancel the consuming task to stop it."""
 
@@ -123,8 +128,7 @@ class Backend(ABC):
         self.spec = spec
 
     async def create_chat(self) -> str:
-        # Opaque and unique; the backend id prefix makes ids readable in logs and room state.
-        return f"{self.spec.id}-{uuid.uuid4().hex}"
+        return new_chat_id(self.spec.id)
 
     @abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:

@@ -7,15 +7,11 @@ import re
 from collections.abc import AsyncIterator
 
 from ..config import BackendSpec
+from ..tokens import estimate_tokens
 from .base import Backend, Chunk, GenerationRequest, Usage
 
 # Split before every word that follows whitespace, so joining the pieces restores the text exactly.
 _WORD_BOUNDARY = re.compile(r"(?<=\s)(?=\S)")
-
-
-def estimate_tokens(text: str) -> int:
-    """About four characters a token: good enough for an echo that has no tokenizer."""
-    return (len(text) + 3) // 4
 
 
 class EchoBackend(Backend):
@@ -30,5 +26,6 @@ class EchoBackend(Backend):
             if i and self.delay_s > 0:
                 await asyncio.sleep(self.delay_s)  # visible pacing, so streaming edits can be seen
             yield Chunk(text=piece)
+        # Counted with the plugin's own estimator, so an echo's "usage" never skews calibration.
         prompt = sum(estimate_tokens(m.content) for m in request.messages)
         yield Chunk(usage=Usage(prompt_tokens=prompt, completion_tokens=estimate_tokens(answer)))

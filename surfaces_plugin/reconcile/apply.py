@@ -4,22 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mautrix.api import Method, Path
 from mautrix.types import EventType, RoomID, UserID
 
 from .. import layout
-from ..chats import WorkingRoom
-from ..matrix import GatewayError, NotFound
+from ..matrix import GatewayError, MatrixIO, NotFound
+from ..rooms import WorkingRoom
+from ..store import Stores
 from ..store.chats import Chat
 from ..store.rooms import Room
 from ..store.users import User
 from .model import Invite, RoomRecord, SetState, Snapshot
 from .plan import Plan
-
-if TYPE_CHECKING:
-    from ..app import Surfaces
 
 
 @dataclass
@@ -29,11 +27,11 @@ class ApplyResult:
     failed: list[str] = field(default_factory=list)
 
 
-async def _current_state(app: Surfaces, action: SetState) -> Mapping[str, Any] | None:
+async def _current_state(io: MatrixIO, action: SetState) -> Mapping[str, Any] | None:
     try:
-        return await app.gateway.read(
+        return await io.gateway.read(
             "re-read state before writing",
-            lambda: app.client.api.request(
+            lambda: io.client.api.request(
                 Method.GET,
                 Path.v3.rooms[action.room_id].state[action.type][action.state_key],
             ),
@@ -42,19 +40,20 @@ async def _current_state(app: Surfaces, action: SetState) -> Mapping[str, Any] |
         return None
 
 
-async def write_plan(app: Surfaces, plan: Plan) -> ApplyResult:
+async def write_plan(io: MatrixIO, plan: Plan) -> ApplyResult:
     """Each write is re-checked against Matrix first, so a repeated run writes nothing."""
     result = ApplyResult()
+    client = io.client
     for action in plan.writes:
         try:
             if isinstance(action, SetState):
-                current = await _current_state(app, action)
+                current = await _current_state(io, action)
                 if current is not None and dict(current) == dict(action.content):
                     result.skipped += 1
                     continue
-                await app.gateway.write(
+                await io.gateway.write(
                     f"repair {action.type} in {action.room_id}",
-                    lambda a=action: app.client.send_state_event(
+                    lambda a=action: client.send_state_event(
                         RoomID(a.room_id),
                         EventType.find(a.type, EventType.Class.STATE),
                         dict(a.content),
@@ -62,15 +61,15 @@ async def write_plan(app: Surfaces, plan: Plan) -> ApplyResult:
                     ),
                 )
             elif isinstance(action, Invite):
-                await app.gateway.write(
+                await io.gateway.write(
                     f"invite {action.user_id} to {action.room_id}",
-                    lambda a=action: app.client.invite_user(RoomID(a.room_id), UserID(a.user_id)),
+                    lambda a=action: client.invite_user(RoomID(a.room_id), UserID(a.user_id)),
                 )
             result.writes += 1
-            app.log.info("Reconciliation: %s (%s)", _describe(action), action.reason)
+            io.log.info("Reconciliation: %s (%s)", _describe(action), action.reason)
         except GatewayError as e:
             result.failed.append(f"{_describe(action)}: {e}")
-            app.log.warning("Reconciliation write failed: %s: %s", _describe(action), e)
+            io.log.warning("Reconciliation write failed: %s: %s", _describe(action), e)
     return result
 
 
@@ -81,7 +80,7 @@ def _describe(action: SetState | Invite) -> str:
 
 
 def _order_of(snapshot: Snapshot, record: RoomRecord) -> str | None:
-    space = snapshot.rooms.get(record.space_id or "")
+    space = snapshot.rooms.get(record.binding.space_id if record.binding else "")
     link = space.get(layout.SPACE_CHILD_TYPE, record.room_id) if space else None
     parsed = layout.parse_space_child(link.content) if link else None
     return parsed.order if parsed else None
@@ -99,9 +98,14 @@ def _memories(snapshot: Snapshot, plan: Plan) -> dict[str, tuple[str, ...]]:
     return notes
 
 
-async def rebuild_cache(app: Surfaces, snapshot: Snapshot, plan: Plan) -> list[WorkingRoom]:
+async def rebuild_cache(stores: Stores, snapshot: Snapshot, plan: Plan) -> list[WorkingRoom]:
     """Replace the cache with the planned rows in one transaction; returns the working rooms."""
-    cached_users = {u.user_id: u for u in await app.stores.users.list_all(include_missing=True)}
+    cached_users = {u.user_id: u for u in await stores.users.list_all(include_missing=True)}
+    # Activity is only known to the cache; the rebuild keeps it (`RoomStore.upsert`).
+    activity = {
+        r.room_id: r.last_activity_ms
+        for r in await stores.rooms.list_all(kind="working", include_missing=True)
+    }
     users = []
     for record in plan.users.values():
         old = cached_users.get(record.user_id)
@@ -124,40 +128,27 @@ async def rebuild_cache(app: Surfaces, snapshot: Snapshot, plan: Plan) -> list[W
     for record in plan.rooms.values():
         if record.replaced_by is not None:
             continue  # an upgraded room lives on as its successor; the old row goes missing
-        order = _order_of(snapshot, record) if record.kind == "working" else None
+        binding = record.binding
+        order = _order_of(snapshot, record) if binding is not None else None
         rooms.append(
             Room(
                 room_id=record.room_id,
                 kind=record.kind,
                 owner=record.owner,
-                space_id=record.space_id,
-                agent=record.agent,
-                title=record.title,
-                platform_chat_id=record.platform_chat_id,
-                system_prompt=record.system_prompt,
-                archived=record.archived,
+                binding=binding,
                 order_key=order,
                 bot_membership=record.bot_membership,
                 owner_membership=record.owner_membership,
                 last_activity_ms=None,  # None keeps the stored value
             )
         )
-        if record.kind == "working" and record.platform_chat_id:
-            chats.append(
-                Chat(
-                    platform_chat_id=record.platform_chat_id,
-                    room_id=record.room_id,
-                    agent=record.agent,
-                    created_ms=0,
-                )
-            )
-    await app.stores.replace_topology(users, rooms, chats, memories=_memories(snapshot, plan))
-    stored = {r.room_id: r for r in await app.stores.rooms.list_all(kind="working")}
-    for record in plan.rooms.values():
+        if binding is None or not binding.platform_chat_id:
+            continue
+        chats.append(Chat(binding.platform_chat_id, record.room_id, binding.agent, created_ms=0))
         # Routed rooms and archived ones still joined (commands there say they are archived).
-        keep = record.routable or (record.archived and record.bot_membership == "join")
-        if record.kind == "working" and keep:
-            row = stored.get(record.room_id)
-            if row is not None and row.platform_chat_id:
-                working.append(WorkingRoom.from_row(row))
+        if record.routable or (binding.archived and record.bot_membership == "join"):
+            working.append(
+                WorkingRoom(record.room_id, binding, order or "", activity.get(record.room_id))
+            )
+    await stores.replace_topology(users, rooms, chats, memories=_memories(snapshot, plan))
     return working

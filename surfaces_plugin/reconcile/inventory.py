@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mautrix.api import Method, Path
 
 from .. import layout
-from ..matrix import GatewayError, NotFound
+from ..matrix import GatewayError, MatrixIO, NotFound
+from ..store import Stores
 from ..store.rooms import Room
 from ..store.users import User
 from .model import CacheView, RoomRecord, RoomSnapshot, Snapshot, StateEvent, UserRecord
-
-if TYPE_CHECKING:
-    from ..app import Surfaces
 
 
 def state_event(raw: Mapping[str, Any]) -> StateEvent | None:
@@ -43,21 +41,21 @@ def room_snapshot(room_id: str, raw_state: list[Any]) -> RoomSnapshot:
     return RoomSnapshot(room_id=room_id, create=state.get((layout.CREATE_TYPE, "")), state=state)
 
 
-async def read_room(app: Surfaces, room_id: str) -> RoomSnapshot | None:
+async def read_room(io: MatrixIO, room_id: str) -> RoomSnapshot | None:
     """One room's full state; None when it cannot be read (logged)."""
     try:
-        raw = await app.gateway.read(
+        raw = await io.gateway.read(
             "read room state",
-            lambda: app.client.api.request(Method.GET, Path.v3.rooms[room_id].state),
+            lambda: io.client.api.request(Method.GET, Path.v3.rooms[room_id].state),
         )
     except GatewayError as e:
-        app.log.warning("Reconciliation could not read %s: %s", room_id, e)
+        io.log.warning("Reconciliation could not read %s: %s", room_id, e)
         return None
     return room_snapshot(room_id, raw if isinstance(raw, list) else [])
 
 
-async def read_snapshot(app: Surfaces, concurrency: int) -> Snapshot:
-    gateway, client = app.gateway, app.client
+async def read_snapshot(io: MatrixIO, concurrency: int) -> Snapshot:
+    gateway, client = io.gateway, io.client
     joined = await gateway.read("list joined rooms", client.get_joined_rooms)
     slots = asyncio.Semaphore(concurrency)
     rooms: dict[str, RoomSnapshot] = {}
@@ -65,7 +63,7 @@ async def read_snapshot(app: Surfaces, concurrency: int) -> Snapshot:
 
     async def read(room_id: str) -> None:
         async with slots:
-            room = await read_room(app, room_id)
+            room = await read_room(io, room_id)
         if room is None:
             unreadable.add(room_id)
         else:
@@ -79,8 +77,8 @@ async def read_snapshot(app: Surfaces, concurrency: int) -> Snapshot:
     except NotFound:
         access_content = None
     return Snapshot(
-        bot_id=app.bot_id,
-        server_name=app.bot_id.split(":", 1)[1],
+        bot_id=io.bot_id,
+        server_name=io.server_name,
         rooms=rooms,
         access=layout.parse_access(access_content) if access_content else None,
         unreadable=frozenset(unreadable),
@@ -102,12 +100,7 @@ def cache_view(users: list[User], rooms: list[Room]) -> CacheView:
                 room_id=r.room_id,
                 kind=r.kind,
                 owner=r.owner,
-                space_id=r.space_id,
-                agent=r.agent,
-                title=r.title,
-                platform_chat_id=r.platform_chat_id,
-                system_prompt=r.system_prompt,
-                archived=r.archived,
+                binding=r.binding,
                 bot_membership="lost" if r.bot_membership == "lost" else "join",
                 owner_membership=r.owner_membership,
             )
@@ -117,7 +110,7 @@ def cache_view(users: list[User], rooms: list[Room]) -> CacheView:
     )
 
 
-async def read_cache(app: Surfaces) -> CacheView:
-    users = await app.stores.users.list_all(include_missing=True)
-    rooms = await app.stores.rooms.list_all()
+async def read_cache(stores: Stores) -> CacheView:
+    users = await stores.users.list_all(include_missing=True)
+    rooms = await stores.rooms.list_all()
     return cache_view(users, rooms)

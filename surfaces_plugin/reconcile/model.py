@@ -14,6 +14,7 @@ from ..layout import (
     MEMBER_TYPE,
     POWER_LEVELS_TYPE,
     AccessDecisions,
+    Binding,
     RoomKind,
     create_room_version,
 )
@@ -107,12 +108,7 @@ class RoomRecord:
     room_id: str
     kind: RoomKind
     owner: str
-    space_id: str | None = None  # working rooms: their Space; spaces: None
-    agent: str | None = None
-    title: str | None = None
-    platform_chat_id: str | None = None
-    system_prompt: str | None = None
-    archived: bool = False
+    binding: Binding | None = None  # working rooms; None for a Space
     bot_membership: BotMembership = "join"
     owner_membership: str | None = None  # None: the owner never had a membership event here
     replaced_by: str | None = None  # upgraded working room, or a Space merged into another
@@ -122,11 +118,11 @@ class RoomRecord:
     def routable(self) -> bool:
         """Messages here go to the agent."""
         return (
-            self.kind == "working"
-            and not self.archived
+            self.binding is not None
+            and not self.binding.archived
             and self.bot_membership == "join"
             and self.replaced_by is None
-            and self.platform_chat_id is not None
+            and self.binding.platform_chat_id is not None
         )
 
 

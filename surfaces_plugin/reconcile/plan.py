@@ -367,17 +367,7 @@ class _Planner:
         row = self.cache.rooms.get(room.room_id)
         if row is None or row.kind != "working" or row.owner != room.owner:
             return None
-        if row.space_id is None or row.agent is None:
-            return None
-        return Binding(
-            owner=row.owner,
-            space_id=row.space_id,
-            agent=row.agent,
-            title=row.title or "",
-            platform_chat_id=row.platform_chat_id,
-            system_prompt=row.system_prompt,
-            archived=row.archived,
-        )
+        return row.binding
 
     # -- upgrades -------------------------------------------------------------
 
@@ -640,8 +630,8 @@ class _Planner:
         """The id the DB knows for this conversation (newest room of an upgrade chain first)."""
         for room_id in reversed(room.conversation_rooms):
             row = self.cache.rooms.get(room_id)
-            if row is not None and row.platform_chat_id:
-                return row.platform_chat_id
+            if row is not None and row.binding is not None and row.binding.platform_chat_id:
+                return row.binding.platform_chat_id
         return None
 
     def _split_duplicate(self, pcid: str, group: list[_Room]) -> None:
@@ -650,7 +640,10 @@ class _Planner:
 
         def cached_here(room: _Room) -> bool:
             rows = (self.cache.rooms.get(rid) for rid in room.conversation_rooms)
-            return any(row is not None and row.platform_chat_id == pcid for row in rows)
+            return any(
+                row is not None and row.binding is not None and row.binding.platform_chat_id == pcid
+                for row in rows
+            )
 
         def rank(room: _Room) -> tuple[bool, bool, int, str]:
             return (room.writable, not cached_here(room), room.conversation_ts, room.room_id)
@@ -799,17 +792,11 @@ class _Planner:
     # -- results --------------------------------------------------------------
 
     def _record(self, room: _Room) -> RoomRecord:
-        b = room.binding or _NoBinding
         return _new_record(
             room_id=room.room_id,
             kind=room.kind,
             owner=room.owner,
-            space_id=b.space_id,
-            agent=b.agent,
-            title=b.title,
-            platform_chat_id=b.platform_chat_id,
-            system_prompt=b.system_prompt,
-            archived=b.archived,
+            binding=room.binding,
             bot_membership="join" if room.joined else "lost",
             owner_membership=self._membership(room, room.owner),
             replaced_by=room.replaced_by,
@@ -861,13 +848,6 @@ class _Planner:
 
 _SORTED_KEYS = frozenset({"adopted", "degraded", "lost"})
 _new_record = fast_constructor(RoomRecord)
-
-
-class _NoBinding:
-    """What `_record` reads for a room without a binding."""
-
-    space_id = agent = title = platform_chat_id = system_prompt = None
-    archived = False
 
 
 _first = itemgetter(0)

@@ -6,21 +6,23 @@ Level-triggered and idempotent: a second run in a row finds nothing to write.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from .. import layout
+from ..backends import new_chat_id
+from ..clock import now_ms
+from ..config import Settings
+from ..matrix import MatrixIO
+from ..rooms import RoomDirectory
+from ..store import Stores
 from .apply import rebuild_cache, write_plan
 from .inventory import read_cache, read_room, read_snapshot
 from .model import Snapshot
-from .plan import Plan, Report, plan
+from .plan import NewChatId, Plan, Report, plan
 
-if TYPE_CHECKING:
-    from ..app import Surfaces
-
-REPORT_KEY = "reconciliation.last_report"
 MAX_DIRTY_ROUNDS = 3  # rooms that keep changing are left to the next run
 
 
@@ -44,13 +46,21 @@ class RunReport:
             lines += [f"  - {item}" for item in self.ignored[:20]]
         return "\n".join(lines)
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 class Reconciler:
-    def __init__(self, app: Surfaces) -> None:
-        self.app = app
+    def __init__(
+        self,
+        io: MatrixIO,
+        stores: Stores,
+        rooms: RoomDirectory,
+        settings: Callable[[], Settings],
+        log: logging.Logger,
+    ) -> None:
+        self.io = io
+        self.stores = stores
+        self.rooms = rooms
+        self.settings = settings
+        self.log = log
         self.last: RunReport | None = None
         self._lock = asyncio.Lock()
         self._periodic: asyncio.Task[None] | None = None
@@ -59,22 +69,22 @@ class Reconciler:
 
     async def run(self, reason: str) -> RunReport:
         async with self._lock:
-            app = self.app
             started = time.monotonic()
-            dry_run = app.settings.reconciliation.dry_run
-            report = RunReport(reason=reason, started_ms=int(time.time() * 1000), dry_run=dry_run)
+            settings = self.settings().reconciliation
+            report = RunReport(reason=reason, started_ms=now_ms(), dry_run=settings.dry_run)
             self._dirty = set()
             self._running = True
             try:
-                snapshot = await read_snapshot(app, app.settings.reconciliation.concurrency)
+                snapshot = await read_snapshot(self.io, settings.concurrency)
                 result = await self._plan_and_apply(snapshot, report)
-                # Rooms changed by others while we read them: read again, plan again (T13).
+                # Rooms changed by others while we read them: read again, plan again
+                # (docs/reconciliation.md, T13).
                 for _ in range(MAX_DIRTY_ROUNDS):
                     dirty, self._dirty = self._dirty, set()
                     if not dirty:
                         break
                     for room_id in sorted(dirty):
-                        room = await read_room(app, room_id)
+                        room = await read_room(self.io, room_id)
                         if room is not None:
                             snapshot = snapshot.with_room(room)
                     report.counts["rooms re-read after live changes"] = len(dirty) + (
@@ -86,21 +96,19 @@ class Reconciler:
             _count(report, result.report)
             report.seconds = time.monotonic() - started
             self.last = report
-            await self.app.stores.kv.set_json(REPORT_KEY, report.to_json())
-            self.app.log.info("Reconciliation done: %s", report.to_markdown().replace("\n", "; "))
+            self.log.info("Reconciliation done: %s", report.to_markdown().replace("\n", "; "))
             return report
 
     async def _plan_and_apply(self, snapshot: Snapshot, report: RunReport) -> Plan:
-        app = self.app
-        result = plan(snapshot, await read_cache(app), self._chat_id_factory(snapshot))
+        result = plan(snapshot, await read_cache(self.stores), self._chat_id_factory(snapshot))
         if report.dry_run:
             report.counts["writes planned"] = len(result.writes)
-            await app.chats.load_from_cache()
+            await self.rooms.load_from_cache()
             return result
-        applied = await write_plan(app, result)
+        applied = await write_plan(self.io, result)
         report.writes += applied.writes
         report.ignored += [f"write failed: {item}" for item in applied.failed]
-        app.chats.load(await rebuild_cache(app, snapshot, result))
+        self.rooms.load(await rebuild_cache(self.stores, snapshot, result))
         return result
 
     def mark_dirty(self, room_id: str) -> None:
@@ -108,23 +116,22 @@ class Reconciler:
         if self._running:
             self._dirty.add(room_id)
 
-    def _chat_id_factory(self, snapshot: Snapshot):  # noqa: ANN202 - plan's NewChatId
-        """Fresh platform_chat_ids named after the room's backend, like Backend.create_chat."""
-        settings = self.app.settings
+    def _chat_id_factory(self, snapshot: Snapshot) -> NewChatId:
+        """Fresh platform_chat_ids named after the room's backend, as `Backend.create_chat` names them."""
+        settings = self.settings()
 
-        def new_chat_id(room_id: str) -> str:
+        def for_room(room_id: str) -> str:
             room = snapshot.rooms.get(room_id)
             event = room.get(layout.BINDING_TYPE) if room else None
             binding = layout.parse_binding(event.content) if event else None
             agent = settings.agent(binding.agent) if binding else None
-            prefix = agent.backend if agent else "chat"
-            return f"{prefix}-{uuid.uuid4().hex}"
+            return new_chat_id(agent.backend if agent else "chat")
 
-        return new_chat_id
+        return for_room
 
     def note_catch_up(self, messages: int, rooms: int, seconds: float) -> None:
         """Catch-up runs after the start-up reconciliation; its result joins that report."""
-        self.app.log.info(
+        self.log.info(
             "Catch-up: %d missed messages to answer in %d rooms (%.2f s)", messages, rooms, seconds
         )
         if self.last is not None:
@@ -135,16 +142,16 @@ class Reconciler:
         if self._periodic is not None:
             self._periodic.cancel()
             self._periodic = None
-        if self.app.settings.reconciliation.interval_minutes > 0:
-            self._periodic = self.app.spawn(self._every(), name="periodic reconciliation")
+        if self.settings().reconciliation.interval_minutes > 0:
+            self._periodic = self.io.spawn(self._every(), name="periodic reconciliation")
 
     async def _every(self) -> None:
         while True:
-            await asyncio.sleep(self.app.settings.reconciliation.interval_minutes * 60)
+            await asyncio.sleep(self.settings().reconciliation.interval_minutes * 60)
             try:
                 await self.run(reason="periodic")
             except Exception:
-                self.app.log.exception("Periodic reconciliation failed; the next one will retry")
+                self.log.exception("Periodic reconciliation failed; the next one will retry")
 
     def stop(self) -> None:
         if self._periodic is not None:

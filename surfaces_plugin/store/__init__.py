@@ -1,45 +1,38 @@
 """The plugin's database: a cache of the Matrix layout (rebuilt at every start) plus what only
-lives here: message history, processed marks, the onboarding journal, small key/values.
+lives here: message history and the processed marks.
 
 One repository per table with explicit SQL that runs unchanged on SQLite and PostgreSQL.
 """
 
-from .base import Repository, now_ms
+from .base import Repository
 from .chats import Chat, ChatStore
-from .journal import JournalEntry, JournalStore
-from .kv import KVStore
-from .memory import Memory, MemoryStore
-from .messages import DuplicateEventError, Message, MessageStore, Role
+from .memory import CachedNotes, MemoryStore
+from .messages import DuplicateEventError, Message, MessageRole, MessageStore
 from .migrations import upgrade_table
 from .processed import Processed, ProcessedStore
 from .rooms import BotMembership, Room, RoomKind, RoomStore
-from .stores import Stores, TopologyChanges
+from .stores import Stores
 from .users import AccessState, User, UserStore
 
 __all__ = [
     "AccessState",
     "BotMembership",
+    "CachedNotes",
     "Chat",
     "ChatStore",
     "DuplicateEventError",
-    "JournalEntry",
-    "JournalStore",
-    "KVStore",
-    "Memory",
     "MemoryStore",
     "Message",
+    "MessageRole",
     "MessageStore",
     "Processed",
     "ProcessedStore",
     "Repository",
-    "Role",
     "Room",
     "RoomKind",
     "RoomStore",
     "Stores",
-    "TopologyChanges",
     "User",
     "UserStore",
-    "now_ms",
     "upgrade_table",
 ]

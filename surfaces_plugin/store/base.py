@@ -1,16 +1,11 @@
-"""Shared plumbing for the repositories: connection handling and time."""
+"""Shared plumbing for the repositories: connection handling."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from mautrix.util.async_db import Connection, Database
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @asynccontextmanager

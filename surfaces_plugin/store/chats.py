@@ -87,24 +87,6 @@ class ChatStore(Repository):
             async with self._acquire(conn) as c:
                 await c.executemany(self._upsert, records)
 
-    async def list_by_room(
-        self,
-        room_id: str,
-        *,
-        include_archived: bool = True,
-        include_missing: bool = False,
-        conn: Connection | None = None,
-    ) -> list[Chat]:
-        """The room's chats, oldest first."""
-        query = f"SELECT {_COLUMNS} FROM chats WHERE room_id=$1"
-        if not include_archived:
-            query += " AND archived=false"
-        if not include_missing:
-            query += " AND missing=false"
-        async with self._acquire(conn) as c:
-            rows = await c.fetch(query + " ORDER BY created_ms, platform_chat_id", room_id)
-        return [Chat.from_row(r) for r in rows]
-
     async def list_all(
         self, *, include_missing: bool = False, conn: Connection | None = None
     ) -> list[Chat]:
@@ -160,8 +142,3 @@ class ChatStore(Repository):
                     [(p,) for p in gone],
                 )
         return gone
-
-    async def delete(self, platform_chat_id: str, *, conn: Connection | None = None) -> None:
-        """Delete the chat row (its messages are left to `MessageStore.delete_chat`)."""
-        async with self._acquire(conn) as c:
-            await c.execute("DELETE FROM chats WHERE platform_chat_id=$1", platform_chat_id)

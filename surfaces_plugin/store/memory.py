@@ -13,12 +13,12 @@ from .base import Repository
 
 
 @dataclass(frozen=True)
-class Memory:
+class CachedNotes:
     user_id: str
     notes: tuple[str, ...]
 
     @classmethod
-    def from_row(cls, row: Any) -> Memory:
+    def from_row(cls, row: Any) -> CachedNotes:
         try:
             notes = json.loads(row["notes"])
         except ValueError:
@@ -29,15 +29,10 @@ class Memory:
 
 
 class MemoryStore(Repository):
-    async def get(self, user_id: str, *, conn: Connection | None = None) -> Memory | None:
+    async def get(self, user_id: str, *, conn: Connection | None = None) -> CachedNotes | None:
         async with self._acquire(conn) as c:
             row = await c.fetchrow("SELECT user_id, notes FROM memory WHERE user_id=$1", user_id)
-        return Memory.from_row(row) if row else None
-
-    async def notes(self, user_id: str, *, conn: Connection | None = None) -> tuple[str, ...]:
-        """The user's notes; empty when none are cached."""
-        memory = await self.get(user_id, conn=conn)
-        return memory.notes if memory else ()
+        return CachedNotes.from_row(row) if row else None
 
     async def set(
         self, user_id: str, notes: Sequence[str], *, conn: Connection | None = None
@@ -49,12 +44,3 @@ class MemoryStore(Repository):
                 user_id,
                 json.dumps([str(n) for n in notes], ensure_ascii=False),
             )
-
-    async def list_all(self, *, conn: Connection | None = None) -> list[Memory]:
-        async with self._acquire(conn) as c:
-            rows = await c.fetch("SELECT user_id, notes FROM memory ORDER BY user_id")
-        return [Memory.from_row(r) for r in rows]
-
-    async def delete(self, user_id: str, *, conn: Connection | None = None) -> None:
-        async with self._acquire(conn) as c:
-            await c.execute("DELETE FROM memory WHERE user_id=$1", user_id)

@@ -11,10 +11,11 @@ from typing import Any, Literal
 
 from mautrix.util.async_db import Connection, Scheme
 
-from .base import Repository, now_ms
+from ..clock import now_ms
+from .base import Repository
 
-Role = Literal["user", "assistant", "summary"]
-ROLES: tuple[str, ...] = ("user", "assistant", "summary")
+MessageRole = Literal["user", "assistant"]
+ROLES: tuple[str, ...] = ("user", "assistant")
 
 
 class DuplicateEventError(Exception):
@@ -29,7 +30,7 @@ class DuplicateEventError(Exception):
 class Message:
     platform_chat_id: str
     seq: int
-    role: Role
+    role: MessageRole
     content: str
     event_id: str | None
     sender: str | None
@@ -57,7 +58,7 @@ class MessageStore(Repository):
     async def append(
         self,
         platform_chat_id: str,
-        role: Role,
+        role: MessageRole,
         content: str,
         *,
         event_id: str | None = None,
@@ -133,27 +134,6 @@ class MessageStore(Repository):
             )
         return int(n)
 
-    async def last_seq(self, platform_chat_id: str, *, conn: Connection | None = None) -> int:
-        """The chat's highest seq, 0 when it has no messages."""
-        async with self._acquire(conn) as c:
-            seq = await c.fetchval(
-                "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE platform_chat_id=$1",
-                platform_chat_id,
-            )
-        return int(seq)
-
-    async def has_event(self, event_id: str, *, conn: Connection | None = None) -> bool:
-        async with self._acquire(conn) as c:
-            row = await c.fetchrow("SELECT 1 FROM messages WHERE event_id=$1", event_id)
-        return row is not None
-
-    async def get_by_event(
-        self, event_id: str, *, conn: Connection | None = None
-    ) -> Message | None:
-        async with self._acquire(conn) as c:
-            row = await c.fetchrow(f"SELECT {_COLUMNS} FROM messages WHERE event_id=$1", event_id)
-        return Message.from_row(row) if row else None
-
     async def last_user_message(
         self, platform_chat_id: str, *, conn: Connection | None = None
     ) -> Message | None:
@@ -164,22 +144,3 @@ class MessageStore(Repository):
                 platform_chat_id,
             )
         return Message.from_row(row) if row else None
-
-    async def delete_after(
-        self, platform_chat_id: str, seq: int, *, conn: Connection | None = None
-    ) -> int:
-        """Delete the chat's messages with seq > `seq` (e.g. the answer being retried)."""
-        async with self._acquire(conn) as c:
-            rows = await c.fetch(
-                "DELETE FROM messages WHERE platform_chat_id=$1 AND seq > $2 RETURNING seq",
-                platform_chat_id,
-                int(seq),
-            )
-        return len(rows)
-
-    async def delete_chat(self, platform_chat_id: str, *, conn: Connection | None = None) -> int:
-        async with self._acquire(conn) as c:
-            rows = await c.fetch(
-                "DELETE FROM messages WHERE platform_chat_id=$1 RETURNING seq", platform_chat_id
-            )
-        return len(rows)

@@ -12,16 +12,7 @@ from mautrix.util.async_db import Connection, UpgradeTable
 upgrade_table = UpgradeTable()
 
 # Every table of the plugin database, and mautrix's schema-version table (tests drop them all).
-CACHE_TABLES = (
-    "users",
-    "rooms",
-    "chats",
-    "messages",
-    "memory",
-    "onboarding_journal",
-    "processed",
-    "state_kv",
-)
+CACHE_TABLES = ("users", "rooms", "chats", "messages", "memory", "processed")
 VERSION_TABLE = "version"
 
 
@@ -118,3 +109,11 @@ async def upgrade_v1(conn: Connection) -> None:
             value TEXT NOT NULL
         )"""
     )
+
+
+@upgrade_table.register(description="Drop tables nothing read: onboarding_journal, state_kv")
+async def upgrade_v2(conn: Connection) -> None:
+    # Reconciliation finishes a crashed onboarding from Matrix alone, and the last report is
+    # kept in memory; neither table was ever read.
+    await conn.execute("DROP TABLE IF EXISTS onboarding_journal")
+    await conn.execute("DROP TABLE IF EXISTS state_kv")

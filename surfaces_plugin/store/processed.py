@@ -43,12 +43,3 @@ class ProcessedStore(Repository):
                 "SELECT room_id, event_id, ts FROM processed WHERE room_id=$1", room_id
             )
         return Processed.from_row(row) if row else None
-
-    async def list_all(self, *, conn: Connection | None = None) -> list[Processed]:
-        async with self._acquire(conn) as c:
-            rows = await c.fetch("SELECT room_id, event_id, ts FROM processed ORDER BY room_id")
-        return [Processed.from_row(r) for r in rows]
-
-    async def delete(self, room_id: str, *, conn: Connection | None = None) -> None:
-        async with self._acquire(conn) as c:
-            await c.execute("DELETE FROM processed WHERE room_id=$1", room_id)

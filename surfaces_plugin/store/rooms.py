@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from mautrix.util.async_db import Connection
 
+from ..layout import Binding
 from .base import Repository
 
 RoomKind = Literal["space", "working"]
@@ -16,15 +17,12 @@ BotMembership = Literal["join", "lost"]
 
 @dataclass(frozen=True)
 class Room:
+    """A cached room. A working room's binding is the one in Matrix; the rest only the cache knows."""
+
     room_id: str
     kind: RoomKind
     owner: str
-    space_id: str | None = None
-    agent: str | None = None
-    title: str | None = None
-    platform_chat_id: str | None = None
-    system_prompt: str | None = None
-    archived: bool = False
+    binding: Binding | None = None  # working rooms; None for a Space
     order_key: str | None = None
     bot_membership: BotMembership | None = "join"
     owner_membership: str | None = None
@@ -32,18 +30,25 @@ class Room:
     missing: bool = False
     created_ms: int | None = None
 
+    # The one mapping between the binding and its columns.
     @classmethod
     def from_row(cls, row: Any) -> Room:
+        binding = None
+        if row["kind"] == "working" and row["space_id"] and row["agent"]:
+            binding = Binding(
+                owner=row["owner"],
+                space_id=row["space_id"],
+                agent=row["agent"],
+                title=row["title"] or "",
+                platform_chat_id=row["platform_chat_id"] or None,
+                system_prompt=row["system_prompt"],
+                archived=bool(row["archived"]),
+            )
         return cls(
             room_id=row["room_id"],
             kind=row["kind"],
             owner=row["owner"],
-            space_id=row["space_id"],
-            agent=row["agent"],
-            title=row["title"],
-            platform_chat_id=row["platform_chat_id"],
-            system_prompt=row["system_prompt"],
-            archived=bool(row["archived"]),
+            binding=binding,
             order_key=row["order_key"],
             bot_membership=row["bot_membership"],
             owner_membership=row["owner_membership"],
@@ -53,16 +58,17 @@ class Room:
         )
 
     def values(self) -> tuple[Any, ...]:
+        b = self.binding
         return (
             self.room_id,
             self.kind,
             self.owner,
-            self.space_id,
-            self.agent,
-            self.title,
-            self.platform_chat_id,
-            self.system_prompt,
-            bool(self.archived),
+            b.space_id if b else None,
+            b.agent if b else None,
+            b.title if b else None,
+            b.platform_chat_id if b else None,
+            b.system_prompt if b else None,
+            bool(b and b.archived),
             self.order_key,
             self.bot_membership,
             self.owner_membership,
@@ -102,16 +108,6 @@ class RoomStore(Repository):
             row = await c.fetchrow(f"SELECT {_COLUMNS} FROM rooms WHERE room_id=$1", room_id)
         return Room.from_row(row) if row else None
 
-    async def get_by_platform_chat_id(
-        self, platform_chat_id: str, *, conn: Connection | None = None
-    ) -> Room | None:
-        async with self._acquire(conn) as c:
-            row = await c.fetchrow(
-                f"SELECT {_COLUMNS} FROM rooms WHERE platform_chat_id=$1 ORDER BY room_id LIMIT 1",
-                platform_chat_id,
-            )
-        return Room.from_row(row) if row else None
-
     async def upsert(self, room: Room, *, conn: Connection | None = None) -> None:
         """Write every column, except that `last_activity_ms` only moves forward and a None
         `last_activity_ms`/`created_ms` keeps the stored value (Matrix state does not hold them)."""
@@ -123,34 +119,6 @@ class RoomStore(Repository):
         if records:
             async with self._acquire(conn) as c:
                 await c.executemany(self._upsert, records)
-
-    async def list_by_owner(
-        self,
-        owner: str,
-        *,
-        kind: RoomKind | None = None,
-        include_archived: bool = True,
-        include_missing: bool = False,
-        conn: Connection | None = None,
-    ) -> list[Room]:
-        """The owner's rooms in Space order (order_key, then creation, then id)."""
-        where, args = ["owner=$1"], [owner]
-        if kind is not None:
-            args.append(kind)
-            where.append(f"kind=${len(args)}")
-        return await self._list(where, args, include_archived, include_missing, conn)
-
-    async def list_by_space(
-        self,
-        space_id: str,
-        *,
-        include_archived: bool = True,
-        include_missing: bool = False,
-        conn: Connection | None = None,
-    ) -> list[Room]:
-        return await self._list(
-            ["space_id=$1"], [space_id], include_archived, include_missing, conn
-        )
 
     async def list_all(
         self,
@@ -191,16 +159,6 @@ class RoomStore(Repository):
             rows = await c.fetch(query, *args)
         return [Room.from_row(r) for r in rows]
 
-    async def touch(self, room_id: str, ts_ms: int, *, conn: Connection | None = None) -> None:
-        """Move `last_activity_ms` forward to `ts_ms` (never backwards)."""
-        async with self._acquire(conn) as c:
-            await c.execute(
-                """UPDATE rooms SET last_activity_ms=$2
-                WHERE room_id=$1 AND (last_activity_ms IS NULL OR last_activity_ms < $2)""",
-                room_id,
-                int(ts_ms),
-            )
-
     async def mark_missing_except(
         self, seen: Iterable[str], *, conn: Connection | None = None
     ) -> list[str]:
@@ -214,7 +172,3 @@ class RoomStore(Repository):
                     "UPDATE rooms SET missing=true WHERE room_id=$1", [(r,) for r in gone]
                 )
         return gone
-
-    async def delete(self, room_id: str, *, conn: Connection | None = None) -> None:
-        async with self._acquire(conn) as c:
-            await c.execute("DELETE FROM rooms WHERE room_id=$1", room_id)

@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 from mautrix.util.async_db import Database
 
 from .chats import Chat, ChatStore
-from .journal import JournalStore
-from .kv import KVStore
 from .memory import MemoryStore
 from .messages import MessageStore
 from .processed import ProcessedStore
 from .rooms import Room, RoomStore
 from .users import User, UserStore
-
-
-@dataclass(frozen=True)
-class TopologyChanges:
-    """What `replace_topology` did: rows written, and ids it newly flagged as missing."""
-
-    users: int
-    rooms: int
-    chats: int
-    missing_users: tuple[str, ...] = ()
-    missing_rooms: tuple[str, ...] = ()
-    missing_chats: tuple[str, ...] = ()
 
 
 class Stores:
@@ -38,9 +23,7 @@ class Stores:
         self.chats = ChatStore(db)
         self.messages = MessageStore(db)
         self.memory = MemoryStore(db)
-        self.journal = JournalStore(db)
         self.processed = ProcessedStore(db)
-        self.kv = KVStore(db)
 
     async def replace_topology(
         self,
@@ -49,7 +32,7 @@ class Stores:
         chats: Iterable[Chat],
         *,
         memories: Mapping[str, Sequence[str]] | None = None,
-    ) -> TopologyChanges:
+    ) -> None:
         """Replace the cached layout with rows rebuilt from Matrix, in one transaction.
 
         The given rows are upserted as present (missing=false); users, rooms and chats not
@@ -64,22 +47,10 @@ class Stores:
             await self.users.upsert_many(user_rows, conn=conn)
             await self.rooms.upsert_many(room_rows, conn=conn)
             await self.chats.upsert_many(chat_rows, conn=conn)
-            gone_users = await self.users.mark_missing_except(
-                (u.user_id for u in user_rows), conn=conn
-            )
-            gone_rooms = await self.rooms.mark_missing_except(
-                (r.room_id for r in room_rows), conn=conn
-            )
-            gone_chats = await self.chats.mark_missing_except(
+            await self.users.mark_missing_except((u.user_id for u in user_rows), conn=conn)
+            await self.rooms.mark_missing_except((r.room_id for r in room_rows), conn=conn)
+            await self.chats.mark_missing_except(
                 (c.platform_chat_id for c in chat_rows), conn=conn
             )
             for user_id, notes in (memories or {}).items():
                 await self.memory.set(user_id, notes, conn=conn)
-        return TopologyChanges(
-            users=len(user_rows),
-            rooms=len(room_rows),
-            chats=len(chat_rows),
-            missing_users=tuple(gone_users),
-            missing_rooms=tuple(gone_rooms),
-            missing_chats=tuple(gone_chats),
-        )

@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from mautrix.util.async_db import Connection
 
-from .base import Repository, now_ms
+from ..clock import now_ms
+from .base import Repository
 
 AccessState = Literal["approved", "blocked", "pending"]
 ACCESS_STATES: tuple[str, ...] = ("approved", "blocked", "pending")
@@ -69,11 +70,6 @@ class UserStore(Repository):
             row = await c.fetchrow(f"SELECT {_COLUMNS} FROM users WHERE user_id=$1", user_id)
         return User.from_row(row) if row else None
 
-    async def upsert(self, user: User, *, conn: Connection | None = None) -> None:
-        """Write every column; `dm_room_id` only this DB may know, so None keeps the stored one."""
-        async with self._acquire(conn) as c:
-            await c.execute(self._upsert, *user.values())
-
     async def upsert_many(self, users: Iterable[User], *, conn: Connection | None = None) -> None:
         records = [u.values() for u in users]
         if records:
@@ -89,11 +85,6 @@ class UserStore(Repository):
         async with self._acquire(conn) as c:
             rows = await c.fetch(query + " ORDER BY user_id")
         return [User.from_row(r) for r in rows]
-
-    async def get_by_space(self, space_id: str, *, conn: Connection | None = None) -> User | None:
-        async with self._acquire(conn) as c:
-            row = await c.fetchrow(f"SELECT {_COLUMNS} FROM users WHERE space_id=$1", space_id)
-        return User.from_row(row) if row else None
 
     async def set_access(
         self,
@@ -161,7 +152,3 @@ class UserStore(Repository):
                     "UPDATE users SET missing=true WHERE user_id=$1", [(u,) for u in gone]
                 )
         return gone
-
-    async def delete(self, user_id: str, *, conn: Connection | None = None) -> None:
-        async with self._acquire(conn) as c:
-            await c.execute("DELETE FROM users WHERE user_id=$1", user_id)

@@ -48,10 +48,10 @@ class Harness:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            pending = [t for t in self.app._tasks if not t.done()]
+            pending = self.app.io.running_tasks()
             if not pending:
                 await asyncio.sleep(0.01)  # a finishing task may have spawned another
-                if not [t for t in self.app._tasks if not t.done()]:
+                if not self.app.io.running_tasks():
                     return
                 continue
             await asyncio.wait(pending, timeout=deadline - loop.time())

@@ -56,9 +56,9 @@ async def onboarded(make_surfaces, client=None, **agent_changes):
     )
     dm = h.dm(ALICE)
     await h.say(dm, ALICE, "!ai start")
-    [room] = h.app.chats.all_rooms()
-    backend = RecordingBackend(h.app.backends._backends["echo"].spec)
-    h.app.backends._backends["echo"] = backend
+    [room] = h.app.rooms.all_rooms()
+    backend = RecordingBackend(h.app.settings.backends["echo"])
+    h.app.backends.put(backend)
     return h, room.room_id, backend, dm
 
 
@@ -71,7 +71,7 @@ def binding(h, room: str) -> dict:
 
 
 def pcid(h, room: str) -> str:
-    return h.app.chats.room(room).platform_chat_id
+    return h.app.rooms.room(room).platform_chat_id
 
 
 # !ai context
@@ -280,7 +280,7 @@ async def test_memory_is_shared_by_all_rooms_of_the_user(make_surfaces) -> None:
     assert h.last_reply(room).startswith("Noted as 1.")
     await h.say(dm, ALICE, "!ai memory add   My name is   Alice  ")
     await h.say(dm, ALICE, "!ai new Second")
-    second = next(r.room_id for r in h.app.chats.all_rooms() if r.title == "Second")
+    second = next(r.room_id for r in h.app.rooms.all_rooms() if r.title == "Second")
     await h.say(second, ALICE, "where do I live?")
     assert "- I live in Berlin and use metric units.\n- My name is Alice" in backend.system()
 
@@ -327,7 +327,7 @@ async def test_memory_cap_on_the_number_of_notes(make_surfaces) -> None:
         await h.say(dm, ALICE, f"!ai memory add note {i}")
     await h.say(dm, ALICE, "!ai memory add one too many")
     assert h.last_reply(dm).startswith(f"You already have {MAX_NOTES} notes, the most I keep.")
-    assert len(await h.app.stores.memory.notes(ALICE)) == MAX_NOTES
+    assert len((await h.app.stores.memory.get(ALICE)).notes) == MAX_NOTES
 
 
 async def test_memory_needs_a_space(make_surfaces) -> None:
@@ -392,8 +392,8 @@ async def test_history_is_rebuilt_from_the_timeline_when_the_cache_lost_it(
     await h.app.stores.messages.delete_chat(chat_id)
     await h.app.stores.chats.set_summary(chat_id, None, None)
     h2 = await restarted(make_surfaces, h)
-    backend2 = RecordingBackend(h2.app.backends._backends["echo"].spec)
-    h2.app.backends._backends["echo"] = backend2
+    backend2 = RecordingBackend(h2.app.settings.backends["echo"])
+    h2.app.backends.put(backend2)
     h2.client.page_limit = 4  # read back page by page
     await h2.say(room, ALICE, "after the loss")
 
@@ -414,12 +414,12 @@ async def test_rebuild_uses_the_final_text_of_streamed_answers(make_surfaces) ->
     h = await make_surfaces(streaming={"edit_interval_ms": 0})
     dm = h.dm(ALICE)
     await h.say(dm, ALICE, "!ai start")
-    [room] = h.app.chats.all_rooms()
+    [room] = h.app.rooms.all_rooms()
     await h.say(room.room_id, ALICE, "one two three four")
     await h.app.stores.messages.delete_chat(room.platform_chat_id)
     h2 = await make_surfaces(h.client, streaming={"edit_interval_ms": 0})
-    backend = RecordingBackend(h2.app.backends._backends["echo"].spec)
-    h2.app.backends._backends["echo"] = backend
+    backend = RecordingBackend(h2.app.settings.backends["echo"])
+    h2.app.backends.put(backend)
     await h2.say(room.room_id, ALICE, "five")
     assert backend.turns() == [
         ("user", "one two three four"),

@@ -48,9 +48,9 @@ async def onboarded(make_surfaces, **overrides):
     h = await make_surfaces(**overrides)
     dm = h.dm(ALICE)
     await h.say(dm, ALICE, "!ai start")
-    [room] = h.app.chats.all_rooms()
-    backend = ScriptedBackend(h.app.backends._backends["echo"].spec)
-    h.app.backends._backends["echo"] = backend
+    [room] = h.app.rooms.all_rooms()
+    backend = ScriptedBackend(h.app.settings.backends["echo"])
+    h.app.backends.put(backend)
     return h, room.room_id, backend
 
 
@@ -58,7 +58,7 @@ async def test_echo_answer_is_streamed_with_turn_marker(make_surfaces) -> None:
     h = await make_surfaces(streaming={"edit_interval_ms": 0})
     dm = h.dm(ALICE)
     await h.say(dm, ALICE, "!ai start")
-    [room] = h.app.chats.all_rooms()
+    [room] = h.app.rooms.all_rooms()
     await h.say(room.room_id, ALICE, "hello there my agent")
     assert h.client.bodies(room.room_id) == ["echo: hello there my agent"]
     first_user = h.client.room_events(room.room_id)[0]["event_id"]
@@ -79,7 +79,7 @@ async def test_streaming_off_sends_one_message(make_surfaces) -> None:
     h = await make_surfaces(streaming={"enabled": False})
     dm = h.dm(ALICE)
     await h.say(dm, ALICE, "!ai start")
-    [room] = h.app.chats.all_rooms()
+    [room] = h.app.rooms.all_rooms()
     await h.say(room.room_id, ALICE, "one two three")
     assert len(h.client.messages(room.room_id)) == 1
     assert h.client.bodies(room.room_id) == ["echo: one two three"]
@@ -90,7 +90,7 @@ async def test_order_per_room_and_rooms_concurrent(make_surfaces) -> None:
     dm = next(r for r in h.client.rooms if r not in (room_a,) and ALICE in h.client.rooms[r].members
               and not h.client.rooms[r].create_content)
     await h.say(dm, ALICE, "!ai new Second")
-    room_b = next(r.room_id for r in h.app.chats.all_rooms() if r.title == "Second")
+    room_b = next(r.room_id for r in h.app.rooms.all_rooms() if r.title == "Second")
     for i in range(5):
         await h.app.on_message(h.client.user_message(room_a, ALICE, f"a{i}"))
         await h.app.on_message(h.client.user_message(room_b, ALICE, f"b{i}"))
@@ -141,7 +141,7 @@ async def test_retry_answers_the_last_message_again(make_surfaces) -> None:
     await h.say(room, ALICE, "question")
     await h.say(room, ALICE, "!ai retry")
     assert h.client.bodies(room)[1:] == ["re: question", "re: question"]
-    history = await h.app.stores.messages.history(h.app.chats.room(room).platform_chat_id)
+    history = await h.app.stores.messages.history(h.app.rooms.room(room).platform_chat_id)
     assert [m.role for m in history] == ["user", "assistant", "assistant"]
 
 
@@ -196,16 +196,13 @@ async def test_edits_and_notices_are_not_new_turns(make_surfaces) -> None:
 
 async def test_messages_during_startup_are_answered_after_once(make_surfaces) -> None:
     h, room, backend = await onboarded(make_surfaces)
-    h.app.ready.clear()
+    h.app.gate.close()
     evt = h.client.user_message(room, ALICE, "while starting")
     await h.app.on_message(evt)
     await h.app.on_message(evt)  # delivered twice (e.g. live and by catch-up)
     await h.settle()
     assert h.client.bodies(room) == []
-    h.app.ready.set()
-    for pending in h.app._pending:
-        h.app._route(pending)
-    h.app._pending.clear()
+    h.app.open_gate()
     await h.settle()
     assert h.client.bodies(room) == ["re: while starting"]
 
@@ -214,12 +211,12 @@ async def test_live_message_waits_for_the_rooms_missed_ones(make_surfaces) -> No
     h = await make_surfaces(streaming={"enabled": False})
     dm = h.dm(ALICE)
     await h.say(dm, ALICE, "!ai start")
-    [room] = h.app.chats.all_rooms()
+    [room] = h.app.rooms.all_rooms()
     await h.app.stop()
     h.client.user_message(room.room_id, ALICE, "sent while down")  # maubot would drop it
     h.client.messages_delay = 0.3  # catch-up is still reading when the live message arrives
     h2 = await make_surfaces(client=h.client, settle=False, streaming={"enabled": False})
-    assert h2.app.ready.is_set()  # live traffic is routed while catch-up runs
+    assert h2.app.gate.is_open  # live traffic is routed while catch-up runs
     await h2.say(room.room_id, ALICE, "sent after the restart")
     assert h2.client.bodies(room.room_id) == [
         "echo: sent while down",
@@ -231,7 +228,7 @@ async def test_fast_answer_is_one_message_without_typing_notice(make_surfaces) -
     h = await make_surfaces()  # streaming on, 800 ms between edits: the echo answer is faster
     dm = h.dm(ALICE)
     await h.say(dm, ALICE, "!ai start")
-    [room] = h.app.chats.all_rooms()
+    [room] = h.app.rooms.all_rooms()
     await h.say(room.room_id, ALICE, "quick one")
     assert h.client.bodies(room.room_id) == ["echo: quick one"]
     assert len(h.client.messages(room.room_id)) == 1  # posted once, never edited

@@ -87,7 +87,7 @@ async def test_new_with_agent_and_title_then_rooms_and_archive(make_surfaces) ->
     listing = h.last_reply(dm)
     assert "General" in listing and "Draft of the essay" in listing and "`writer`" in listing
     assert "https://matrix.to/#/" in listing
-    draft = next(r for r in h.app.chats.all_rooms() if r.title == "Draft of the essay")
+    draft = next(r for r in h.app.rooms.all_rooms() if r.title == "Draft of the essay")
     await h.say(draft.room_id, ALICE, "!ai archive")
     assert "archived" in h.last_reply(draft.room_id)
     assert draft.room_id not in children(h.client, space)
@@ -119,7 +119,7 @@ async def test_agent_switch_unknown_agent_lists_valid_ones(make_surfaces) -> Non
     h = await make_surfaces(**WRITER)
     dm = h.dm(ALICE)
     await h.say(dm, ALICE, "!ai start")
-    [room] = h.app.chats.all_rooms()
+    [room] = h.app.rooms.all_rooms()
     await h.say(room.room_id, ALICE, "!ai agent nope")
     reply = h.last_reply(room.room_id)
     assert "There is no agent `nope`. Valid agents: `echo`, `writer`." in reply
@@ -144,7 +144,7 @@ async def test_permission_error_is_explained_without_traceback(make_surfaces) ->
 
 async def test_rate_limited_homeserver_is_retried(make_surfaces) -> None:
     h = await make_surfaces()
-    h.app.gateway.base_delay_s = 0.01
+    h.app.io.gateway.base_delay_s = 0.01
     dm = h.dm(ALICE)
     h.client.rate_limit_next("create_room", times=2)
     await h.say(dm, ALICE, "!ai start")

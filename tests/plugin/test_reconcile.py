@@ -31,17 +31,17 @@ async def test_wiped_cache_is_rebuilt_identically_and_second_run_writes_nothing(
     assert user is not None and user.space_id == before[0].space_id or user.space_id
     await h2.say(dm, ALICE, "!ai rooms")
     assert "General" in h2.last_reply(dm) and "Second" in h2.last_reply(dm)
-    writes_before = h2.app.gateway.writes
+    writes_before = h2.app.io.gateway.writes
     report = await h2.app.reconciler.run(reason="again")
     assert report.writes == 0
-    assert h2.app.gateway.writes == writes_before
+    assert h2.app.io.gateway.writes == writes_before
 
 
 async def test_missing_platform_chat_id_is_backfilled_once(make_surfaces) -> None:
     h = await make_surfaces()
     dm = h.dm(ALICE)
     await h.say(dm, ALICE, "!ai start")
-    [room] = h.app.chats.all_rooms()
+    [room] = h.app.rooms.all_rooms()
     sender, content = h.client.rooms[room.room_id].state[(layout.BINDING_TYPE, "")]
     old_layout = {k: v for k, v in content.items() if k != "platform_chat_id"}
     h.client.rooms[room.room_id].state[(layout.BINDING_TYPE, "")] = (sender, old_layout)
@@ -76,13 +76,13 @@ async def test_bot_kicked_from_a_room_stops_routing_and_is_recorded_lost(make_su
     h = await make_surfaces()
     dm = h.dm(ALICE)
     await h.say(dm, ALICE, "!ai start")
-    [room] = h.app.chats.all_rooms()
+    [room] = h.app.rooms.all_rooms()
     kick = StateEvent.deserialize({
         "type": "m.room.member", "room_id": room.room_id, "event_id": "$kick", "sender": ALICE,
         "state_key": str(h.client.mxid), "origin_server_ts": 1, "content": {"membership": "leave"},
     })
     await h.app.on_member(kick)
-    assert h.app.chats.room(room.room_id) is None
+    assert h.app.rooms.room(room.room_id) is None
     row = await h.app.stores.rooms.get(room.room_id)
     assert row is not None and row.bot_membership == "lost"
     await h.say(room.room_id, ALICE, "anyone there?")
@@ -93,7 +93,7 @@ async def test_last_activity_is_restored_from_the_timeline_after_a_wipe(make_sur
     h = await make_surfaces()
     dm = h.dm(ALICE)
     await h.say(dm, ALICE, "!ai start")
-    [room] = h.app.chats.all_rooms()
+    [room] = h.app.rooms.all_rooms()
     await h.say(room.room_id, ALICE, "hello")
     await h.app.stop()
     await wipe_cache(h)
@@ -107,7 +107,7 @@ async def test_report_counts_messages_caught_up(make_surfaces) -> None:
     h = await make_surfaces(access={"admins": [ALICE]})
     dm = h.dm(ALICE)
     await h.say(dm, ALICE, "!ai start")
-    [room] = h.app.chats.all_rooms()
+    [room] = h.app.rooms.all_rooms()
     await h.app.stop()
     h.client.user_message(room.room_id, ALICE, "one")
     h.client.user_message(room.room_id, ALICE, "two")
@@ -125,7 +125,7 @@ async def test_room_changed_during_reconciliation_is_read_again(make_surfaces, m
     h = await make_surfaces()
     dm = h.dm(ALICE)
     await h.say(dm, ALICE, "!ai start")
-    [room] = h.app.chats.all_rooms()
+    [room] = h.app.rooms.all_rooms()
     h.client.rooms[room.room_id].members[ALICE] = "join"
     await h.app.reconciler.run(reason="joined")
     assert (await h.app.stores.rooms.get(room.room_id)).owner_membership == "join"

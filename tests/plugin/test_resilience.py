@@ -66,7 +66,7 @@ async def test_odd_commands_get_one_clear_notice(make_surfaces, body: str) -> No
 async def test_a_burst_of_429s_loses_nothing(make_surfaces) -> None:
     client = FakeClient()
     h = await make_surfaces(client)
-    h.app.gateway.base_delay_s = 0.01  # the backoff's shape, without the wait
+    h.app.io.gateway.base_delay_s = 0.01  # the backoff's shape, without the wait
     dm = h.dm(ALICE)
     client.rate_limit_next("create_room", times=3)
     client.rate_limit_next("send_state_event", times=2)
@@ -88,10 +88,10 @@ async def test_a_burst_of_429s_loses_nothing(make_surfaces) -> None:
 async def test_429s_beyond_the_budget_give_a_clear_message(make_surfaces) -> None:
     client = FakeClient()
     h = await make_surfaces(client)
-    h.app.gateway.base_delay_s = 0.01
+    h.app.io.gateway.base_delay_s = 0.01
     dm = h.dm(ALICE)
     client.fail_next["create_room"] += [
-        MLimitExceeded(429, "slow down") for _ in range(h.app.gateway.max_attempts)
+        MLimitExceeded(429, "slow down") for _ in range(h.app.io.gateway.max_attempts)
     ]
     await h.say(dm, ALICE, "!ai start")
     assert "rate limited" in h.last_reply(dm)

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from surfaces_plugin.backends import ChatMessage
-from surfaces_plugin.chats import ChatManager, WorkingRoom
 from surfaces_plugin.config import AgentSpec
+from surfaces_plugin.context_builder import system_prompt
 from surfaces_plugin.context_window import (
     MESSAGE_OVERHEAD_TOKENS,
     Turn,
     assemble,
     chunk_turns,
     compaction_split,
-    heuristic_tokens,
     message_tokens,
     truncate_to_tokens,
 )
+from surfaces_plugin.layout import Binding
+from surfaces_plugin.rooms import WorkingRoom
+from surfaces_plugin.tokens import heuristic_tokens
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ESTIMATE_ERROR_BOUND = 0.35  # the heuristic stays within ±35% of cl100k_base on every sample
@@ -115,12 +118,13 @@ def test_scale_corrects_the_estimate() -> None:
 
 def test_room_override_wins_over_the_agents_prompt() -> None:
     agent = AgentSpec(id="a", name="A", description="", backend="echo", system_prompt="default")
-    room = WorkingRoom("!r", "@u:x", "!s", "a", "t", "chat-1")
-    assert ChatManager.system_prompt(room, agent) == "default"
-    custom = WorkingRoom("!r", "@u:x", "!s", "a", "t", "chat-1", system_prompt="custom")
-    assert ChatManager.system_prompt(custom, agent) == "custom"
-    empty = WorkingRoom("!r", "@u:x", "!s", "a", "t", "chat-1", system_prompt="")
-    assert ChatManager.system_prompt(empty, agent) == ""  # an explicit empty override holds too
+    binding = Binding(owner="@u:x", space_id="!s", agent="a", title="t", platform_chat_id="c-1")
+    room = WorkingRoom("!r", binding)
+    assert system_prompt(room, agent) == "default"
+    custom = WorkingRoom("!r", replace(binding, system_prompt="custom"))
+    assert system_prompt(custom, agent) == "custom"
+    empty = WorkingRoom("!r", replace(binding, system_prompt=""))
+    assert system_prompt(empty, agent) == ""  # an explicit empty override holds too
 
 
 def test_compaction_keeps_the_newest_turns_that_fit_and_the_last_question() -> None:

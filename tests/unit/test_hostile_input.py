@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
 from surfaces_plugin import handlers, layout, replies
-from surfaces_plugin.catchup import missed_in_timeline, scan_timeline
 from surfaces_plugin.commands import split_command
 from surfaces_plugin.config import parse_settings
 from surfaces_plugin.reconcile.inventory import room_snapshot, state_event
@@ -25,6 +24,8 @@ from surfaces_plugin.timeline import (
     history_from_timeline,
     is_bot_answer,
     is_owner_text,
+    missed_in_timeline,
+    scan_timeline,
 )
 
 BOT = "@bot:hs"

@@ -120,6 +120,11 @@ class World:
         return Snapshot(BOT, HS, dict(self.rooms), self.access, self.unreadable)
 
 
+def cached_binding(platform_chat_id: str) -> Binding:
+    """A binding the cache remembers for a room of Alice's, with this chat id."""
+    return Binding(ALICE, "!sa", "gpt", "Ideas", platform_chat_id=platform_chat_id)
+
+
 def cache_of(p: Plan) -> CacheView:
     return CacheView(users=dict(p.users), rooms=dict(p.rooms))
 
@@ -167,11 +172,14 @@ def test_t1_wiped_database_is_rebuilt_identically_without_writes() -> None:
         room_id="!a2",
         kind="working",
         owner=ALICE,
-        space_id="!sa",
-        agent="gpt",
-        title="Ideas",
-        platform_chat_id="chat-!a2",
-        system_prompt="Be brief.",
+        binding=Binding(
+            owner=ALICE,
+            space_id="!sa",
+            agent="gpt",
+            title="Ideas",
+            platform_chat_id="chat-!a2",
+            system_prompt="Be brief.",
+        ),
         owner_membership="join",
     )
     assert rebuilt.rooms["!sa"] == RoomRecord("!sa", "space", ALICE, owner_membership="join")
@@ -249,7 +257,7 @@ def test_t4_two_spaces_for_one_user_merge_into_one_canonical_and_loser_is_tombst
     assert state_of(after, "!x", "m.space.parent", "!new") == {"via": [HS], "canonical": True}
     assert state_of(after, "!x", "m.space.parent", "!old") == {}
     assert state_of(after, "!x", layout.BINDING_TYPE)["space_id"] == "!new"
-    assert p.rooms["!x"].space_id == "!new" and p.rooms["!x"].platform_chat_id == "chat-!x"
+    assert p.rooms["!x"].binding.space_id == "!new" and p.rooms["!x"].binding.platform_chat_id == "chat-!x"
     assert p.rooms["!old"].replaced_by == "!new"
     assert state_of(after, "!new", layout.MEMORY_TYPE)["notes"] == ["shared", "likes tea"]
     # memory is merged before the tombstone, so a crash in between loses nothing
@@ -289,8 +297,8 @@ def test_t5_duplicate_platform_chat_id_keeps_the_oldest_room_and_renews_the_othe
     w.working("!r2", "!sa", pcid="same", ts=1)
     w.working("!r1", "!sa", pcid="same", ts=2)
     p, after = converge(w.snapshot())
-    assert p.rooms["!r2"].platform_chat_id == "same"
-    assert p.rooms["!r1"].platform_chat_id == chat_id("!r1")
+    assert p.rooms["!r2"].binding.platform_chat_id == "same"
+    assert p.rooms["!r1"].binding.platform_chat_id == chat_id("!r1")
     assert state_of(after, "!r1", layout.BINDING_TYPE)["platform_chat_id"] == chat_id("!r1")
     assert p.report.duplicates_resolved == (("same", "!r2", ("!r1",)),)
     assert writes_in(p, "!r2") == []
@@ -301,10 +309,10 @@ def test_t5_the_room_the_cache_knows_by_that_id_keeps_it() -> None:
     w.space("!sa")
     w.working("!r2", "!sa", pcid="same", ts=1)
     w.working("!r1", "!sa", pcid="same", ts=2)
-    cache = CacheView(rooms={"!r1": RoomRecord("!r1", "working", ALICE, platform_chat_id="same")})
+    cache = CacheView(rooms={"!r1": RoomRecord("!r1", "working", ALICE, binding=cached_binding("same"))})
     p, _ = converge(w.snapshot(), cache)
-    assert p.rooms["!r1"].platform_chat_id == "same"
-    assert p.rooms["!r2"].platform_chat_id == chat_id("!r2")
+    assert p.rooms["!r1"].binding.platform_chat_id == "same"
+    assert p.rooms["!r2"].binding.platform_chat_id == chat_id("!r2")
 
 
 # ---------------------------------------------------------------------------
@@ -324,7 +332,7 @@ def test_t6_cleared_child_link_archives_the_room_instead_of_relinking_it() -> No
             "repair binding",
         ),
     )
-    assert p.rooms["!a1"].archived and not p.rooms["!a1"].routable
+    assert p.rooms["!a1"].binding.archived and not p.rooms["!a1"].routable
     assert p.report.archived_by_unlink == ("!a1",)
 
 
@@ -360,7 +368,7 @@ def test_t8_kicked_bot_marks_the_room_lost_and_only_unlinks_it() -> None:
     w.kick_bot("!a1")  # /state still answers with the old state
     p, after = converge(w.snapshot())
     assert p.rooms["!a1"].bot_membership == "lost" and not p.rooms["!a1"].routable
-    assert p.rooms["!a1"].platform_chat_id == "chat-!a1"  # kept from the stale state
+    assert p.rooms["!a1"].binding.platform_chat_id == "chat-!a1"  # kept from the stale state
     assert writes_in(p, "!a1") == []
     assert p.writes == (
         SetState(
@@ -405,7 +413,7 @@ def test_t9_demoted_bot_marks_the_room_degraded_and_writes_nothing_there() -> No
     assert writes_in(p, "!r10") == [] and writes_in(p, "!s10") == []
     assert set(p.report.degraded) == {"!r10", "!s10"}
     assert p.users[BOB].space_id == "!sb"  # a writable space wins over a degraded one
-    assert p.rooms["!r10"].platform_chat_id is None and not p.rooms["!r10"].routable
+    assert p.rooms["!r10"].binding.platform_chat_id is None and not p.rooms["!r10"].routable
 
 
 # ---------------------------------------------------------------------------
@@ -453,7 +461,7 @@ def test_t11_valid_upgrade_copies_the_binding_and_swaps_the_space_link() -> None
     assert state_of(after, "!sa", "m.space.child", "!a1v2")["via"] == [HS]
     assert state_of(after, "!sa", "m.space.child", "!a1") == {}
     assert p.rooms["!a1"].replaced_by == "!a1v2" and not p.rooms["!a1"].routable
-    assert p.rooms["!a1v2"].platform_chat_id == "chat-!a1" and p.rooms["!a1v2"].routable
+    assert p.rooms["!a1v2"].binding.platform_chat_id == "chat-!a1" and p.rooms["!a1v2"].routable
     assert p.report.upgrades_followed == (("!a1", "!a1v2"),)
     assert p.report.duplicates_resolved == ()  # the old room no longer holds the id
     assert writes_in(p, "!a1") == []
@@ -488,7 +496,7 @@ def test_t11_chain_of_upgrades_ends_in_the_last_room() -> None:
     w.room("!a1v3", {"predecessor": {"room_id": "!a1v2"}}, ts=10)
     p, _ = converge(w.snapshot())
     assert p.rooms["!a1"].replaced_by == "!a1v2" and p.rooms["!a1v2"].replaced_by == "!a1v3"
-    assert p.rooms["!a1v3"].routable and p.rooms["!a1v3"].platform_chat_id == "chat-!a1"
+    assert p.rooms["!a1v3"].routable and p.rooms["!a1v3"].binding.platform_chat_id == "chat-!a1"
     assert writes_in(p, "!a1v2") == []
 
 
@@ -539,7 +547,7 @@ def test_t12_links_and_parents_sent_by_others_are_ignored_or_overwritten() -> No
     w.put("!a2", "m.space.parent", "!evil", {"via": [HS]}, sender=ALICE)  # ignored
     p, _ = converge(w.snapshot())
     assert [(x.room_id, x.state_key) for x in p.writes] == [("!sa", "!a1")]
-    assert not p.rooms["!a1"].archived
+    assert not p.rooms["!a1"].binding.archived
     ignored = dict(p.report.ignored)
     assert "!sa" in ignored and "!a2" in ignored
 
@@ -563,7 +571,7 @@ def test_t13_room_changed_during_the_run_is_replanned_from_its_fresh_state() -> 
     refreshed = stale.with_room(w.rooms["!sa"]).with_room(w.rooms["!a1"])
     p, _ = converge(refreshed, cache_of(first))
     assert p == plan(w.snapshot(), cache_of(first), chat_id)
-    assert p.writes == () and p.rooms["!a1"].archived
+    assert p.writes == () and p.rooms["!a1"].binding.archived
 
 
 def messy_world() -> World:
@@ -670,7 +678,7 @@ def test_t17_changes_made_while_the_bot_was_down_are_picked_up() -> None:
     w.rooms.pop("!b1")
     w.put("!sb", "m.space.child", "!b1", {})
     p, _ = converge(w.snapshot(), cache)
-    assert (p.rooms["!a1"].agent, p.rooms["!a1"].title) == ("gpt", "Renamed")
+    assert (p.rooms["!a1"].binding.agent, p.rooms["!a1"].binding.title) == ("gpt", "Renamed")
     assert p.report.adopted == ("!a9",)
     assert p.report.missing == ("!b1",)
     assert p.writes == ()
@@ -698,9 +706,9 @@ def test_binding_without_platform_chat_id_is_backfilled_with_a_fresh_id() -> Non
 def test_backfill_reuses_the_id_the_cache_already_had() -> None:
     w = healthy_world()
     w.working("!old", "!sa", pcid=None)
-    cache = CacheView(rooms={"!old": RoomRecord("!old", "working", ALICE, platform_chat_id="kept")})
+    cache = CacheView(rooms={"!old": RoomRecord("!old", "working", ALICE, binding=cached_binding("kept"))})
     p, _ = converge(w.snapshot(), cache)
-    assert p.rooms["!old"].platform_chat_id == "kept"
+    assert p.rooms["!old"].binding.platform_chat_id == "kept"
 
 
 def test_dangling_links_are_removed_but_unreadable_rooms_keep_theirs() -> None:
@@ -741,7 +749,7 @@ def test_room_moved_to_another_users_space_is_brought_home() -> None:
     w = healthy_world()
     w.working("!stray", "!sb", link=False)  # Alice's room, binding says Bob's space
     p, after = converge(w.snapshot())
-    assert p.rooms["!stray"].space_id == "!sa"
+    assert p.rooms["!stray"].binding.space_id == "!sa"
     assert state_of(after, "!sa", "m.space.child", "!stray")["via"] == [HS]
 
 
@@ -752,8 +760,8 @@ def test_the_plan_is_deterministic() -> None:
 
 def test_an_upgraded_conversation_keeps_its_id_against_a_younger_duplicate() -> None:
     p = plan(messy_world().snapshot(), CacheView(), chat_id)
-    assert p.rooms["!r2b"].platform_chat_id == "chat-!r2"  # the conversation began in !r2
-    assert p.rooms["!r4"].platform_chat_id == chat_id("!r4")
+    assert p.rooms["!r2b"].binding.platform_chat_id == "chat-!r2"  # the conversation began in !r2
+    assert p.rooms["!r4"].binding.platform_chat_id == chat_id("!r4")
     assert ("!s2", "!r2") in p.report.links_removed  # its malformed link is tidied too
 
 

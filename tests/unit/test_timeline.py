@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from surfaces_plugin import layout, replies
-from surfaces_plugin.catchup import missed_in_timeline
-from surfaces_plugin.timeline import history_from_timeline, summary_notice_text
+from surfaces_plugin.timeline import history_from_timeline, missed_in_timeline, summary_notice_text
 
 BOT = "@bot:x"
 ALICE = "@alice:x"

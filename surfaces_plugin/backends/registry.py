@@ -5,8 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .backends import Backend, build_backend
-from .config import AgentSpec, BackendSpec, Settings
+import aiohttp
+
+from ..config import AgentSpec, BackendSpec, Settings
+from .base import Backend
+from .echo import EchoBackend
+from .openai import OpenAIBackend
+
+
+def build_backend(spec: BackendSpec, http: aiohttp.ClientSession | None = None) -> Backend:
+    """`http` is shared (the plugin's session) when given; otherwise the backend makes its own."""
+    if spec.type == "echo":
+        return EchoBackend(spec)
+    if spec.type == "openai":
+        return OpenAIBackend(spec, http)
+    raise ValueError(f"unknown backend type {spec.type!r}")
 
 
 class BackendRegistry:
@@ -24,6 +37,10 @@ class BackendRegistry:
             fresh[backend_id] = current if current and current.spec == spec else build_backend(spec)
         self._retired += [b for b in self._backends.values() if b not in fresh.values()]
         self._backends = fresh
+
+    def put(self, backend: Backend) -> None:
+        """Serve `backend` for its spec's id (how tests install a scripted backend)."""
+        self._backends[backend.spec.id] = backend
 
     def for_agent(self, agent: AgentSpec) -> Backend:
         return self._backends[agent.backend]

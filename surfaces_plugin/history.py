@@ -1,0 +1,223 @@
+"""Conversation history: the turns of each chat (`platform_chat_id`), what was answered, resets.
+
+History lives in the plugin database so the message path never re-reads the homeserver; when
+the database lost it, it is rebuilt once from the room timeline (`timeline.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+
+from . import layout
+from .backends import BackendRegistry, Usage
+from .clock import now_ms
+from .commands import split_command
+from .config import Settings
+from .matrix import GatewayError, MatrixIO
+from .rooms import RoomDirectory, WorkingRoom
+from .store import Stores
+from .store.chats import Chat
+from .store.messages import DuplicateEventError, Message
+from .timeline import ends_conversation, history_from_timeline, read_back
+from .tokens import estimate_tokens
+
+REBUILD_MAX_PAGES = 20  # up to 1000 events back when rebuilding a conversation's history
+# A completion count far above the visible text's estimate includes hidden reasoning.
+PLAUSIBLE_COMPLETION_FACTOR = 2.5
+
+
+class History:
+    def __init__(
+        self,
+        io: MatrixIO,
+        stores: Stores,
+        rooms: RoomDirectory,
+        backends: BackendRegistry,
+        settings: Callable[[], Settings],
+        log: logging.Logger,
+    ) -> None:
+        self.io = io
+        self.messages = stores.messages
+        self.chats = stores.chats
+        self.processed = stores.processed
+        self.rooms = rooms
+        self.backends = backends
+        self.settings = settings
+        self.log = log
+        self._checked: set[str] = set()  # chats known to have their history cached
+        self._rebuild_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    # conversations
+
+    async def start_chat(self, room: WorkingRoom) -> None:
+        await self.chats.upsert(
+            Chat(room.platform_chat_id, room.room_id, room.agent, created_ms=now_ms())
+        )
+        self._checked.add(room.platform_chat_id)  # a new chat has nothing to rebuild
+
+    async def reset(self, room: WorkingRoom) -> WorkingRoom:
+        """A fresh conversation in the room; the old one stays archived (cache and timeline)."""
+        settings = self.settings()
+        agent = settings.agent_or_default(room.agent)
+        old_id = room.platform_chat_id
+        new_id = await self.backends.for_agent(agent).create_chat()
+        updated = await self.rooms.update_binding(room, platform_chat_id=new_id)
+        if await self.chats.get(old_id) is not None:
+            await self.chats.set_archived(old_id)
+        else:  # the cache lost it: keep a row so the old conversation stays findable
+            await self.chats.upsert(
+                Chat(old_id, room.room_id, room.agent, created_ms=now_ms(), archived=True)
+            )
+        await self.start_chat(updated)
+        await self.io.send_notice(
+            room.room_id,
+            f"Started a fresh conversation with `{agent.id}`: it does not see the messages above. "
+            f"The earlier conversation stays archived "
+            f"(`!{settings.command_prefix} export` exports the current one).",
+            layout.reset_marker(new_id),
+        )
+        return updated
+
+    # turns and what was answered
+
+    async def is_answered(self, room: WorkingRoom, event_id: str, ts: int) -> bool:
+        """Answered already: at or before the room's processed mark (answers go in order)."""
+        mark = await self.processed.get(room.room_id)
+        return mark is not None and (mark.event_id == event_id or mark.ts > ts)
+
+    async def mark_processed(self, room: WorkingRoom, event_id: str, ts: int) -> None:
+        await self.processed.mark(room.room_id, event_id, ts)
+
+    async def add_user_turn(
+        self, room: WorkingRoom, event_id: str, sender: str, body: str, ts: int
+    ) -> None:
+        await self.ensure(room, until_event_id=event_id)
+        try:
+            await self.messages.append(
+                room.platform_chat_id, "user", body, event_id=event_id, sender=sender, ts=ts
+            )
+        except DuplicateEventError:
+            pass  # stored before a crash (or just rebuilt); answer it without storing it twice
+        await self.rooms.touch(room)
+
+    async def add_answer(
+        self, room: WorkingRoom, text: str, event_id: str, usage: Usage | None
+    ) -> None:
+        tokens = usage.completion_tokens if usage is not None else None
+        if tokens is not None and tokens > estimate_tokens(text) * PLAUSIBLE_COMPLETION_FACTOR + 16:
+            tokens = None  # the count includes reasoning that is not sent back
+        try:
+            await self.messages.append(
+                room.platform_chat_id,
+                "assistant",
+                text,
+                event_id=event_id,
+                sender=self.io.bot_id,
+                tokens=tokens,
+            )
+        except DuplicateEventError:
+            pass
+
+    async def last_user_turn(self, room: WorkingRoom) -> Message | None:
+        return await self.messages.last_user_message(room.platform_chat_id)
+
+    async def turns(
+        self, room: WorkingRoom, upto_seq: int | None = None
+    ) -> tuple[Chat | None, list[Message]]:
+        """The chat row and its turns after the summary (up to `upto_seq`, for a retry)."""
+        await self.ensure(room)
+        chat = await self.chats.get(room.platform_chat_id)
+        after = chat.summary_upto_seq if chat is not None and chat.summary else None
+        history = await self.messages.history(room.platform_chat_id, after_seq=after)
+        return chat, [m for m in history if upto_seq is None or m.seq <= upto_seq]
+
+    async def chat(self, room: WorkingRoom) -> Chat | None:
+        return await self.chats.get(room.platform_chat_id)
+
+    async def all_turns(self, room: WorkingRoom) -> tuple[Chat | None, list[Message]]:
+        """Every stored turn of the current chat, the summarised ones too (for an export)."""
+        await self.ensure(room)
+        chat = await self.chats.get(room.platform_chat_id)
+        return chat, await self.messages.history(room.platform_chat_id)
+
+    async def count(self, platform_chat_id: str, upto_seq: int | None = None) -> int:
+        """How many messages the chat stores (up to `upto_seq` when given)."""
+        total = await self.messages.count(platform_chat_id)
+        if upto_seq is None:
+            return total
+        return total - await self.messages.count(platform_chat_id, after_seq=upto_seq)
+
+    async def set_summary(self, room: WorkingRoom, summary: str, upto_seq: int) -> None:
+        if await self.chats.get(room.platform_chat_id) is None:
+            await self.start_chat(room)
+        await self.chats.set_summary(room.platform_chat_id, summary, upto_seq)
+
+    # history rebuilt from the timeline, when the cache lost it
+
+    async def ensure(self, room: WorkingRoom, until_event_id: str | None = None) -> int:
+        """Rebuild the current chat's history from the room timeline once, if none is cached.
+
+        `until_event_id` (the message being answered) drops what the owner sent after it: those
+        messages are stored when their own turn comes. Returns the number of messages stored.
+        """
+        pcid = room.platform_chat_id
+        if pcid in self._checked:
+            return 0
+        async with self._rebuild_locks[pcid]:
+            if pcid in self._checked:
+                return 0
+            if await self.messages.count(pcid) > 0:
+                self._checked.add(pcid)
+                return 0
+            try:
+                stored = await self._rebuild(room, until_event_id)
+            except GatewayError as e:  # answer without history now; try again next time
+                self.log.warning("Could not rebuild the history of %s: %s", room.room_id, e)
+                return 0
+            self._checked.add(pcid)
+            return stored
+
+    async def _rebuild(self, room: WorkingRoom, until_event_id: str | None) -> int:
+        pcid = room.platform_chat_id
+        bot = self.io.bot_id
+        events = await read_back(
+            self.io,
+            room.room_id,
+            stop=lambda chunk: any(ends_conversation(e, bot, pcid) for e in chunk),
+            max_pages=REBUILD_MAX_PAGES,
+        )
+        prefix = self.settings().command_prefix
+        history = history_from_timeline(
+            events,
+            owner=room.owner,
+            bot_id=bot,
+            platform_chat_id=pcid,
+            is_command=lambda body: split_command(body, prefix) is not None,
+        )
+        turns = history.turns
+        ids = [t.event_id for t in turns]
+        if until_event_id in ids:
+            turns = turns[: ids.index(until_event_id) + 1]
+        if await self.chats.get(pcid) is None:
+            await self.start_chat(room)
+        seqs: dict[str, int] = {}
+        for turn in turns:
+            try:
+                seqs[turn.event_id] = await self.messages.append(
+                    pcid, turn.role, turn.content, event_id=turn.event_id, sender=turn.sender,
+                    ts=turn.ts,
+                )
+            except DuplicateEventError:
+                continue
+        if history.summary:
+            # A summary of events older than what was read back covers none of the stored ones.
+            upto = seqs.get(history.summary_upto_event_id or "", 0)
+            await self.chats.set_summary(pcid, history.summary, upto)
+        if turns or history.summary:
+            self.log.info(
+                "Rebuilt %d messages of %s in %s from the timeline", len(seqs), pcid, room.room_id
+            )
+        return len(seqs)
