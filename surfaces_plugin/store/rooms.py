@@ -124,29 +124,17 @@ class RoomStore(Repository):
         self,
         *,
         kind: RoomKind | None = None,
-        include_archived: bool = True,
         include_missing: bool = False,
         conn: Connection | None = None,
     ) -> list[Room]:
+        """Rooms in Space order (order_key, then creation, then id)."""
         where: list[str] = []
         args: list[Any] = []
         if kind is not None:
             args.append(kind)
             where.append("kind=$1")
-        return await self._list(where, args, include_archived, include_missing, conn)
-
-    async def _list(
-        self,
-        where: list[str],
-        args: list[Any],
-        include_archived: bool,
-        include_missing: bool,
-        conn: Connection | None,
-    ) -> list[Room]:
-        if not include_archived:
-            where = [*where, "archived=false"]
         if not include_missing:
-            where = [*where, "missing=false"]
+            where.append("missing=false")
         query = f"SELECT {_COLUMNS} FROM rooms"
         if where:
             query += " WHERE " + " AND ".join(where)

@@ -50,6 +50,10 @@ def agents(**changes) -> list[dict]:
     return [agent]
 
 
+async def forget_messages(h, platform_chat_id: str) -> None:
+    """The database loses a conversation's history (what a rebuild must recover)."""
+    await h.app.stores.db.execute("DELETE FROM messages WHERE platform_chat_id=$1", platform_chat_id)
+
 async def onboarded(make_surfaces, client=None, **agent_changes):
     h = await make_surfaces(
         client, streaming={"enabled": False}, agents=agents(**agent_changes),
@@ -340,7 +344,7 @@ async def test_memory_needs_a_space(make_surfaces) -> None:
 async def test_memory_is_read_from_the_space_when_the_cache_lost_it(make_surfaces) -> None:
     h, room, backend, dm = await onboarded(make_surfaces)
     await h.say(dm, ALICE, "!ai memory add likes tea")
-    await h.app.stores.memory.delete(ALICE)
+    await h.app.stores.db.execute("DELETE FROM memory WHERE user_id=$1", ALICE)
     await h.say(room, ALICE, "hello")
     assert "- likes tea" in backend.system()
 
@@ -389,7 +393,7 @@ async def test_history_is_rebuilt_from_the_timeline_when_the_cache_lost_it(
     summary_seq = (await h.app.stores.chats.get(chat_id)).summary_upto_seq
 
     # The database loses the history and the summary; a new process starts.
-    await h.app.stores.messages.delete_chat(chat_id)
+    await forget_messages(h, chat_id)
     await h.app.stores.chats.set_summary(chat_id, None, None)
     h2 = await restarted(make_surfaces, h)
     backend2 = RecordingBackend(h2.app.settings.backends["echo"])
@@ -416,7 +420,7 @@ async def test_rebuild_uses_the_final_text_of_streamed_answers(make_surfaces) ->
     await h.say(dm, ALICE, "!ai start")
     [room] = h.app.rooms.all_rooms()
     await h.say(room.room_id, ALICE, "one two three four")
-    await h.app.stores.messages.delete_chat(room.platform_chat_id)
+    await forget_messages(h, room.platform_chat_id)
     h2 = await make_surfaces(h.client, streaming={"edit_interval_ms": 0})
     backend = RecordingBackend(h2.app.settings.backends["echo"])
     h2.app.backends.put(backend)

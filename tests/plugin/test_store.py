@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 from mautrix.util.async_db import Database, UnsupportedDatabaseVersion
 
+from surfaces_plugin.layout import Binding
 from surfaces_plugin.store import (
     Chat,
     DuplicateEventError,
@@ -23,17 +24,24 @@ BOB = "@bob:example.org"
 TABLES = CACHE_TABLES
 
 
-def working_room(room_id: str, owner: str = ALICE, **kw: object) -> Room:
-    base: dict[str, object] = {
-        "kind": "working",
-        "owner": owner,
-        "space_id": "!space",
-        "agent": "echo",
-        "title": f"room {room_id}",
-        "platform_chat_id": f"chat-{room_id}",
-    }
-    base.update(kw)
-    return Room(room_id=room_id, **base)  # type: ignore[arg-type]
+def working_room(
+    room_id: str, owner: str = ALICE, *, title: str = "", system_prompt: str | None = None,
+    archived: bool = False, **kw: object
+) -> Room:
+    binding = Binding(
+        owner=owner,
+        space_id="!space",
+        agent="echo",
+        title=title or f"room {room_id}",
+        platform_chat_id=f"chat-{room_id}",
+        system_prompt=system_prompt,
+        archived=archived,
+    )
+    return Room(room_id=room_id, kind="working", owner=owner, binding=binding, **kw)  # type: ignore[arg-type]
+
+
+async def owned_rooms(stores: Stores, owner: str, **kw: object) -> list[str]:
+    return [r.room_id for r in await stores.rooms.list_all(**kw) if r.owner == owner]  # type: ignore[arg-type]
 
 
 # --- migrations ---------------------------------------------------------------------------
@@ -47,9 +55,9 @@ async def test_migrations_create_every_table(db: Database) -> None:
 
 
 async def test_running_migrations_again_is_a_noop_and_keeps_data(db_factory, stores) -> None:
-    await stores.kv.set("report", "kept")
+    await stores.processed.mark("!r", "$kept", 1)
     reopened = await db_factory.open()  # a restart: the upgrade table runs again
-    assert await Stores(reopened).kv.get("report") == "kept"
+    assert await Stores(reopened).processed.get("!r") is not None
     assert await reopened.fetchval("SELECT version FROM version") == len(upgrade_table.upgrades)
 
 
@@ -73,7 +81,7 @@ async def test_user_round_trip_with_bools(stores: Stores) -> None:
         missing=True,
         updated_at=1_700_000_000_456,
     )
-    await stores.users.upsert(user)
+    await stores.users.upsert_many([user])
     got = await stores.users.get(ALICE)
     assert got == user
     assert got is not None and got.missing is True
@@ -81,7 +89,7 @@ async def test_user_round_trip_with_bools(stores: Stores) -> None:
 
 
 async def test_user_defaults_and_updated_at_stamped(stores: Stores) -> None:
-    await stores.users.upsert(User(user_id=BOB))
+    await stores.users.upsert_many([User(user_id=BOB)])
     got = await stores.users.get(BOB)
     assert got is not None
     assert got.missing is False and got.access_state is None
@@ -106,7 +114,7 @@ async def test_set_access_creates_then_updates_the_user(stores: Stores) -> None:
 
 async def test_upsert_keeps_a_known_dm_room(stores: Stores) -> None:
     await stores.users.set_dm_room(ALICE, "!dm")
-    await stores.users.upsert(User(user_id=ALICE, space_id="!space"))
+    await stores.users.upsert_many([User(user_id=ALICE, space_id="!space")])
     got = await stores.users.get(ALICE)
     assert got is not None and got.dm_room_id == "!dm" and got.space_id == "!space"
     await stores.users.set_dm_room(ALICE, None)
@@ -131,11 +139,15 @@ async def test_room_round_trip_with_bools(stores: Stores) -> None:
     await stores.rooms.upsert(room)
     got = await stores.rooms.get("!r1")
     assert got == room
-    assert got is not None and got.archived is True and got.missing is False
-    assert await stores.rooms.get_by_platform_chat_id("chat-!r1") == room
+    assert got is not None and got.binding is not None
+    assert got.binding.archived is True and got.missing is False
+    assert got.binding.system_prompt == "be brief"
+    space = Room(room_id="!space", kind="space", owner=ALICE)
+    await stores.rooms.upsert(space)
+    assert await stores.rooms.get("!space") == space  # a Space has no binding
 
 
-async def test_rooms_list_by_owner_in_space_order_with_filters(stores: Stores) -> None:
+async def test_rooms_list_in_space_order_with_filters(stores: Stores) -> None:
     await stores.rooms.upsert(Room(room_id="!space", kind="space", owner=ALICE))
     await stores.rooms.upsert(working_room("!c", order_key=None, created_ms=1))
     await stores.rooms.upsert(working_room("!b", order_key="b"))
@@ -143,26 +155,24 @@ async def test_rooms_list_by_owner_in_space_order_with_filters(stores: Stores) -
     await stores.rooms.upsert(working_room("!m", order_key="c", missing=True))
     await stores.rooms.upsert(working_room("!bob", owner=BOB))
 
-    ids = [r.room_id for r in await stores.rooms.list_by_owner(ALICE, kind="working")]
+    ids = await owned_rooms(stores, ALICE, kind="working")
     assert ids == ["!a", "!b", "!c"]  # NULL order keys last on both engines
-    active = await stores.rooms.list_by_owner(ALICE, kind="working", include_archived=False)
-    assert [r.room_id for r in active] == ["!b", "!c"]
-    everything = await stores.rooms.list_by_owner(ALICE, include_missing=True)
-    assert {r.room_id for r in everything} == {"!space", "!a", "!b", "!c", "!m"}
+    everything = await owned_rooms(stores, ALICE, include_missing=True)
+    assert set(everything) == {"!space", "!a", "!b", "!c", "!m"}
     assert [r.room_id for r in await stores.rooms.list_all(kind="space")] == ["!space"]
-    assert len(await stores.rooms.list_by_space("!space")) == 4  # bob's too, not !m
 
 
 async def test_last_activity_only_moves_forward(stores: Stores) -> None:
     await stores.rooms.upsert(working_room("!r"))
-    await stores.rooms.touch("!r", 200)
-    await stores.rooms.touch("!r", 100)
+    await stores.rooms.upsert(working_room("!r", last_activity_ms=200))
+    await stores.rooms.upsert(working_room("!r", last_activity_ms=100))
     got = await stores.rooms.get("!r")
     assert got is not None and got.last_activity_ms == 200
     # A rebuilt row does not know the activity: the stored value stays.
     await stores.rooms.upsert(working_room("!r", title="renamed"))
     got = await stores.rooms.get("!r")
-    assert got is not None and got.last_activity_ms == 200 and got.title == "renamed"
+    assert got is not None and got.last_activity_ms == 200
+    assert got.binding is not None and got.binding.title == "renamed"
 
 
 # --- chats --------------------------------------------------------------------------------
@@ -183,9 +193,7 @@ async def test_chat_round_trip_summary_and_archive(stores: Stores) -> None:
     await stores.chats.upsert(Chat(platform_chat_id="c2", room_id="!r", agent=None, created_ms=2))
     got = await stores.chats.get("c1")
     assert got is not None and got.archived is True
-    assert [c.platform_chat_id for c in await stores.chats.list_by_room("!r")] == ["c2", "c1"]
-    live = await stores.chats.list_by_room("!r", include_archived=False)
-    assert [c.platform_chat_id for c in live] == ["c2"]
+    assert [c.platform_chat_id for c in await stores.chats.list_all()] == ["c2", "c1"]
 
     await stores.chats.set_summary("c1", None, None)
     got = await stores.chats.get("c1")
@@ -219,14 +227,10 @@ async def test_messages_are_numbered_per_chat_and_read_in_order(stores: Stores) 
     assert [x.seq for x in await m.history("c1", limit=2)] == [3, 4]  # the newest, in order
     assert [x.seq for x in await m.history("c1", after_seq=1, limit=10)] == [2, 3, 4]
     assert await m.count("c1") == 4 and await m.count("c1", after_seq=3) == 1
-    assert await m.last_seq("c1") == 4 and await m.last_seq("nope") == 0
 
     last = await m.last_user_message("c1")
     assert last is not None and (last.seq, last.event_id) == (3, "$u2")
     assert await m.last_user_message("nope") is None
-
-    assert await m.delete_after("c1", 3) == 1
-    assert await m.append("c1", "assistant", "fine, again") == 4
 
 
 async def test_concurrent_appends_get_distinct_seqs(stores: Stores) -> None:
@@ -243,48 +247,33 @@ async def test_an_event_id_is_stored_once(stores: Stores) -> None:
     await stores.messages.append("c1", "user", "hello", event_id="$same")
     with pytest.raises(DuplicateEventError):
         await stores.messages.append("c2", "assistant", "again", event_id="$same")
-    assert await stores.messages.has_event("$same")
-    assert not await stores.messages.has_event("$other")
-    stored = await stores.messages.get_by_event("$same")
-    assert stored is not None and stored.platform_chat_id == "c1"
+    [stored] = await stores.messages.history("c1")
+    assert stored.event_id == "$same" and stored.content == "hello"
     assert await stores.messages.count("c2") == 0
     # Messages without an event id never collide.
-    await stores.messages.append("c1", "summary", "s1")
-    await stores.messages.append("c1", "summary", "s2")
+    await stores.messages.append("c1", "assistant", "s1")
+    await stores.messages.append("c1", "assistant", "s2")
     assert await stores.messages.count("c1") == 3
 
 
 async def test_unknown_role_is_refused(stores: Stores) -> None:
     with pytest.raises(ValueError):
         await stores.messages.append("c1", "system", "x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):  # summaries live on the chat, never as messages
+        await stores.messages.append("c1", "summary", "x")  # type: ignore[arg-type]
 
 
-# --- memory, journal, processed, kv -------------------------------------------------------
+# --- memory, processed --------------------------------------------------------------------
 
 
 async def test_memory_round_trip(stores: Stores) -> None:
-    assert await stores.memory.notes(ALICE) == ()
+    assert await stores.memory.get(ALICE) is None
     await stores.memory.set(ALICE, ["likes tea", "Zeitzone: Europe/Berlin ☕"])
-    assert await stores.memory.notes(ALICE) == ("likes tea", "Zeitzone: Europe/Berlin ☕")
+    memory = await stores.memory.get(ALICE)
+    assert memory is not None and memory.notes == ("likes tea", "Zeitzone: Europe/Berlin ☕")
     await stores.memory.set(ALICE, [])
     memory = await stores.memory.get(ALICE)
     assert memory is not None and memory.notes == ()
-
-
-async def test_journal_tells_pending_from_done(stores: Stores) -> None:
-    await stores.journal.begin(ALICE, "space", ts=100)
-    await stores.journal.begin(BOB, "space", ts=50)
-    await stores.journal.complete(ALICE, "space", "!space")
-    await stores.journal.begin(ALICE, "room", ts=200)
-
-    entry = await stores.journal.get(ALICE, "space")
-    assert entry is not None and (entry.status, entry.room_id) == ("done", "!space")
-    pending = await stores.journal.list_pending()
-    assert [(e.user_id, e.step) for e in pending] == [(BOB, "space"), (ALICE, "room")]
-    assert [e.step for e in await stores.journal.list_by_user(ALICE)] == ["space", "room"]
-
-    await stores.journal.delete(ALICE)
-    assert await stores.journal.list_by_user(ALICE) == []
 
 
 async def test_processed_mark_never_moves_back(stores: Stores) -> None:
@@ -298,52 +287,42 @@ async def test_processed_mark_never_moves_back(stores: Stores) -> None:
     assert got is not None and got.event_id == "$3"
 
 
-async def test_kv_round_trip(stores: Stores) -> None:
-    assert await stores.kv.get("report") is None
-    await stores.kv.set_json("report", {"rooms": 3, "errors": []})
-    assert await stores.kv.get_json("report") == {"errors": [], "rooms": 3}
-    await stores.kv.set("report", "plain")
-    assert await stores.kv.get("report") == "plain"
-    await stores.kv.delete("report")
-    assert await stores.kv.get_json("report") is None
-
-
 # --- transactions and the cache rebuild ---------------------------------------------------
 
 
 async def test_replace_topology_flags_unseen_rows_missing_and_keeps_them(stores: Stores) -> None:
     chat = Chat(platform_chat_id="chat-!r1", room_id="!r1", agent="echo", created_ms=1)
-    first = await stores.replace_topology(
+    await stores.replace_topology(
         [User(user_id=ALICE, space_id="!space"), User(user_id=BOB)],
         [Room(room_id="!space", kind="space", owner=ALICE), working_room("!r1")],
         [chat],
         memories={ALICE: ["note"]},
     )
-    assert (first.users, first.rooms, first.chats, first.missing_rooms) == (2, 2, 1, ())
-    await stores.rooms.touch("!r1", 500)
+    assert set(await owned_rooms(stores, ALICE)) == {"!space", "!r1"}
+    await stores.rooms.upsert(working_room("!r1", last_activity_ms=500))
     await stores.chats.set_summary("chat-!r1", "summary", 4)
 
     # Next start: Bob and !r1 are gone from Matrix, !r2 is new.
-    second = await stores.replace_topology(
+    await stores.replace_topology(
         [User(user_id=ALICE, space_id="!space")],
         [Room(room_id="!space", kind="space", owner=ALICE), working_room("!r2")],
         [Chat(platform_chat_id="chat-!r2", room_id="!r2", agent="echo", created_ms=2)],
     )
-    assert second.missing_users == (BOB,)
-    assert second.missing_rooms == ("!r1",)
-    assert second.missing_chats == ("chat-!r1",)
-
     bob = await stores.users.get(BOB)
     gone_room = await stores.rooms.get("!r1")
+    gone_chat = await stores.chats.get("chat-!r1")
     assert bob is not None and bob.missing is True
     assert gone_room is not None and gone_room.missing is True
-    assert [r.room_id for r in await stores.rooms.list_by_owner(ALICE, kind="working")] == ["!r2"]
-    assert await stores.memory.notes(ALICE) == ("note",)
+    assert gone_chat is not None and gone_chat.missing is True
+    assert [u.user_id for u in await stores.users.list_all()] == [ALICE]
+    assert await owned_rooms(stores, ALICE, kind="working") == ["!r2"]
+    memory = await stores.memory.get(ALICE)
+    assert memory is not None and memory.notes == ("note",)
 
-    # The same rebuild again flags nothing new; a room that comes back is present again.
-    assert (await stores.replace_topology([], [], [])).missing_rooms == ("!r2", "!space")
-    back = await stores.replace_topology([], [working_room("!r1")], [chat])
-    assert "!r1" not in back.missing_rooms
+    # A room that comes back is present again, with what only the cache knew.
+    await stores.replace_topology([], [], [])
+    assert await stores.rooms.list_all() == []
+    await stores.replace_topology([], [working_room("!r1")], [chat])
     room = await stores.rooms.get("!r1")
     assert room is not None and room.missing is False and room.last_activity_ms == 500
     restored = await stores.chats.get("chat-!r1")
@@ -376,7 +355,7 @@ async def test_stores_share_one_transaction(db: Database, stores: Stores) -> Non
     async with db.acquire() as conn, conn.transaction():
         await stores.messages.append("c1", "user", "hi", event_id="$u", conn=conn)
         await stores.processed.mark("!r", "$u", 1, conn=conn)
-    assert await stores.messages.has_event("$u")
+    assert [m.event_id for m in await stores.messages.history("c1")] == ["$u"]
     assert await stores.processed.get("!r") is not None
 
 
