@@ -207,9 +207,7 @@ class Dispatcher:
         settings = self.settings()
         agent = self.context.agent_of(room)
         backend = self.backends.for_agent(agent)
-        marker = layout.turn_marker(
-            room.platform_chat_id, agent.id, answers=job.event_id or None
-        )
+        marker = layout.TurnMarker(room.platform_chat_id, agent.id, answers=job.event_id or None)
         stream = _StreamedReply(self.io, self.settings, room.room_id, marker)
         typing = _Typing(self.io, room.room_id, self.log)
         usage = None
@@ -389,16 +387,15 @@ class _StreamedReply:
         io: MatrixIO,
         settings: Callable[[], Settings],
         room_id: str,
-        marker: dict[str, Any],
+        marker: layout.TurnMarker,
     ) -> None:
         self.io = io
         self.settings = settings
         self.room_id = room_id
-        self.marker = marker
-        self.partial_marker = {
-            key: {**value, "partial": True} if isinstance(value, dict) else value
-            for key, value in marker.items()
-        }
+        self.marker = layout.turn_marker(marker.platform_chat_id, marker.agent, answers=marker.answers)
+        self.partial_marker = layout.turn_marker(
+            marker.platform_chat_id, marker.agent, answers=marker.answers, partial=True
+        )
         self.text = ""
         self.event_id: EventID | None = None
         self._shown = ""

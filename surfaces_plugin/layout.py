@@ -1,4 +1,4 @@
-"""The Matrix layout (contract §3) in one place: event types, parsing, createRoom payloads.
+"""The Matrix layout (docs/layout.md) in one place: event types, parsing, createRoom payloads.
 
 Every parser takes untrusted JSON and returns a frozen value or `None`; none of them raises.
 Every `to_content`/builder returns plain JSON-ready dicts, so callers never hand-write keys.
@@ -43,7 +43,7 @@ TOMBSTONE_TYPE = "m.room.tombstone"
 SPACE_CHILD_TYPE = "m.space.child"
 SPACE_PARENT_TYPE = "m.space.parent"
 
-# Types only the bot may send (contract §3); each gets PROTECTED_LEVEL in power levels.
+# Types only the bot may send (docs/layout.md#power-levels); each gets PROTECTED_LEVEL.
 PROTECTED_STATE_TYPES: tuple[str, ...] = (
     SPACE_CHILD_TYPE,
     SPACE_PARENT_TYPE,

@@ -1,7 +1,9 @@
 """The reconciliation planner: snapshot of Matrix + cache rows → writes, desired cache, report.
 
+The cases it handles, T1–T17, are described in docs/reconciliation.md.
+
 A pure function (no I/O, no awaits), linear in the number of rooms and state events.
-Trust rules (contract §3): a room is ours only when the bot created it with our markers (or it
+Trust rules (docs/layout.md#trust): a room is ours only when the bot created it with our markers (or it
 is the verified upgrade of one of ours); only bot-sent `org.surfaces.*`, `m.space.child` and
 `m.space.parent` events count; everything else is ignored and reported.
 
