@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -220,18 +221,26 @@ def _parse_access(data: dict[str, Any]) -> AccessSettings:
     return AccessSettings(mode=mode, allowed=allowed, admins=admins)  # type: ignore[arg-type]
 
 
-def _parse_backends(data: dict[str, Any]) -> dict[str, BackendSpec]:
-    items = data.get("backends") or []
+def _entries(data: dict[str, Any], key: str, what: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(path, id, mapping) for each entry of a non-empty list section whose ids are unique."""
+    items = data.get(key) or []
     if not isinstance(items, list) or not items:
-        raise ConfigError("backends", "must be a non-empty list")
-    backends: dict[str, BackendSpec] = {}
+        raise ConfigError(key, "must be a non-empty list")
+    seen: set[str] = set()
     for i, item in enumerate(items):
-        path = f"backends[{i}]"
+        path = f"{key}[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(path, "must be a mapping")
-        backend_id = _ident(item, "id", f"{path}.id")
-        if backend_id in backends:
-            raise ConfigError(f"{path}.id", f"duplicate backend id {backend_id!r}")
+        item_id = _ident(item, "id", f"{path}.id")
+        if item_id in seen:
+            raise ConfigError(f"{path}.id", f"duplicate {what} id {item_id!r}")
+        seen.add(item_id)
+        yield path, item_id, item
+
+
+def _parse_backends(data: dict[str, Any]) -> dict[str, BackendSpec]:
+    backends: dict[str, BackendSpec] = {}
+    for path, backend_id, item in _entries(data, "backends", "backend"):
         kind = _str(item, "type", f"{path}.type")
         if kind not in BACKEND_TYPES:
             raise ConfigError(
@@ -252,17 +261,8 @@ def _parse_backends(data: dict[str, Any]) -> dict[str, BackendSpec]:
 
 
 def _parse_agents(data: dict[str, Any], backends: dict[str, BackendSpec]) -> dict[str, AgentSpec]:
-    items = data.get("agents") or []
-    if not isinstance(items, list) or not items:
-        raise ConfigError("agents", "must be a non-empty list")
     agents: dict[str, AgentSpec] = {}
-    for i, item in enumerate(items):
-        path = f"agents[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(path, "must be a mapping")
-        agent_id = _ident(item, "id", f"{path}.id")
-        if agent_id in agents:
-            raise ConfigError(f"{path}.id", f"duplicate agent id {agent_id!r}")
+    for path, agent_id, item in _entries(data, "agents", "agent"):
         backend = _str(item, "backend", f"{path}.backend")
         if backend not in backends:
             raise ConfigError(

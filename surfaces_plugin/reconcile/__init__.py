@@ -1,30 +1,4 @@
-"""Reconciliation: inventory (read Matrix) → plan (pure) → apply (write Matrix, rebuild cache)."""
+"""Reconciliation: inventory (read Matrix) → plan (pure) → apply (write Matrix, rebuild cache).
 
-from .model import (
-    Action,
-    CacheView,
-    Invite,
-    RoomRecord,
-    RoomSnapshot,
-    SetState,
-    Snapshot,
-    StateEvent,
-    UserRecord,
-)
-from .plan import Plan, Report, apply_to_snapshot, plan
-
-__all__ = [
-    "Action",
-    "CacheView",
-    "Invite",
-    "Plan",
-    "Report",
-    "RoomRecord",
-    "RoomSnapshot",
-    "SetState",
-    "Snapshot",
-    "StateEvent",
-    "UserRecord",
-    "apply_to_snapshot",
-    "plan",
-]
+The algorithm and its cases are in docs/reconciliation.md.
+"""

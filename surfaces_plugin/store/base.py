@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from mautrix.util.async_db import Connection, Database
@@ -29,3 +29,16 @@ class Repository:
     def _acquire(self, conn: Connection | None) -> AbstractAsyncContextManager[Connection]:
         # db.acquire() already reuses the connection held by this task, if any.
         return _given(conn) if conn is not None else self.db.acquire()
+
+    async def _flag_missing_except(
+        self, table: str, key: str, seen: Iterable[str], conn: Connection | None
+    ) -> None:
+        """Flag every row of `table` whose `key` is not in `seen` as missing (kept, not deleted)."""
+        seen_ids = set(seen)
+        async with self._acquire(conn) as c:
+            rows = await c.fetch(f"SELECT {key} FROM {table} WHERE missing=false")
+            gone = sorted(r[key] for r in rows if r[key] not in seen_ids)
+            if gone:
+                await c.executemany(
+                    f"UPDATE {table} SET missing=true WHERE {key}=$1", [(k,) for k in gone]
+                )

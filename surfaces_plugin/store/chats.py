@@ -128,17 +128,5 @@ class ChatStore(Repository):
 
     async def mark_missing_except(
         self, seen: Iterable[str], *, conn: Connection | None = None
-    ) -> list[str]:
-        """Flag every chat not in `seen` as missing; returns the ids newly flagged."""
-        seen_ids = set(seen)
-        async with self._acquire(conn) as c:
-            rows = await c.fetch("SELECT platform_chat_id FROM chats WHERE missing=false")
-            gone = sorted(
-                r["platform_chat_id"] for r in rows if r["platform_chat_id"] not in seen_ids
-            )
-            if gone:
-                await c.executemany(
-                    "UPDATE chats SET missing=true WHERE platform_chat_id=$1",
-                    [(p,) for p in gone],
-                )
-        return gone
+    ) -> None:
+        await self._flag_missing_except("chats", "platform_chat_id", seen, conn)

@@ -149,14 +149,5 @@ class RoomStore(Repository):
 
     async def mark_missing_except(
         self, seen: Iterable[str], *, conn: Connection | None = None
-    ) -> list[str]:
-        """Flag every room not in `seen` as missing; returns the ids newly flagged."""
-        seen_ids = set(seen)
-        async with self._acquire(conn) as c:
-            rows = await c.fetch("SELECT room_id FROM rooms WHERE missing=false")
-            gone = sorted(r["room_id"] for r in rows if r["room_id"] not in seen_ids)
-            if gone:
-                await c.executemany(
-                    "UPDATE rooms SET missing=true WHERE room_id=$1", [(r,) for r in gone]
-                )
-        return gone
+    ) -> None:
+        await self._flag_missing_except("rooms", "room_id", seen, conn)

@@ -141,14 +141,5 @@ class UserStore(Repository):
 
     async def mark_missing_except(
         self, seen: Iterable[str], *, conn: Connection | None = None
-    ) -> list[str]:
-        """Flag every user not in `seen` as missing; returns the ids newly flagged."""
-        seen_ids = set(seen)
-        async with self._acquire(conn) as c:
-            rows = await c.fetch("SELECT user_id FROM users WHERE missing=false")
-            gone = sorted(r["user_id"] for r in rows if r["user_id"] not in seen_ids)
-            if gone:
-                await c.executemany(
-                    "UPDATE users SET missing=true WHERE user_id=$1", [(u,) for u in gone]
-                )
-        return gone
+    ) -> None:
+        await self._flag_missing_except("users", "user_id", seen, conn)
