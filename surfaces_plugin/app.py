@@ -174,11 +174,8 @@ class Surfaces:
 
     @staticmethod
     def _is_new_text(evt: MessageEvent) -> bool:
-        content = evt.content
-        if content.msgtype not in _ROUTED_MSGTYPES:
-            return False
-        relates = getattr(content, "relates_to", None)
-        return not (relates and relates.rel_type and str(relates.rel_type) == "m.replace")
+        """A text message, not an edit of one (an edit is never a new turn)."""
+        return evt.content.msgtype in _ROUTED_MSGTYPES and evt.content.get_edit() is None
 
     def _route(self, evt: MessageEvent) -> None:
         parsed = split_command(evt.content.body or "", self.settings.command_prefix)

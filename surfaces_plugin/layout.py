@@ -294,12 +294,6 @@ class SpaceChild:
     suggested: bool = False
 
 
-@dataclass(frozen=True)
-class SpaceParent:
-    via: tuple[str, ...]
-    canonical: bool = False
-
-
 def _parse_via(content: Mapping[str, Any]) -> tuple[str, ...] | None:
     via = content.get("via")
     if not isinstance(via, list) or not via:
@@ -311,8 +305,8 @@ def _parse_via(content: Mapping[str, Any]) -> tuple[str, ...] | None:
 
 
 def is_live_link(content: object) -> bool:
-    """Whether `parse_space_child` (and `parse_space_parent`) would give a link, without
-    building one: both are `None` exactly when the content is not a map or `via` is invalid."""
+    """Whether a space child or parent link is live (`parse_space_child` would give one), without
+    building it: not live exactly when the content is not a map or `via` is invalid."""
     return _is_map(content) and _parse_via(content) is not None
 
 
@@ -334,16 +328,6 @@ def parse_space_child(content: object) -> SpaceChild | None:
         order=order if is_valid_order(order) else None,
         suggested=suggested if isinstance(suggested, bool) else False,
     )
-
-
-def parse_space_parent(content: object) -> SpaceParent | None:
-    if not _is_map(content):
-        return None
-    via = _parse_via(content)
-    if via is None:
-        return None
-    canonical = content.get("canonical")
-    return SpaceParent(via=via, canonical=canonical if isinstance(canonical, bool) else False)
 
 
 def order_key(n: int) -> str:

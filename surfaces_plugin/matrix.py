@@ -68,10 +68,8 @@ class Gateway:
         self.max_delay_s = max_delay_s
         self.log = log or logging.getLogger("surfaces.matrix")
         self.writes = 0  # Matrix writes performed (state, messages, room creations…)
-        self.reads = 0
 
     async def read(self, action: str, call: Callable[[], Awaitable[T]]) -> T:
-        self.reads += 1
         return await self._run(action, call)
 
     async def write(self, action: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -114,14 +112,6 @@ class Gateway:
                 self.log.debug("%s: %s; retrying in %.1f s", action, last_reason, delay)
                 await asyncio.sleep(delay)
         raise Unavailable(action, last_reason)
-
-
-def content_of(event: Any) -> dict[str, Any]:
-    """Plain dict content of a mautrix event or state content object."""
-    content = getattr(event, "content", event)
-    if hasattr(content, "serialize"):
-        return content.serialize()
-    return dict(content) if isinstance(content, dict) else {}
 
 
 class MatrixIO:

@@ -266,14 +266,3 @@ def scan_timeline(
             missed.append(event)
     missed.reverse()
     return Scan(missed=missed, interrupted=interrupted, answered=answered)
-
-
-def missed_in_timeline(
-    events_newest_first: list[Event],
-    owner: str,
-    bot_id: str,
-    after_ts: int,
-    is_command: Callable[[str], bool] = lambda body: False,
-) -> list[Event]:
-    """Owner messages the bot has not answered, oldest first (see `scan_timeline`)."""
-    return scan_timeline(events_newest_first, owner, bot_id, after_ts, is_command).missed

@@ -23,7 +23,6 @@ from .plan import Plan
 @dataclass
 class ApplyResult:
     writes: int = 0
-    skipped: int = 0  # already as planned when re-read
     failed: list[str] = field(default_factory=list)
 
 
@@ -49,8 +48,7 @@ async def write_plan(io: MatrixIO, plan: Plan) -> ApplyResult:
             if isinstance(action, SetState):
                 current = await _current_state(io, action)
                 if current is not None and dict(current) == dict(action.content):
-                    result.skipped += 1
-                    continue
+                    continue  # already as planned
                 await io.gateway.write(
                     f"repair {action.type} in {action.room_id}",
                     lambda a=action: client.send_state_event(

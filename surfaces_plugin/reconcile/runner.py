@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from .. import layout
 from ..backends import new_chat_id
-from ..clock import now_ms
 from ..config import Settings
 from ..matrix import MatrixIO
 from ..rooms import RoomDirectory
@@ -29,7 +28,6 @@ MAX_DIRTY_ROUNDS = 3  # rooms that keep changing are left to the next run
 @dataclass
 class RunReport:
     reason: str
-    started_ms: int
     seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
@@ -71,7 +69,7 @@ class Reconciler:
         async with self._lock:
             started = time.monotonic()
             settings = self.settings().reconciliation
-            report = RunReport(reason=reason, started_ms=now_ms(), dry_run=settings.dry_run)
+            report = RunReport(reason=reason, dry_run=settings.dry_run)
             self._dirty = set()
             self._running = True
             try:
@@ -165,6 +163,8 @@ def _count(report: RunReport, planned: Report) -> None:
             "working rooms": planned.working_rooms,
             "other rooms": planned.foreign,
             "adopted": len(planned.adopted),
+            "owners invited": len(planned.invited),
+            "archived (link removed)": len(planned.archived_by_unlink),
             "links added": len(planned.links_added),
             "links removed": len(planned.links_removed),
             "parents repaired": len(planned.parents_repaired),

@@ -181,6 +181,7 @@ async def test_catch_up_finds_what_the_owner_sent_after_the_processed_mark(store
     room = room_in(client)
     answered = client.user_message(room.room_id, ALICE, "answered before the stop")
     await stores.processed.mark(room.room_id, answered.event_id, answered.timestamp)
+    await asyncio.sleep(0.002)  # a later millisecond: the mark's own is "at or before"
     client.user_message(room.room_id, ALICE, "!ai rooms")  # a command is not a turn
     missed = client.user_message(room.room_id, ALICE, "sent while down")
     jobs = await catch_up.missed_in_room(room)

@@ -12,7 +12,6 @@ from surfaces_plugin.layout import (
     Memory,
     RoomMarkers,
     SpaceChild,
-    SpaceParent,
 )
 
 BOT = "@bot:hs.example"
@@ -171,12 +170,12 @@ def test_space_child_drops_a_bad_order_instead_of_the_link() -> None:
     assert layout.parse_space_child({"via": ["hs"], "suggested": "yes"}).suggested is False
 
 
-def test_space_parent_parses_via_and_canonical() -> None:
-    assert layout.parse_space_parent({"via": ["hs"], "canonical": True}) == SpaceParent(
-        ("hs",), True
-    )
-    assert layout.parse_space_parent({"via": ["hs"], "canonical": 1}) == SpaceParent(("hs",), False)
-    assert layout.parse_space_parent({}) is None
+def test_a_space_parent_is_live_when_its_via_is_valid() -> None:
+    assert layout.is_live_link(layout.space_parent_content("hs"))
+    assert layout.is_live_link({"via": ["hs"], "canonical": 1})
+    assert not layout.is_live_link({})
+    assert not layout.is_live_link({"via": []})
+    assert not layout.is_live_link({"via": [""]})
 
 
 def test_order_keys_sort_like_their_numbers_and_are_valid_orders() -> None:

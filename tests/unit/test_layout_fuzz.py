@@ -72,7 +72,6 @@ PARSERS = {
     layout.parse_create_markers: layout.RoomMarkers,
     layout.parse_binding: layout.Binding,
     layout.parse_space_child: layout.SpaceChild,
-    layout.parse_space_parent: layout.SpaceParent,
     layout.parse_memory: layout.Memory,
     layout.parse_access: layout.AccessDecisions,
     layout.parse_turn_marker: layout.TurnMarker,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from surfaces_plugin import layout, replies
-from surfaces_plugin.timeline import history_from_timeline, missed_in_timeline, summary_notice_text
+from surfaces_plugin.timeline import history_from_timeline, scan_timeline, summary_notice_text
 
 BOT = "@bot:x"
 ALICE = "@alice:x"
@@ -96,7 +96,7 @@ def test_catch_up_skips_commands_sent_while_the_bot_was_down() -> None:
     t.answer("answer")
     t.user("!ai context")
     t.user("missed one")
-    missed = missed_in_timeline(
+    missed = scan_timeline(
         list(reversed(t.events)), ALICE, BOT, 0, lambda body: body.startswith("!ai ")
-    )
+    ).missed
     assert [e["content"]["body"] for e in missed] == ["missed one"]
