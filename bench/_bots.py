@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -143,12 +144,31 @@ def answers_in_order(user: MatrixUser, room_id: str, bot_id: str, after: str) ->
     ]
 
 
+def export_revision(revision: str) -> Path:
+    """The plugin as it was at a git revision (`git archive`), in a temporary folder."""
+    root = Path(tempfile.mkdtemp(prefix="surfaces-bench-rev-"))
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", "--format=tar", revision],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root
+
+
 class Arena:
     """One Synapse with the baseline bot and the Surfaces bot, and one user with rooms in both."""
 
-    def __init__(self, rooms: int, streaming: bool = True) -> None:
+    def __init__(
+        self, rooms: int, streaming: bool = True, previous_root: Path | None = None
+    ) -> None:
         self.n_rooms = rooms
         self.streaming = streaming
+        # An earlier version of the plugin (a tree from `export_revision`), run alongside.
+        self.previous_root = previous_root
+        self.previous: StandaloneBot | None = None
+        self.previous_rooms: list[str] = []
         self.work = Path(tempfile.mkdtemp(prefix="surfaces-bench-msg-"))
         self.synapse = SynapseServer(self.work / "synapse")
         self.baseline: StandaloneBot | None = None
@@ -173,24 +193,38 @@ class Arena:
                 data_dir=self.work / "surfaces",
             ).start(timeout=120)
         )
+        if self.previous_root is not None:
+            root = self.previous_root
+            self.previous = await asyncio.to_thread(
+                lambda: StandaloneBot(
+                    self.synapse,
+                    surfaces_overrides(self.streaming),
+                    data_dir=self.work / "previous",
+                    repo_root=root,
+                ).start(timeout=120)
+            )
         self.user = await make_user(self.synapse, "bench-alice")
         self.baseline_rooms = await baseline_rooms(self.user, self.baseline.user_id, self.n_rooms)
         self.surfaces_rooms = await surfaces_rooms(self.user, self.surfaces, self.n_rooms)
+        if self.previous is not None:
+            self.previous_rooms = await surfaces_rooms(self.user, self.previous, self.n_rooms)
         return self
 
     async def set_streaming(self, streaming: bool) -> None:
-        """Restart the Surfaces bot with streaming on or off (its rooms and DB are kept)."""
+        """Restart the Surfaces bots with streaming on or off (their rooms and DB are kept)."""
         assert self.surfaces is not None
         if streaming == self.streaming:
             return
         self.streaming = streaming
-        self.surfaces.set_config_overrides(surfaces_overrides(streaming))
-        await asyncio.to_thread(self.surfaces.restart, 120)
+        for bot in (self.surfaces, self.previous):
+            if bot is not None:
+                bot.set_config_overrides(surfaces_overrides(streaming))
+                await asyncio.to_thread(bot.restart, 120)
 
     async def __aexit__(self, *exc: object) -> None:
         if self.user is not None:
             await self.user.close()
-        for bot in (self.surfaces, self.baseline):
+        for bot in (self.surfaces, self.previous, self.baseline):
             if bot is not None:
                 await asyncio.to_thread(bot.stop)
         await asyncio.to_thread(self.synapse.stop)
