@@ -1,4 +1,4 @@
-"""Routing of plain messages to agents: per-room FIFO, typing, streaming, cancel and retry.
+"""Routing of plain messages to agents: per-room FIFO, catch-up order, cancel and retry.
 
 Each room has one worker draining its queue, so a room answers one message at a time and in
 order, while different rooms run concurrently.
@@ -12,7 +12,6 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from contextlib import aclosing
-from typing import Any
 
 from mautrix.types import EventID, MessageEvent
 
@@ -25,12 +24,9 @@ from .context_builder import ContextBuilder
 from .context_window import Window
 from .history import History
 from .jobs import Job
-from .matrix import GatewayError, MatrixIO
+from .matrix import MatrixIO
 from .rooms import RoomDirectory, WorkingRoom
-
-TYPING_REFRESH_S = 20.0
-TYPING_DELAY_S = 0.3  # answers faster than this show no typing notice (two requests saved)
-CANCELLED_MARK = "\n\n*(cancelled)*"
+from .streaming import CANCELLED_MARK, StreamedReply, Typing
 
 CaughtUp = Callable[[int, int, float], None]  # (messages, rooms, seconds) once catch-up is done
 
@@ -208,8 +204,8 @@ class Dispatcher:
         agent = self.context.agent_of(room)
         backend = self.backends.for_agent(agent)
         marker = layout.TurnMarker(room.platform_chat_id, agent.id, answers=job.event_id or None)
-        stream = _StreamedReply(self.io, self.settings, room.room_id, marker)
-        typing = _Typing(self.io, room.room_id, self.log)
+        stream = StreamedReply(self.io, self.settings, room.room_id, marker)
+        typing = Typing(self.io, room.room_id, self.log)
         usage = None
         try:
             window = await self._window_within_budget(room, agent, job)
@@ -345,111 +341,3 @@ class Dispatcher:
         for task in list(self._workers.values()):
             task.cancel()
         await asyncio.gather(*self._workers.values(), return_exceptions=True)
-
-
-class _Typing:
-    """The typing notice, shown only when an answer takes a while (fast ones need none)."""
-
-    def __init__(self, io: MatrixIO, room_id: str, log: logging.Logger) -> None:
-        self.io = io
-        self.room_id = room_id
-        self.log = log
-        self.shown = False
-        self._task = io.spawn(self._run(), name="typing")
-
-    async def _run(self) -> None:
-        await asyncio.sleep(TYPING_DELAY_S)
-        while True:
-            self.shown = True
-            await self.io.set_typing(self.room_id, int(TYPING_REFRESH_S * 1500))
-            await asyncio.sleep(TYPING_REFRESH_S)
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        if not self.shown:
-            return
-        self.shown = False
-        try:
-            await self.io.set_typing(self.room_id, 0)
-        except GatewayError as e:  # typing is cosmetic; never fail an answer for it
-            self.log.debug("Could not stop the typing notice in %s: %s", self.room_id, e)
-
-
-class _StreamedReply:
-    """One answer in the room: posted at the first chunk, then edited at most every interval.
-
-    While streaming, the answer's marker carries `partial: true`; every ending (finished,
-    cancelled, failed) edits it without, so an answer cut off by a crash stays recognisable.
-    """
-
-    def __init__(
-        self,
-        io: MatrixIO,
-        settings: Callable[[], Settings],
-        room_id: str,
-        marker: layout.TurnMarker,
-    ) -> None:
-        self.io = io
-        self.settings = settings
-        self.room_id = room_id
-        self.marker = layout.turn_marker(marker.platform_chat_id, marker.agent, answers=marker.answers)
-        self.partial_marker = layout.turn_marker(
-            marker.platform_chat_id, marker.agent, answers=marker.answers, partial=True
-        )
-        self.text = ""
-        self.event_id: EventID | None = None
-        self._shown = ""
-        self._shown_partial = False
-        self._last_edit = time.monotonic()  # the first post also waits one interval
-
-    async def add(self, text: str) -> None:
-        self.text += text
-        streaming = self.settings().streaming
-        if not streaming.enabled:
-            return
-        if time.monotonic() - self._last_edit < streaming.edit_interval_ms / 1000:
-            return  # an answer that ends within the interval is sent once, not posted and edited
-        if self.event_id is None:
-            await self._post(self.text, partial=True)
-        else:
-            await self._edit(self.text, partial=True)
-
-    async def finish(self) -> None:
-        final = self.text.strip() or "*(the agent sent an empty answer)*"
-        if self.event_id is None:
-            await self._post(final)
-        elif final != self._shown or self._shown_partial:
-            await self._edit(final)
-        self.text = final
-
-    async def cancelled(self, mark: str = CANCELLED_MARK) -> None:
-        if self.text.strip():
-            await self._show(self.text + mark)
-        elif mark == CANCELLED_MARK:
-            await self.io.send_notice(self.room_id, "Cancelled before the agent said anything.")
-
-    async def failed(self, message: str) -> None:
-        if self.text.strip():
-            await self._show(self.text + "\n\n*(the answer stopped here)*")
-        await self.io.send_notice(self.room_id, message)
-
-    async def _show(self, text: str) -> None:
-        """The final text of an ended answer, whether it was posted already or still buffered."""
-        if self.event_id is None:
-            await self._post(text)
-        else:
-            await self._edit(text)
-
-    def _content(self, text: str, partial: bool) -> dict[str, Any]:
-        return replies.rendered(text, "m.text", self.partial_marker if partial else self.marker)
-
-    async def _post(self, text: str, partial: bool = False) -> None:
-        self.event_id = await self.io.send_content(self.room_id, self._content(text, partial))
-        self._shown, self._shown_partial = text, partial
-        self._last_edit = time.monotonic()
-
-    async def _edit(self, text: str, partial: bool = False) -> None:
-        assert self.event_id is not None
-        await self.io.edit(self.room_id, self.event_id, self._content(text, partial))
-        self._shown, self._shown_partial = text, partial
-        self._last_edit = time.monotonic()
