@@ -2,8 +2,11 @@
 
 Builds snapshots the way the inventory would read them from Synapse (contract §3 layout, content
 from the layout builders), with a sprinkle of foreign rooms and untrusted or malformed state, then
-times `plan()` with an empty cache (plugin DB lost) and with a warm cache (the previous plan's
-rows), and measures the planner's peak allocations with tracemalloc in a separate run.
+times the planner the way the runner calls it (`plan_with_gc_frozen`) with an empty cache (plugin
+DB lost) and with a warm cache (the previous plan's rows), and bare `plan()` for comparison; and
+measures the planner's peak allocations with tracemalloc in a separate run. Each timed run plans a
+snapshot built just before, with no `gc.collect()` in between, as the runner plans the snapshot the
+inventory just read.
 
     .venv/bin/python -m bench.planner_scale [--quick] [--sizes 10000,50000] [--profile]
 """
@@ -11,17 +14,16 @@ rows), and measures the planner's peak allocations with tracemalloc in a separat
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 import tracemalloc
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from bench._common import median, table, write_result
 from surfaces_plugin import layout
+from surfaces_plugin.reconcile.gcfreeze import plan_with_gc_frozen
 from surfaces_plugin.reconcile.model import CacheView, RoomSnapshot, Snapshot, StateEvent
-from surfaces_plugin.reconcile.plan import Plan, plan
+from surfaces_plugin.reconcile.plan import NewChatId, Plan, plan
 
 SERVER = "bench.example"
 BOT = f"@surfaces:{SERVER}"
@@ -151,41 +153,38 @@ def warm_cache(result: Plan) -> CacheView:
     return CacheView(users=dict(result.users), rooms=dict(result.rooms))
 
 
-def fresh(snapshot: Snapshot) -> Snapshot:
-    """The same rooms as new objects: RoomSnapshot caches derived views (cached_property) on
-    itself, and production plans each snapshot once, so every timed run starts without them."""
-    return replace(snapshot, rooms={k: replace(v) for k, v in snapshot.rooms.items()})
+Planner = Callable[[Snapshot, CacheView, NewChatId], Plan]
 
 
 def time_plan(
-    snapshot: Snapshot, cache: CacheView, repeats: int, gc_off: bool = False
+    n_working: int, cache: CacheView, repeats: int, planner: Planner = plan_with_gc_frozen
 ) -> tuple[float, float, Plan]:
-    """(median CPU seconds, median wall seconds, plan). CPU time is the figure to read on a
-    shared machine: wall time there includes waiting for a core."""
+    """(median CPU seconds, median wall seconds, plan). Each repeat builds its snapshot anew and
+    plans it at once, like the runner after the inventory: new objects (RoomSnapshot also caches
+    derived views on itself) and no full collection beforehand, so a full GC pass the planner
+    triggers costs here what it costs in production. CPU time is the figure to read on a shared
+    machine: wall time there includes waiting for a core."""
     cpu, wall, result = [], [], None
     for _ in range(repeats):
-        snapshot = fresh(snapshot)
-        gc.collect()
-        if gc_off:
-            gc.disable()
+        result = None  # only the inputs are alive while planning, as in the runner
+        snapshot = synthetic_snapshot(n_working)
         started, started_cpu = time.perf_counter(), time.process_time()
-        result = plan(snapshot, cache, _new_chat_id())
+        result = planner(snapshot, cache, _new_chat_id())
         cpu.append(time.process_time() - started_cpu)
         wall.append(time.perf_counter() - started)
-        gc.enable()
+        del snapshot
     assert result is not None
     return median(cpu), median(wall), result
 
 
-def peak_plan_mib(snapshot: Snapshot, cache: CacheView) -> float:
+def peak_plan_mib(n_working: int, cache: CacheView) -> float:
     """Peak memory the planner allocates on top of its inputs."""
-    snapshot = fresh(snapshot)
-    gc.collect()
+    snapshot = synthetic_snapshot(n_working)
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
         base, _ = tracemalloc.get_traced_memory()
-        plan(snapshot, cache, _new_chat_id())
+        plan_with_gc_frozen(snapshot, cache, _new_chat_id())
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -201,13 +200,13 @@ def profile(snapshot: Snapshot, cache: CacheView) -> str:
         import pstats
 
         prof = cProfile.Profile()
-        prof.runcall(plan, snapshot, cache, _new_chat_id())
+        prof.runcall(plan_with_gc_frozen, snapshot, cache, _new_chat_id())
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
         return out.getvalue()
     profiler = Profiler(interval=0.0005)
     profiler.start()
-    plan(snapshot, cache, _new_chat_id())
+    plan_with_gc_frozen(snapshot, cache, _new_chat_id())
     profiler.stop()
     return profiler.output_text(unicode=False, color=False, show_all=False)
 
@@ -228,24 +227,26 @@ def main() -> None:
     rows, records = [], []
     for n in sizes:
         snapshot = synthetic_snapshot(n)
+        n_rooms = len(snapshot.rooms)
         state_events = sum(len(r.state) for r in snapshot.rooms.values())
-        cold_s, cold_wall, first = time_plan(snapshot, CacheView(), repeats)
+        del snapshot  # each timed run builds its own
+        cold_s, cold_wall, first = time_plan(n, CacheView(), repeats)
         warm = warm_cache(first)
-        warm_s, warm_wall, second = time_plan(snapshot, warm, repeats)
-        gc_off_s, _, _ = time_plan(snapshot, CacheView(), repeats, gc_off=True)
-        cold_mib = peak_plan_mib(snapshot, CacheView())
-        warm_mib = peak_plan_mib(snapshot, warm)
+        warm_s, warm_wall, second = time_plan(n, warm, repeats)
+        bare_s, _, _ = time_plan(n, CacheView(), repeats, planner=plan)
+        cold_mib = peak_plan_mib(n, CacheView())
+        warm_mib = peak_plan_mib(n, warm)
         record = {
             "working_rooms": n,
-            "rooms_in_snapshot": len(snapshot.rooms),
+            "rooms_in_snapshot": n_rooms,
             "state_events": state_events,
             "cold_cache_s": cold_s,
             "warm_cache_s": warm_s,
             "cold_cache_wall_s": cold_wall,
-            "cold_cache_gc_off_s": gc_off_s,
+            "cold_cache_bare_plan_s": bare_s,
             "warm_cache_wall_s": warm_wall,
-            "cold_us_per_room": cold_s / len(snapshot.rooms) * 1e6,
-            "warm_us_per_room": warm_s / len(snapshot.rooms) * 1e6,
+            "cold_us_per_room": cold_s / n_rooms * 1e6,
+            "warm_us_per_room": warm_s / n_rooms * 1e6,
             "cold_peak_mib": cold_mib,
             "warm_peak_mib": warm_mib,
             "writes_cold": len(first.writes),
@@ -256,12 +257,12 @@ def main() -> None:
         rows.append(
             [
                 n,
-                len(snapshot.rooms),
+                n_rooms,
                 state_events,
                 cold_s,
                 warm_s,
                 cold_wall,
-                gc_off_s,
+                bare_s,
                 record["cold_us_per_room"],
                 cold_mib,
                 warm_mib,
@@ -281,7 +282,7 @@ def main() -> None:
                 "plan CPU s (no cache)",
                 "plan CPU s (warm)",
                 "wall s (no cache)",
-                "CPU s, GC off (no cache)",
+                "CPU s, bare plan() (no cache)",
                 "µs/room",
                 "peak MiB (no cache)",
                 "peak MiB (warm)",
