@@ -1,7 +1,7 @@
 """The pure reconciliation planner alone, on synthetic snapshots of many rooms.
 
 Builds snapshots the way the inventory would read them from Synapse (contract §3 layout, content
-from the layout builders), with a sprinkle of foreign rooms and untrusted or malformed state, then
+from the layout builders) with devtools.worlds, the planner unit tests' builder, with a sprinkle of foreign rooms and untrusted or malformed state, then
 times the planner the way the runner calls it (`plan_with_gc_frozen`) with an empty cache (plugin
 DB lost) and with a warm cache (the previous plan's rows), and bare `plan()` for comparison; and
 measures the planner's peak allocations with tracemalloc in a separate run. Each timed run plans a
@@ -20,9 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from bench._common import median, table, write_result
+from devtools.worlds import World
 from surfaces_plugin import layout
 from surfaces_plugin.reconcile.gcfreeze import plan_with_gc_frozen
-from surfaces_plugin.reconcile.model import CacheView, RoomSnapshot, Snapshot, StateEvent
+from surfaces_plugin.reconcile.model import CacheView, Snapshot
 from surfaces_plugin.reconcile.plan import NewChatId, Plan, plan
 
 SERVER = "bench.example"
@@ -32,49 +33,11 @@ ROOM_VERSION = "12"
 TARGET_50K_S = 2.0
 
 
-def _event(
-    event_type: str, state_key: str, sender: str, content: dict[str, Any], ts: int
-) -> StateEvent:
-    return StateEvent(
-        type=event_type,
-        state_key=state_key,
-        sender=sender,
-        content=content,
-        event_id=f"$e{ts}-{event_type}-{state_key}",
-        origin_server_ts=ts,
-    )
-
-
-def _room(room_id: str, events: list[StateEvent]) -> RoomSnapshot:
-    state = {(e.type, e.state_key): e for e in events}
-    return RoomSnapshot(room_id=room_id, create=state[(layout.CREATE_TYPE, "")], state=state)
-
-
-def _common_state(room_id: str, owner: str, request: dict[str, Any], ts: int) -> list[StateEvent]:
-    """What Synapse puts in every room created from one of our createRoom requests."""
-    create = {**request["creation_content"], "creator": BOT, "room_version": ROOM_VERSION}
-    events = [
-        _event(layout.CREATE_TYPE, "", BOT, create, ts),
-        _event(layout.MEMBER_TYPE, BOT, BOT, {"membership": "join"}, ts + 1),
-        _event(layout.POWER_LEVELS_TYPE, "", BOT, request["power_level_override"], ts + 2),
-        _event("m.room.join_rules", "", BOT, {"join_rule": "invite"}, ts + 3),
-        _event("m.room.history_visibility", "", BOT, {"history_visibility": "shared"}, ts + 4),
-        _event("m.room.guest_access", "", BOT, {"guest_access": "can_join"}, ts + 5),
-        _event(layout.MEMBER_TYPE, owner, owner, {"membership": "join"}, ts + 9),
-    ]
-    if request.get("name"):
-        events.append(_event("m.room.name", "", BOT, {"name": request["name"]}, ts + 6))
-    for i, initial in enumerate(request["initial_state"]):
-        events.append(
-            _event(initial["type"], initial["state_key"], BOT, initial["content"], ts + 7 + i)
-        )
-    return events
-
-
-def synthetic_snapshot(n_working: int, seed_ts: int = 1_700_000_000_000) -> Snapshot:
+def synthetic_world(n_working: int, seed_ts: int = 1_700_000_000_000) -> World:
     """`n_working` working rooms over n/20 users (one Space each), plus ~2% foreign rooms and
-    ~1% untrusted or malformed state (wrong senders, bad content, orphans without a link)."""
-    rooms: dict[str, RoomSnapshot] = {}
+    ~1% untrusted or malformed state (wrong senders, bad content, orphans without a link).
+    Our rooms are built from the layout's createRoom requests as Synapse creates them."""
+    w = World(ROOM_VERSION, bot=BOT, server=SERVER)
     n_users = max(1, n_working // ROOMS_PER_USER)
     ts = seed_ts
     made = 0
@@ -84,7 +47,7 @@ def synthetic_snapshot(n_working: int, seed_ts: int = 1_700_000_000_000) -> Snap
         space_req = layout.space_create_request(
             owner, f"user{u}'s agents", BOT, SERVER, ROOM_VERSION
         )
-        space_events = _common_state(space_id, owner, space_req, ts)
+        w.created(space_id, space_req, owner, ts=ts)
         ts += 100
         count = ROOMS_PER_USER if u < n_users - 1 else n_working - made
         for r in range(count):
@@ -100,48 +63,33 @@ def synthetic_snapshot(n_working: int, seed_ts: int = 1_700_000_000_000) -> Snap
             req = layout.working_room_create_request(
                 owner, space_id, binding, BOT, SERVER, ROOM_VERSION
             )
-            events = _common_state(room_id, owner, req, ts)
+            w.created(room_id, req, owner, ts=ts)
+            order = layout.order_key(ts)
+            ts += 100
             kind = made % 100
             if kind == 7:  # the owner tried to rewrite the binding (ignored, restored or dropped)
                 bad = {**binding.to_content(), "agent": "gpt-evil"}
-                events.append(_event(layout.BINDING_TYPE, "", owner, bad, ts + 20))
+                w.put(room_id, layout.BINDING_TYPE, "", bad, sender=owner)
             elif kind == 13:  # malformed child link content sent by the bot
-                space_events.append(
-                    _event(layout.SPACE_CHILD_TYPE, room_id, BOT, {"via": "nope"}, ts + 21)
-                )
-                rooms[room_id] = _room(room_id, events)
-                ts += 100
+                w.put(space_id, layout.SPACE_CHILD_TYPE, room_id, {"via": "nope"})
                 continue
             elif kind == 29:  # orphan: the crash came before the child link
-                rooms[room_id] = _room(room_id, events)
-                ts += 100
                 continue
-            link = layout.space_child_content(SERVER, layout.order_key(ts))
-            space_events.append(_event(layout.SPACE_CHILD_TYPE, room_id, BOT, link, ts + 22))
+            w.link(space_id, room_id, order)
             if kind == 41:  # a child link added by the owner to a room that is not ours
                 stray = layout.space_child_content(SERVER)
-                space_events.append(
-                    _event(layout.SPACE_CHILD_TYPE, f"!stray{made}", owner, stray, ts + 23)
-                )
-            rooms[room_id] = _room(room_id, events)
-            ts += 100
-        rooms[space_id] = _room(space_id, space_events)
+                w.put(space_id, layout.SPACE_CHILD_TYPE, f"!stray{made}", stray, sender=owner)
     for f in range(max(1, n_working // 50)):  # DMs and other rooms the bot was invited to
-        room_id = f"!foreign{f:06d}"
         user = f"@user{f % n_users}:{SERVER}"
-        create = {"room_version": ROOM_VERSION, "creator": user}
-        if f % 10 == 0:  # someone else's room claiming our markers
-            create.update(layout.working_creation_content(user))
-        rooms[room_id] = _room(
-            room_id,
-            [
-                _event(layout.CREATE_TYPE, "", user, create, ts),
-                _event(layout.MEMBER_TYPE, user, user, {"membership": "join"}, ts + 1),
-                _event(layout.MEMBER_TYPE, BOT, BOT, {"membership": "join"}, ts + 2),
-            ],
-        )
+        # someone else's room, one in ten claiming our markers
+        creation = layout.working_creation_content(user) if f % 10 == 0 else {}
+        w.room(f"!foreign{f:06d}", creation, creator=user, ts=ts, members={user: "join"})
         ts += 10
-    return Snapshot(bot_id=BOT, server_name=SERVER, rooms=rooms)
+    return w
+
+
+def synthetic_snapshot(n_working: int, seed_ts: int = 1_700_000_000_000) -> Snapshot:
+    return synthetic_world(n_working, seed_ts).snapshot()
 
 
 def _new_chat_id() -> Callable[[str], str]:
