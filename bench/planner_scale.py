@@ -1,9 +1,12 @@
 """The pure reconciliation planner alone, on synthetic snapshots of many rooms.
 
 Builds snapshots the way the inventory would read them from Synapse (contract §3 layout, content
-from the layout builders), with a sprinkle of foreign rooms and untrusted or malformed state, then
-times `plan()` with an empty cache (plugin DB lost) and with a warm cache (the previous plan's
-rows), and measures the planner's peak allocations with tracemalloc in a separate run.
+from the layout builders) with devtools.worlds, the planner unit tests' builder, with a sprinkle of foreign rooms and untrusted or malformed state, then
+times the planner the way the runner calls it (`plan_with_gc_frozen`) with an empty cache (plugin
+DB lost) and with a warm cache (the previous plan's rows), and bare `plan()` for comparison; and
+measures the planner's peak allocations with tracemalloc in a separate run. Each timed run plans a
+snapshot built just before, with no `gc.collect()` in between, as the runner plans the snapshot the
+inventory just read.
 
     .venv/bin/python -m bench.planner_scale [--quick] [--sizes 10000,50000] [--profile]
 """
@@ -11,17 +14,17 @@ rows), and measures the planner's peak allocations with tracemalloc in a separat
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 import tracemalloc
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from bench._common import median, table, write_result
+from devtools.worlds import World
 from surfaces_plugin import layout
-from surfaces_plugin.reconcile.model import CacheView, RoomSnapshot, Snapshot, StateEvent
-from surfaces_plugin.reconcile.plan import Plan, plan
+from surfaces_plugin.reconcile.gcfreeze import plan_with_gc_frozen
+from surfaces_plugin.reconcile.model import CacheView, Snapshot
+from surfaces_plugin.reconcile.plan import NewChatId, Plan, plan
 
 SERVER = "bench.example"
 BOT = f"@surfaces:{SERVER}"
@@ -30,49 +33,11 @@ ROOM_VERSION = "12"
 TARGET_50K_S = 2.0
 
 
-def _event(
-    event_type: str, state_key: str, sender: str, content: dict[str, Any], ts: int
-) -> StateEvent:
-    return StateEvent(
-        type=event_type,
-        state_key=state_key,
-        sender=sender,
-        content=content,
-        event_id=f"$e{ts}-{event_type}-{state_key}",
-        origin_server_ts=ts,
-    )
-
-
-def _room(room_id: str, events: list[StateEvent]) -> RoomSnapshot:
-    state = {(e.type, e.state_key): e for e in events}
-    return RoomSnapshot(room_id=room_id, create=state[(layout.CREATE_TYPE, "")], state=state)
-
-
-def _common_state(room_id: str, owner: str, request: dict[str, Any], ts: int) -> list[StateEvent]:
-    """What Synapse puts in every room created from one of our createRoom requests."""
-    create = {**request["creation_content"], "creator": BOT, "room_version": ROOM_VERSION}
-    events = [
-        _event(layout.CREATE_TYPE, "", BOT, create, ts),
-        _event(layout.MEMBER_TYPE, BOT, BOT, {"membership": "join"}, ts + 1),
-        _event(layout.POWER_LEVELS_TYPE, "", BOT, request["power_level_override"], ts + 2),
-        _event("m.room.join_rules", "", BOT, {"join_rule": "invite"}, ts + 3),
-        _event("m.room.history_visibility", "", BOT, {"history_visibility": "shared"}, ts + 4),
-        _event("m.room.guest_access", "", BOT, {"guest_access": "can_join"}, ts + 5),
-        _event(layout.MEMBER_TYPE, owner, owner, {"membership": "join"}, ts + 9),
-    ]
-    if request.get("name"):
-        events.append(_event("m.room.name", "", BOT, {"name": request["name"]}, ts + 6))
-    for i, initial in enumerate(request["initial_state"]):
-        events.append(
-            _event(initial["type"], initial["state_key"], BOT, initial["content"], ts + 7 + i)
-        )
-    return events
-
-
-def synthetic_snapshot(n_working: int, seed_ts: int = 1_700_000_000_000) -> Snapshot:
+def synthetic_world(n_working: int, seed_ts: int = 1_700_000_000_000) -> World:
     """`n_working` working rooms over n/20 users (one Space each), plus ~2% foreign rooms and
-    ~1% untrusted or malformed state (wrong senders, bad content, orphans without a link)."""
-    rooms: dict[str, RoomSnapshot] = {}
+    ~1% untrusted or malformed state (wrong senders, bad content, orphans without a link).
+    Our rooms are built from the layout's createRoom requests as Synapse creates them."""
+    w = World(ROOM_VERSION, bot=BOT, server=SERVER)
     n_users = max(1, n_working // ROOMS_PER_USER)
     ts = seed_ts
     made = 0
@@ -82,7 +47,7 @@ def synthetic_snapshot(n_working: int, seed_ts: int = 1_700_000_000_000) -> Snap
         space_req = layout.space_create_request(
             owner, f"user{u}'s agents", BOT, SERVER, ROOM_VERSION
         )
-        space_events = _common_state(space_id, owner, space_req, ts)
+        w.created(space_id, space_req, owner, ts=ts)
         ts += 100
         count = ROOMS_PER_USER if u < n_users - 1 else n_working - made
         for r in range(count):
@@ -98,48 +63,33 @@ def synthetic_snapshot(n_working: int, seed_ts: int = 1_700_000_000_000) -> Snap
             req = layout.working_room_create_request(
                 owner, space_id, binding, BOT, SERVER, ROOM_VERSION
             )
-            events = _common_state(room_id, owner, req, ts)
+            w.created(room_id, req, owner, ts=ts)
+            order = layout.order_key(ts)
+            ts += 100
             kind = made % 100
             if kind == 7:  # the owner tried to rewrite the binding (ignored, restored or dropped)
                 bad = {**binding.to_content(), "agent": "gpt-evil"}
-                events.append(_event(layout.BINDING_TYPE, "", owner, bad, ts + 20))
+                w.put(room_id, layout.BINDING_TYPE, "", bad, sender=owner)
             elif kind == 13:  # malformed child link content sent by the bot
-                space_events.append(
-                    _event(layout.SPACE_CHILD_TYPE, room_id, BOT, {"via": "nope"}, ts + 21)
-                )
-                rooms[room_id] = _room(room_id, events)
-                ts += 100
+                w.put(space_id, layout.SPACE_CHILD_TYPE, room_id, {"via": "nope"})
                 continue
             elif kind == 29:  # orphan: the crash came before the child link
-                rooms[room_id] = _room(room_id, events)
-                ts += 100
                 continue
-            link = layout.space_child_content(SERVER, layout.order_key(ts))
-            space_events.append(_event(layout.SPACE_CHILD_TYPE, room_id, BOT, link, ts + 22))
+            w.link(space_id, room_id, order)
             if kind == 41:  # a child link added by the owner to a room that is not ours
                 stray = layout.space_child_content(SERVER)
-                space_events.append(
-                    _event(layout.SPACE_CHILD_TYPE, f"!stray{made}", owner, stray, ts + 23)
-                )
-            rooms[room_id] = _room(room_id, events)
-            ts += 100
-        rooms[space_id] = _room(space_id, space_events)
+                w.put(space_id, layout.SPACE_CHILD_TYPE, f"!stray{made}", stray, sender=owner)
     for f in range(max(1, n_working // 50)):  # DMs and other rooms the bot was invited to
-        room_id = f"!foreign{f:06d}"
         user = f"@user{f % n_users}:{SERVER}"
-        create = {"room_version": ROOM_VERSION, "creator": user}
-        if f % 10 == 0:  # someone else's room claiming our markers
-            create.update(layout.working_creation_content(user))
-        rooms[room_id] = _room(
-            room_id,
-            [
-                _event(layout.CREATE_TYPE, "", user, create, ts),
-                _event(layout.MEMBER_TYPE, user, user, {"membership": "join"}, ts + 1),
-                _event(layout.MEMBER_TYPE, BOT, BOT, {"membership": "join"}, ts + 2),
-            ],
-        )
+        # someone else's room, one in ten claiming our markers
+        creation = layout.working_creation_content(user) if f % 10 == 0 else {}
+        w.room(f"!foreign{f:06d}", creation, creator=user, ts=ts, members={user: "join"})
         ts += 10
-    return Snapshot(bot_id=BOT, server_name=SERVER, rooms=rooms)
+    return w
+
+
+def synthetic_snapshot(n_working: int, seed_ts: int = 1_700_000_000_000) -> Snapshot:
+    return synthetic_world(n_working, seed_ts).snapshot()
 
 
 def _new_chat_id() -> Callable[[str], str]:
@@ -151,41 +101,38 @@ def warm_cache(result: Plan) -> CacheView:
     return CacheView(users=dict(result.users), rooms=dict(result.rooms))
 
 
-def fresh(snapshot: Snapshot) -> Snapshot:
-    """The same rooms as new objects: RoomSnapshot caches derived views (cached_property) on
-    itself, and production plans each snapshot once, so every timed run starts without them."""
-    return replace(snapshot, rooms={k: replace(v) for k, v in snapshot.rooms.items()})
+Planner = Callable[[Snapshot, CacheView, NewChatId], Plan]
 
 
 def time_plan(
-    snapshot: Snapshot, cache: CacheView, repeats: int, gc_off: bool = False
+    n_working: int, cache: CacheView, repeats: int, planner: Planner = plan_with_gc_frozen
 ) -> tuple[float, float, Plan]:
-    """(median CPU seconds, median wall seconds, plan). CPU time is the figure to read on a
-    shared machine: wall time there includes waiting for a core."""
+    """(median CPU seconds, median wall seconds, plan). Each repeat builds its snapshot anew and
+    plans it at once, like the runner after the inventory: new objects (RoomSnapshot also caches
+    derived views on itself) and no full collection beforehand, so a full GC pass the planner
+    triggers costs here what it costs in production. CPU time is the figure to read on a shared
+    machine: wall time there includes waiting for a core."""
     cpu, wall, result = [], [], None
     for _ in range(repeats):
-        snapshot = fresh(snapshot)
-        gc.collect()
-        if gc_off:
-            gc.disable()
+        result = None  # only the inputs are alive while planning, as in the runner
+        snapshot = synthetic_snapshot(n_working)
         started, started_cpu = time.perf_counter(), time.process_time()
-        result = plan(snapshot, cache, _new_chat_id())
+        result = planner(snapshot, cache, _new_chat_id())
         cpu.append(time.process_time() - started_cpu)
         wall.append(time.perf_counter() - started)
-        gc.enable()
+        del snapshot
     assert result is not None
     return median(cpu), median(wall), result
 
 
-def peak_plan_mib(snapshot: Snapshot, cache: CacheView) -> float:
+def peak_plan_mib(n_working: int, cache: CacheView) -> float:
     """Peak memory the planner allocates on top of its inputs."""
-    snapshot = fresh(snapshot)
-    gc.collect()
+    snapshot = synthetic_snapshot(n_working)
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
         base, _ = tracemalloc.get_traced_memory()
-        plan(snapshot, cache, _new_chat_id())
+        plan_with_gc_frozen(snapshot, cache, _new_chat_id())
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -201,13 +148,13 @@ def profile(snapshot: Snapshot, cache: CacheView) -> str:
         import pstats
 
         prof = cProfile.Profile()
-        prof.runcall(plan, snapshot, cache, _new_chat_id())
+        prof.runcall(plan_with_gc_frozen, snapshot, cache, _new_chat_id())
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
         return out.getvalue()
     profiler = Profiler(interval=0.0005)
     profiler.start()
-    plan(snapshot, cache, _new_chat_id())
+    plan_with_gc_frozen(snapshot, cache, _new_chat_id())
     profiler.stop()
     return profiler.output_text(unicode=False, color=False, show_all=False)
 
@@ -228,24 +175,26 @@ def main() -> None:
     rows, records = [], []
     for n in sizes:
         snapshot = synthetic_snapshot(n)
+        n_rooms = len(snapshot.rooms)
         state_events = sum(len(r.state) for r in snapshot.rooms.values())
-        cold_s, cold_wall, first = time_plan(snapshot, CacheView(), repeats)
+        del snapshot  # each timed run builds its own
+        cold_s, cold_wall, first = time_plan(n, CacheView(), repeats)
         warm = warm_cache(first)
-        warm_s, warm_wall, second = time_plan(snapshot, warm, repeats)
-        gc_off_s, _, _ = time_plan(snapshot, CacheView(), repeats, gc_off=True)
-        cold_mib = peak_plan_mib(snapshot, CacheView())
-        warm_mib = peak_plan_mib(snapshot, warm)
+        warm_s, warm_wall, second = time_plan(n, warm, repeats)
+        bare_s, _, _ = time_plan(n, CacheView(), repeats, planner=plan)
+        cold_mib = peak_plan_mib(n, CacheView())
+        warm_mib = peak_plan_mib(n, warm)
         record = {
             "working_rooms": n,
-            "rooms_in_snapshot": len(snapshot.rooms),
+            "rooms_in_snapshot": n_rooms,
             "state_events": state_events,
             "cold_cache_s": cold_s,
             "warm_cache_s": warm_s,
             "cold_cache_wall_s": cold_wall,
-            "cold_cache_gc_off_s": gc_off_s,
+            "cold_cache_bare_plan_s": bare_s,
             "warm_cache_wall_s": warm_wall,
-            "cold_us_per_room": cold_s / len(snapshot.rooms) * 1e6,
-            "warm_us_per_room": warm_s / len(snapshot.rooms) * 1e6,
+            "cold_us_per_room": cold_s / n_rooms * 1e6,
+            "warm_us_per_room": warm_s / n_rooms * 1e6,
             "cold_peak_mib": cold_mib,
             "warm_peak_mib": warm_mib,
             "writes_cold": len(first.writes),
@@ -256,12 +205,12 @@ def main() -> None:
         rows.append(
             [
                 n,
-                len(snapshot.rooms),
+                n_rooms,
                 state_events,
                 cold_s,
                 warm_s,
                 cold_wall,
-                gc_off_s,
+                bare_s,
                 record["cold_us_per_room"],
                 cold_mib,
                 warm_mib,
@@ -281,7 +230,7 @@ def main() -> None:
                 "plan CPU s (no cache)",
                 "plan CPU s (warm)",
                 "wall s (no cache)",
-                "CPU s, GC off (no cache)",
+                "CPU s, bare plan() (no cache)",
                 "µs/room",
                 "peak MiB (no cache)",
                 "peak MiB (warm)",

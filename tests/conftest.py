@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,12 +26,7 @@ import pytest_asyncio
 from maubot.lib.plugin_db import ProxyPostgresDatabase
 from mautrix.util.async_db import Database, PostgresDatabase, UpgradeTable
 
-# `pytest` run from the venv does not put the repository root on sys.path by itself.
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from surfaces_plugin.store import Stores, upgrade_table  # noqa: E402
+from surfaces_plugin.store import Stores, upgrade_table
 
 POSTGRES_URL = os.environ.get("SURFACES_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_POSTGRES = os.environ.get("SURFACES_REQUIRE_POSTGRES") == "1"

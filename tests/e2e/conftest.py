@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,17 +26,15 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-PLUGIN_DIR = Path(os.environ.get("SURFACES_E2E_PLUGIN_DIR", _ROOT)).resolve()
+from devtools import REPO_ROOT as _ROOT
+from devtools.e2e import BotFactory, MakeUser
+from devtools.matrix_user import MatrixUser
+from devtools.maubot_server import MaubotServer
+from devtools.maubot_standalone import StandaloneBot
+from devtools.procs import log_tail
+from devtools.synapse import SynapseServer
 
-from devtools.e2e import BotFactory, MakeUser  # noqa: E402
-from devtools.matrix_user import MatrixUser  # noqa: E402
-from devtools.maubot_server import MaubotServer  # noqa: E402
-from devtools.maubot_standalone import StandaloneBot  # noqa: E402
-from devtools.procs import log_tail  # noqa: E402
-from devtools.synapse import SynapseServer  # noqa: E402
+PLUGIN_DIR = Path(os.environ.get("SURFACES_E2E_PLUGIN_DIR", _ROOT)).resolve()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

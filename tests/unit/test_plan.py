@@ -12,6 +12,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devtools.worlds import ALICE, BOT, HS, World
 from surfaces_plugin import layout
 from surfaces_plugin.layout import AccessDecision, AccessDecisions, Binding
 from surfaces_plugin.reconcile.model import (
@@ -21,103 +22,15 @@ from surfaces_plugin.reconcile.model import (
     RoomSnapshot,
     SetState,
     Snapshot,
-    StateEvent,
 )
 from surfaces_plugin.reconcile.plan import Plan, apply_to_snapshot, plan
 
-BOT = "@bot:hs"
-HS = "hs"
-ALICE = "@alice:hs"
 BOB = "@bob:hs"
 MALLORY = "@mallory:hs"
 
 
 def chat_id(room_id: str) -> str:
     return f"new-chat-for-{room_id}"
-
-
-# ---------------------------------------------------------------------------
-# a tiny Matrix: builds snapshots in the contract's layout
-
-
-class World:
-    def __init__(self, version: str = "12") -> None:
-        self.version = version
-        self.rooms: dict[str, RoomSnapshot] = {}
-        self.access: AccessDecisions | None = None
-        self.unreadable: frozenset[str] = frozenset()
-
-    def room(
-        self,
-        room_id: str,
-        creation: dict[str, Any],
-        *,
-        creator: str = BOT,
-        ts: int = 0,
-        version: str | None = None,
-        members: dict[str, str] | None = None,
-    ) -> str:
-        version = version or self.version
-        content = {**creation, "room_version": version}
-        create = StateEvent("m.room.create", "", creator, content, f"$create-{room_id}", ts)
-        self.rooms[room_id] = RoomSnapshot(room_id, create, {("m.room.create", ""): create})
-        pl = layout.power_levels(BOT, version)
-        self.put(room_id, "m.room.power_levels", "", pl, sender=creator)
-        for user, membership in {BOT: "join", **(members or {})}.items():
-            self.put(room_id, "m.room.member", user, {"membership": membership}, sender=user)
-        return room_id
-
-    def space(self, room_id: str, owner: str = ALICE, *, ts: int = 0, **kw: Any) -> str:
-        kw.setdefault("members", {owner: "join"})
-        return self.room(room_id, layout.space_creation_content(owner), ts=ts, **kw)
-
-    def working(
-        self,
-        room_id: str,
-        space_id: str,
-        owner: str = ALICE,
-        *,
-        pcid: str | None = "default",
-        link: bool = True,
-        ts: int = 0,
-        members: dict[str, str] | None = None,
-        **binding: Any,
-    ) -> str:
-        members = {owner: "join"} if members is None else members
-        self.room(room_id, layout.working_creation_content(owner), ts=ts, members=members)
-        b = Binding(
-            owner=owner,
-            space_id=space_id,
-            agent=binding.pop("agent", "echo"),
-            title=binding.pop("title", f"Chat {room_id}"),
-            platform_chat_id=f"chat-{room_id}" if pcid == "default" else pcid,
-            **binding,
-        )
-        self.put(room_id, layout.BINDING_TYPE, "", b.to_content())
-        self.put(room_id, "m.space.parent", space_id, layout.space_parent_content(HS))
-        if link and not b.archived and space_id in self.rooms:
-            self.link(space_id, room_id, layout.order_key(ts))
-        return room_id
-
-    def link(self, space_id: str, room_id: str, order: str = "0001", **kw: Any) -> None:
-        self.put(space_id, "m.space.child", room_id, layout.space_child_content(HS, order), **kw)
-
-    def put(self, room_id: str, type_: str, key: str, content: Any, *, sender: str = BOT) -> None:
-        room = self.rooms[room_id]
-        event = StateEvent(type_, key, sender, content, f"${type_}-{key}-{len(room.state)}")
-        self.rooms[room_id] = replace(room, state={**room.state, (type_, key): event})
-
-    def drop(self, room_id: str, type_: str, key: str = "") -> None:
-        room = self.rooms[room_id]
-        state = {k: v for k, v in room.state.items() if k != (type_, key)}
-        self.rooms[room_id] = replace(room, state=state)
-
-    def kick_bot(self, room_id: str) -> None:
-        self.rooms[room_id] = replace(self.rooms[room_id], bot_membership="leave")
-        self.put(room_id, "m.room.member", BOT, {"membership": "leave"}, sender=ALICE)
-
-    def snapshot(self) -> Snapshot:
-        return Snapshot(BOT, HS, dict(self.rooms), self.access, self.unreadable)
 
 
 def cached_binding(platform_chat_id: str) -> Binding:
