@@ -1,4 +1,5 @@
-"""Synthetic Matrix worlds for the reconciliation planner: snapshots in the contract's layout.
+"""Synthetic Matrix worlds for the reconciliation planner: snapshots in the contract's layout,
+and `apply_to_snapshot`, what Matrix looks like once a plan's writes land.
 
 One builder for the planner's unit tests (small hand-made worlds, tests/unit/test_plan.py) and
 for bench.planner_scale (tens of thousands of rooms, built with `created`, which gives a room the
@@ -7,7 +8,7 @@ state Synapse gives it for one of our createRoom requests). Pure data: no server
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -15,7 +16,8 @@ from mautrix.types import RoomCreatePreset
 
 from surfaces_plugin import layout
 from surfaces_plugin.layout import AccessDecisions, Binding
-from surfaces_plugin.reconcile.model import RoomSnapshot, Snapshot, StateEvent
+from surfaces_plugin.reconcile.model import Action, RoomSnapshot, SetState, Snapshot, StateEntry
+from surfaces_plugin.reconcile.plan import Plan
 
 BOT = "@bot:hs"
 HS = "hs"
@@ -60,7 +62,7 @@ class World:
         creator = creator or self.bot
         version = version or self.version
         content = {**creation, "room_version": version}
-        create = StateEvent("m.room.create", "", creator, content, f"$create-{room_id}", ts)
+        create = StateEntry("m.room.create", "", creator, content, f"$create-{room_id}", ts)
         self.rooms[room_id] = RoomSnapshot(room_id, create, {("m.room.create", ""): create})
         pl = layout.power_levels(self.bot, version) if power_levels is None else power_levels
         self.put(room_id, "m.room.power_levels", "", pl, sender=creator)
@@ -132,7 +134,7 @@ class World:
         self, room_id: str, type_: str, key: str, content: Any, *, sender: str | None = None
     ) -> None:
         room = self.rooms[room_id]
-        event = StateEvent(
+        event = StateEntry(
             type_, key, sender or self.bot, content, f"${type_}-{key}-{len(room.state)}"
         )
         self.rooms[room_id] = replace(room, state={**room.state, (type_, key): event})
@@ -148,3 +150,23 @@ class World:
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self.bot, self.server, dict(self.rooms), self.access, self.unreadable)
+
+
+def apply_to_snapshot(snapshot: Snapshot, writes: Plan | Iterable[Action]) -> Snapshot:
+    """The snapshot after the bot's writes succeed, as the next inventory would read it."""
+    actions = writes.writes if isinstance(writes, Plan) else tuple(writes)
+    rooms = dict(snapshot.rooms)
+    for action in actions:
+        room = rooms.get(action.room_id)
+        if room is None:
+            continue
+        if isinstance(action, SetState):
+            key = (action.type, action.state_key)
+            event = StateEntry(action.type, action.state_key, snapshot.bot_id, dict(action.content))
+        else:
+            key = ("m.room.member", action.user_id)
+            event = StateEntry(
+                "m.room.member", action.user_id, snapshot.bot_id, {"membership": "invite"}
+            )
+        rooms[action.room_id] = replace(room, state={**room.state, key: event})
+    return replace(snapshot, rooms=rooms)

@@ -13,17 +13,17 @@ from ..matrix import GatewayError, MatrixIO, NotFound
 from ..store import Stores
 from ..store.rooms import Room
 from ..store.users import User
-from .model import CacheView, RoomRecord, RoomSnapshot, Snapshot, StateEvent, UserRecord
+from .model import CacheView, RoomRecord, RoomSnapshot, Snapshot, StateEntry, UserRecord
 
 
-def state_event(raw: Mapping[str, Any]) -> StateEvent | None:
+def state_entry(raw: Mapping[str, Any]) -> StateEntry | None:
     """A state event from the client-server JSON; None when its shape is not a state event."""
     event_type, state_key, sender = raw.get("type"), raw.get("state_key"), raw.get("sender")
     content = raw.get("content")
     if not (isinstance(event_type, str) and isinstance(state_key, str) and isinstance(sender, str)):
         return None
     ts = raw.get("origin_server_ts")
-    return StateEvent(
+    return StateEntry(
         type=event_type,
         state_key=state_key,
         sender=sender,
@@ -36,7 +36,7 @@ def state_event(raw: Mapping[str, Any]) -> StateEvent | None:
 def room_snapshot(room_id: str, raw_state: list[Any]) -> RoomSnapshot:
     state = {}
     for raw in raw_state:
-        if isinstance(raw, Mapping) and (event := state_event(raw)) is not None:
+        if isinstance(raw, Mapping) and (event := state_entry(raw)) is not None:
             state[(event.type, event.state_key)] = event
     return RoomSnapshot(room_id=room_id, create=state.get((layout.CREATE_TYPE, "")), state=state)
 

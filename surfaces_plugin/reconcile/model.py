@@ -23,7 +23,9 @@ StateKey = tuple[str, str]  # (event type, state_key)
 
 
 @dataclass(frozen=True)
-class StateEvent:
+class StateEntry:
+    """One state event as plain data (not mautrix's `StateEvent`: the planner needs no I/O types)."""
+
     type: str
     state_key: str
     sender: str
@@ -40,14 +42,14 @@ class RoomSnapshot:
     """
 
     room_id: str
-    create: StateEvent | None
-    state: Mapping[StateKey, StateEvent] = field(default_factory=dict)
+    create: StateEntry | None
+    state: Mapping[StateKey, StateEntry] = field(default_factory=dict)
     bot_membership: str = "join"
 
-    def get(self, event_type: str, state_key: str = "") -> StateEvent | None:
+    def get(self, event_type: str, state_key: str = "") -> StateEntry | None:
         return self.state.get((event_type, state_key))
 
-    def of_type(self, event_type: str) -> Mapping[str, StateEvent]:
+    def of_type(self, event_type: str) -> Mapping[str, StateEntry]:
         """state_key → event for one type. A scan, not a stored index: the planner reads at most
         one type per room once, and an index kept on every snapshot cost more memory than it saved."""
         return {key: event for (t, key), event in self.state.items() if t == event_type}

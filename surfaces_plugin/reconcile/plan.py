@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from operator import attrgetter, itemgetter
 from types import MappingProxyType
@@ -60,7 +60,7 @@ from .model import (
     RoomSnapshot,
     SetState,
     Snapshot,
-    StateEvent,
+    StateEntry,
     UserRecord,
 )
 
@@ -442,7 +442,7 @@ class _Planner:
                 for child_id, event in space.snap.of_type(SPACE_CHILD_TYPE).items()
             }
 
-    def _read_link(self, space: _Room, child_id: str, event: StateEvent) -> _Link:
+    def _read_link(self, space: _Room, child_id: str, event: StateEntry) -> _Link:
         by_bot = event.sender == self.bot
         content = event.content
         live = is_live_link(content)
@@ -842,30 +842,3 @@ _room_id = attrgetter("room_id")
 
 def _as_dict(content: Mapping[str, Any]) -> Mapping[str, Any]:
     return content if type(content) is dict else dict(content)
-
-
-# ---------------------------------------------------------------------------
-# simulation: what Matrix looks like once writes land (tests, dry-run previews)
-
-
-def apply_to_snapshot(snapshot: Snapshot, writes: Plan | Iterable[Action]) -> Snapshot:
-    """The snapshot after the bot's writes succeed, as the next inventory would read it."""
-    actions = writes.writes if isinstance(writes, Plan) else tuple(writes)
-    rooms = dict(snapshot.rooms)
-    for action in actions:
-        room = rooms.get(action.room_id)
-        if room is None:
-            continue
-        if isinstance(action, SetState):
-            key, event = (action.type, action.state_key), _bot_event(snapshot, action)
-        else:
-            key = ("m.room.member", action.user_id)
-            event = StateEvent(
-                "m.room.member", action.user_id, snapshot.bot_id, {"membership": "invite"}
-            )
-        rooms[action.room_id] = replace(room, state={**room.state, key: event})
-    return replace(snapshot, rooms=rooms)
-
-
-def _bot_event(snapshot: Snapshot, action: SetState) -> StateEvent:
-    return StateEvent(action.type, action.state_key, snapshot.bot_id, dict(action.content))

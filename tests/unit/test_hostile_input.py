@@ -18,7 +18,7 @@ from ruamel.yaml import YAML
 from surfaces_plugin import handlers, layout, replies
 from surfaces_plugin.commands import split_command
 from surfaces_plugin.config import parse_settings
-from surfaces_plugin.reconcile.inventory import room_snapshot, state_event
+from surfaces_plugin.reconcile.inventory import room_snapshot, state_entry
 from surfaces_plugin.timeline import (
     ends_conversation,
     history_from_timeline,
@@ -198,4 +198,4 @@ def test_inventory_reads_any_raw_state(raw_state: list[Any]) -> None:
     snapshot.power_levels  # noqa: B018
     for raw in raw_state:
         if isinstance(raw, dict):
-            state_event(raw)
+            state_entry(raw)

@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devtools.worlds import ALICE, BOT, HS, World
+from devtools.worlds import ALICE, BOT, HS, World, apply_to_snapshot
 from surfaces_plugin import layout
 from surfaces_plugin.layout import AccessDecision, AccessDecisions, Binding
 from surfaces_plugin.reconcile.model import (
@@ -23,7 +23,7 @@ from surfaces_plugin.reconcile.model import (
     SetState,
     Snapshot,
 )
-from surfaces_plugin.reconcile.plan import Plan, apply_to_snapshot, plan
+from surfaces_plugin.reconcile.plan import Plan, plan
 
 BOB = "@bob:hs"
 MALLORY = "@mallory:hs"
