@@ -93,7 +93,6 @@ class Surfaces:
             onboarding=onboarding,
             access=access,
             dispatcher=self.dispatcher,
-            catch_up=catch_up,
             reconciler=reconciler,
             commands=commands,
             status=self.status_text,

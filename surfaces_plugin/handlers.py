@@ -9,7 +9,6 @@ from mautrix.types import EventID, MessageEvent, RoomID, UserID
 
 from .access import AccessService
 from .backends import BackendError
-from .catchup import CatchUp
 from .commands import CommandSpec, CommandTree
 from .config import Settings
 from .context_builder import ContextBuilder
@@ -36,7 +35,6 @@ class Services:
     onboarding: Onboarding
     access: AccessService
     dispatcher: Dispatcher
-    catch_up: CatchUp
     reconciler: Reconciler
     commands: CommandTree
     status: Callable[[], Awaitable[str]]
