@@ -98,8 +98,9 @@ class CatchUp:
     async def _mark_interrupted(self, room: WorkingRoom, cut: Interrupted) -> None:
         """Say in the answer itself that it was cut off (once: the edit drops `partial`)."""
         text = cut.text + INTERRUPTED_MARK.format(prefix=self.settings().command_prefix)
+        was = cut.marker
         marker = layout.turn_marker(
-            cut.marker.platform_chat_id, cut.marker.agent, answers=cut.marker.answers
+            was.platform_chat_id, was.agent, answers=was.answers, continues=was.continues
         )
         await self.io.edit(room.room_id, cut.event_id, replies.rendered(text, "m.text", marker))
         self.log.info("Marked the answer %s in %s as interrupted", cut.event_id, room.room_id)

@@ -226,9 +226,10 @@ class Dispatcher:
                 else CANCELLED_MARK
             )
             await asyncio.shield(stream.cancelled(mark))
-            if stream.event_id:
-                await self.history.add_answer(room, stream.text + mark, stream.event_id, None)
-            if stream.event_id or not self._stopping:  # unanswered at a stop: caught up later
+            answer_id = stream.first_event_id
+            if answer_id:
+                await self.history.add_answer(room, stream.full_text, answer_id, None)
+            if answer_id or not self._stopping:  # unanswered at a stop: caught up later
                 await self.history.mark_processed(room, job.event_id, job.ts)
             raise
         except BackendError as e:
@@ -238,8 +239,8 @@ class Dispatcher:
             return
         finally:
             await typing.stop()
-        if stream.event_id:
-            await self.history.add_answer(room, stream.text, stream.event_id, usage)
+        if stream.first_event_id:
+            await self.history.add_answer(room, stream.full_text, stream.first_event_id, usage)
         if usage is not None:
             self.context.calibrate(agent.id, window.tokens, usage.prompt_tokens)
         await self.history.mark_processed(room, job.event_id, job.ts)

@@ -445,6 +445,7 @@ class TurnMarker:
     agent: str
     answers: str | None = None  # the user message this answers (its event id)
     partial: bool = False  # a streamed answer still being written; its final edit drops this
+    continues: str | None = None  # the previous message of an answer too long for one
 
 
 @dataclass(frozen=True)
@@ -459,18 +460,26 @@ class SummaryMarker:
 
 
 def turn_marker(
-    platform_chat_id: str, agent: str, *, answers: str | None = None, partial: bool = False
+    platform_chat_id: str,
+    agent: str,
+    *,
+    answers: str | None = None,
+    partial: bool = False,
+    continues: str | None = None,
 ) -> dict[str, Any]:
     """Keys to merge into a bot reply's content.
 
     `answers` names the user message answered, so catch-up knows what came after it; `partial`
-    marks a streamed answer until its final edit, so one cut off by a crash can be told apart.
+    marks a streamed answer until its final edit, so one cut off by a crash can be told apart;
+    `continues` names the previous message of an answer split over several.
     """
     body: dict[str, Any] = {"platform_chat_id": platform_chat_id, "agent": agent}
     if answers:
         body["answers"] = answers
     if partial:
         body["partial"] = True
+    if continues:
+        body["continues"] = continues
     return {TURN_KEY: body}
 
 
@@ -505,12 +514,13 @@ def parse_turn_marker(content: object) -> TurnMarker | None:
     pcid, agent = body.get("platform_chat_id"), body.get("agent")
     if not _nonempty_str(pcid) or not _nonempty_str(agent):
         return None
-    answers = body.get("answers")
+    answers, continues = body.get("answers"), body.get("continues")
     return TurnMarker(
         platform_chat_id=pcid,
         agent=agent,
         answers=answers if _nonempty_str(answers) else None,
         partial=body.get("partial") is True,
+        continues=continues if _nonempty_str(continues) else None,
     )
 
 

@@ -144,7 +144,13 @@ class MatrixIO:
     async def send_notice(
         self, room_id: str, text: str, extra: dict[str, Any] | None = None
     ) -> EventID:
-        return await self.send_content(room_id, replies.notice(text, extra))
+        """A notice; one too large for an event goes as several, cut at natural breaks (the
+        first carries `extra` and its id is returned)."""
+        parts = replies.split_to_fit(text, replies.notice_fits)
+        first = await self.send_content(room_id, replies.notice(parts[0], extra))
+        for part in parts[1:]:
+            await self.send_content(room_id, replies.notice(part))
+        return first
 
     async def send_content(self, room_id: str, content: dict[str, Any]) -> EventID:
         return await self.gateway.write(

@@ -57,6 +57,8 @@ class StreamedReply:
 
     While streaming, the answer's marker carries `partial: true`; every ending (finished,
     cancelled, failed) edits it without, so an answer cut off by a crash stays recognisable.
+    An answer too long for one event continues in a new message: the full one is finished
+    (without `partial`) at a natural break, and every part names the message it answers.
     """
 
     def __init__(
@@ -69,15 +71,20 @@ class StreamedReply:
         self.io = io
         self.settings = settings
         self.room_id = room_id
-        self.marker = layout.turn_marker(marker.platform_chat_id, marker.agent, answers=marker.answers)
-        self.partial_marker = layout.turn_marker(
-            marker.platform_chat_id, marker.agent, answers=marker.answers, partial=True
-        )
-        self.text = ""
-        self.event_id: EventID | None = None
+        self.turn = marker
+        self.text = ""  # the current message's text (earlier, full messages are in `_done`)
+        self.event_id: EventID | None = None  # the current message, once posted
+        self.first_event_id: EventID | None = None  # the answer's first message
+        self._done: list[str] = []  # the texts of earlier, full messages
+        self._part_ids: list[EventID] = []  # and their event ids
         self._shown = ""
         self._shown_partial = False
         self._last_edit = time.monotonic()  # the first post also waits one interval
+
+    @property
+    def full_text(self) -> str:
+        """Everything the answer said so far, over all its messages."""
+        return "".join(self._done) + self.text
 
     async def add(self, text: str) -> None:
         self.text += text
@@ -86,47 +93,59 @@ class StreamedReply:
             return
         if time.monotonic() - self._last_edit < streaming.edit_interval_ms / 1000:
             return  # an answer that ends within the interval is sent once, not posted and edited
-        if self.event_id is None:
-            await self._post(self.text, partial=True)
-        else:
-            await self._edit(self.text, partial=True)
+        await self._show(self.text, partial=True)
 
     async def finish(self) -> None:
-        final = self.text.strip() or "*(the agent sent an empty answer)*"
-        if self.event_id is None:
-            await self._post(final)
-        elif final != self._shown or self._shown_partial:
-            await self._edit(final)
-        self.text = final
+        if not self.full_text.strip():
+            self.text = "*(the agent sent an empty answer)*"
+        else:
+            self.text = self.text.strip() if not self._done else self.text.rstrip()
+        if self.text and (self.event_id is None or self.text != self._shown or self._shown_partial):
+            await self._show(self.text)
 
     async def cancelled(self, mark: str = CANCELLED_MARK) -> None:
-        if self.text.strip():
+        if self.full_text.strip():
             await self._show(self.text + mark)
         elif mark == CANCELLED_MARK:
             await self.io.send_notice(self.room_id, "Cancelled before the agent said anything.")
 
     async def failed(self, message: str) -> None:
-        if self.text.strip():
+        if self.full_text.strip():
             await self._show(self.text + "\n\n*(the answer stopped here)*")
         await self.io.send_notice(self.room_id, message)
 
-    async def _show(self, text: str) -> None:
-        """The final text of an ended answer, whether it was posted already or still buffered."""
-        if self.event_id is None:
-            await self._post(text)
-        else:
-            await self._edit(text)
+    def _marker(self, partial: bool) -> dict[str, Any]:
+        t = self.turn
+        continues = self._part_ids[-1] if self._part_ids else None
+        return layout.turn_marker(
+            t.platform_chat_id, t.agent, answers=t.answers, partial=partial, continues=continues
+        )
+
+    def _fits(self, text: str) -> bool:
+        return replies.answer_fits(text, self._marker(partial=True))
+
+    async def _show(self, text: str, partial: bool = False) -> None:
+        """The current message shows `text`; what does not fit in it goes on in new messages."""
+        *full, rest = replies.split_to_fit(text, self._fits)
+        for part in full:
+            await self._put(part, partial=False)
+            self._done.append(part)
+            assert self.event_id is not None
+            self._part_ids.append(self.event_id)
+            self.event_id, self._shown, self._shown_partial = None, "", False
+        self.text = rest
+        await self._put(rest, partial)
 
     def _content(self, text: str, partial: bool) -> dict[str, Any]:
-        return replies.rendered(text, "m.text", self.partial_marker if partial else self.marker)
+        return replies.rendered(text, "m.text", self._marker(partial))
 
-    async def _post(self, text: str, partial: bool = False) -> None:
-        self.event_id = await self.io.send_content(self.room_id, self._content(text, partial))
-        self._shown, self._shown_partial = text, partial
-        self._last_edit = time.monotonic()
-
-    async def _edit(self, text: str, partial: bool = False) -> None:
-        assert self.event_id is not None
-        await self.io.edit(self.room_id, self.event_id, self._content(text, partial))
+    async def _put(self, text: str, partial: bool) -> None:
+        """Post the current message, or edit it when it was posted already."""
+        content = self._content(text, partial)
+        if self.event_id is None:
+            self.event_id = await self.io.send_content(self.room_id, content)
+            self.first_event_id = self.first_event_id or self.event_id
+        else:
+            await self.io.edit(self.room_id, self.event_id, content)
         self._shown, self._shown_partial = text, partial
         self._last_edit = time.monotonic()

@@ -166,6 +166,7 @@ def history_from_timeline(
     turns: list[TimelineTurn] = []
     summary: str | None = None
     summary_upto: str | None = None
+    continued_by_newer: str | None = None  # the message the last turn read says it continues
     for event in events_newest_first:
         if not _well_formed(event):
             continue
@@ -186,10 +187,17 @@ def history_from_timeline(
             if is_bot_answer(event, bot_id):
                 final = latest.get(event["event_id"], content)
                 text = str(final.get("body", ""))
+                if event["event_id"] == continued_by_newer and turns:
+                    # The earlier part of an answer too long for one message: one turn, whose
+                    # id is the first message's, as the live path stores it.
+                    text += turns.pop().content
                 turns.append(TimelineTurn("assistant", text, event["event_id"], sender, ts))
+                marker = layout.parse_turn_marker(content)
+                continued_by_newer = marker.continues if marker is not None else None
             continue
         if is_owner_text(event, owner) and not is_command(content["body"]):
             turns.append(TimelineTurn("user", content["body"], event["event_id"], sender, ts))
+            continued_by_newer = None
     turns.reverse()
     return TimelineHistory(turns=turns, summary=summary, summary_upto_event_id=summary_upto)
 
