@@ -237,6 +237,10 @@ class Dispatcher:
             await stream.failed(e.user_message(agent.id, settings.command_prefix))
             await self.history.mark_processed(room, job.event_id, job.ts)
             return
+        except Exception:  # a send or store error: the answer must not end in silence
+            self.log.exception("Answering %s in %s failed", job.event_id, room.room_id)
+            await asyncio.shield(self._end_broken_answer(room, job, stream))
+            return
         finally:
             await typing.stop()
         if stream.first_event_id:
@@ -244,6 +248,17 @@ class Dispatcher:
         if usage is not None:
             self.context.calibrate(agent.id, window.tokens, usage.prompt_tokens)
         await self.history.mark_processed(room, job.event_id, job.ts)
+
+    async def _end_broken_answer(self, room: WorkingRoom, job: Job, stream: StreamedReply) -> None:
+        """Clear the answer's `partial` marker and tell the user once, as far as Matrix lets us."""
+        prefix = self.settings().command_prefix
+        try:
+            await stream.failed(
+                f"Sorry, I could not finish this answer. Send `!{prefix} retry` to try again."
+            )
+            await self.history.mark_processed(room, job.event_id, job.ts)
+        except Exception as e:  # the homeserver or the database is still failing: log only
+            self.log.warning("Could not end the broken answer in %s: %s", room.room_id, e)
 
     async def _window_within_budget(self, room: WorkingRoom, agent: AgentSpec, job: Job) -> Window:
         """The request's window; when turns would be left out, compact first (shown in the room)."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from mautrix.errors import MForbidden, MLimitExceeded, MNotFound
+from mautrix.errors import MForbidden, MLimitExceeded, MNotFound, MTooLarge
 from mautrix.types import (
     EventID,
     MessageEvent,
@@ -185,8 +186,11 @@ class FakeClient:
     async def send_message_event(self, room_id: RoomID, event_type: Any, content: Any,
                                  **_: Any) -> EventID:
         self._maybe_fail("send_message_event")
-        event_id = self._event_id()
         body = content.serialize() if hasattr(content, "serialize") else dict(content)
+        # Synapse refuses events over 64 KiB (its envelope adds about 1 KB to the content).
+        if len(json.dumps(body, ensure_ascii=False).encode()) + 1024 > 65_536:
+            raise MTooLarge(413, "event too large")
+        event_id = self._event_id()
         self.rooms[room_id].timeline.append(
             {"type": _type_str(event_type), "event_id": event_id, "sender": self.mxid,
              "origin_server_ts": int(time.time() * 1000), "content": body, "room_id": room_id}
