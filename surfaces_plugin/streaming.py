@@ -22,6 +22,7 @@ from .matrix import GatewayError, MatrixIO
 TYPING_REFRESH_S = 20.0
 TYPING_DELAY_S = 0.3  # answers faster than this show no typing notice (two requests saved)
 CANCELLED_MARK = "\n\n*(cancelled)*"
+_ENDING_ROOM = "x" * 160  # longer than any mark appended to an answer that was already shown
 
 
 class Typing:
@@ -122,7 +123,8 @@ class StreamedReply:
         )
 
     def _fits(self, text: str) -> bool:
-        return replies.answer_fits(text, self._marker(partial=True))
+        # Room kept for an ending appended later (cancelled, interrupted by a restart, stopped).
+        return replies.answer_fits(text + _ENDING_ROOM, self._marker(partial=True))
 
     async def _show(self, text: str, partial: bool = False) -> None:
         """The current message shows `text`; what does not fit in it goes on in new messages."""
