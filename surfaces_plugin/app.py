@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from mautrix.client import Client, SyncStream
-from mautrix.types import Membership, MessageEvent, MessageType, StateEvent
+from mautrix.types import Membership, MessageEvent, MessageType, RedactionEvent, StateEvent
 from mautrix.util.async_db import Database
 
 from .access import AccessService
@@ -30,6 +30,7 @@ from .rooms import RoomDirectory
 from .store import Stores
 
 _ROUTED_MSGTYPES = (MessageType.TEXT, MessageType.EMOTE)
+Incoming = MessageEvent | RedactionEvent  # what the ready gate holds, in arrival order
 
 
 class ReadyGate:
@@ -37,19 +38,19 @@ class ReadyGate:
 
     def __init__(self) -> None:
         self._open = False
-        self._held: list[MessageEvent] = []
+        self._held: list[Incoming] = []
 
     @property
     def is_open(self) -> bool:
         return self._open
 
-    def hold(self, events: list[MessageEvent]) -> None:
+    def hold(self, events: list[Incoming]) -> None:
         self._held += events
 
     def close(self) -> None:
         self._open = False
 
-    def open(self) -> list[MessageEvent]:
+    def open(self) -> list[Incoming]:
         """Open the gate; returns what waited, oldest first."""
         self._open = True
         held, self._held = self._held, []
@@ -110,7 +111,7 @@ class Surfaces:
 
     # lifecycle
 
-    async def start(self, early_events: list[MessageEvent]) -> None:
+    async def start(self, early_events: list[Incoming]) -> None:
         self.gate.hold(early_events)
         await self.access.load()
         if self.settings.reconciliation.on_start:
@@ -176,13 +177,25 @@ class Surfaces:
         """A text message, not an edit of one (an edit is never a new turn)."""
         return evt.content.msgtype in _ROUTED_MSGTYPES and evt.content.get_edit() is None
 
-    def _route(self, evt: MessageEvent) -> None:
+    def _route(self, evt: Incoming) -> None:
+        if isinstance(evt, RedactionEvent):
+            self.dispatcher.redact(evt.room_id, evt.redacts)
+            return
         parsed = split_command(evt.content.body or "", self.settings.command_prefix)
         if parsed is not None:
             sub, args = parsed
             self.io.spawn(self._run_command(evt, sub, args), name=f"command {sub}")
             return
         self.dispatcher.submit(evt)
+
+    async def on_redaction(self, evt: RedactionEvent) -> None:
+        # Held like messages while starting, so it is routed after the message it redacts.
+        if not evt.redacts:
+            return
+        if not self.gate.is_open:
+            self.gate.hold([evt])
+            return
+        self._route(evt)
 
     async def _run_command(self, evt: MessageEvent, sub: str, args: str) -> None:
         if sub not in ("help", "") and not await self.access.admit(evt.sender, evt.room_id):

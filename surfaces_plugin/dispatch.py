@@ -29,6 +29,10 @@ from .rooms import RoomDirectory, WorkingRoom
 from .streaming import CANCELLED_MARK, StreamedReply, Typing
 
 CaughtUp = Callable[[int, int, float], None]  # (messages, rooms, seconds) once catch-up is done
+# What an answer shows once its question is redacted: none of the text it had streamed.
+REDACTED_TEXT = "*(cancelled: your message was deleted)*"
+# A redaction matters while its message waits in a queue, so the recent ones are enough.
+RECENT_REDACTIONS = 1024
 
 
 class RateLimiter:
@@ -46,6 +50,22 @@ class RateLimiter:
             return False
         hits.append(now)
         return True
+
+
+class RecentRedactions:
+    """(room, event) pairs redacted lately; past `limit`, the oldest are forgotten."""
+
+    def __init__(self, limit: int = RECENT_REDACTIONS) -> None:
+        self._limit = limit
+        self._pairs: dict[tuple[str, str], None] = {}  # a dict keeps insertion order
+
+    def add(self, room_id: str, event_id: str) -> None:
+        self._pairs[(room_id, event_id)] = None
+        if len(self._pairs) > self._limit:
+            del self._pairs[next(iter(self._pairs))]
+
+    def covers(self, job: Job) -> bool:
+        return (job.room_id, job.event_id) in self._pairs
 
 
 class Dispatcher:
@@ -75,6 +95,9 @@ class Dispatcher:
         self._queues: dict[str, deque[Job]] = defaultdict(deque)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._generating: dict[str, asyncio.Task[None]] = {}
+        self._answering: dict[str, str] = {}  # room → the event id its generation answers
+        self._redacted = RecentRedactions()
+        self._forgetting: dict[str, set[asyncio.Task[None]]] = defaultdict(set)
         self._told_once: set[tuple[str, str]] = set()
         self._seen: set[str] = set()  # event ids queued or answered in this process
         # Rooms still reading back what was missed: their live messages wait here, in order.
@@ -157,12 +180,24 @@ class Dispatcher:
         room = self.rooms.room(job.room_id)
         if room is None:
             return
+        if self._redacted.covers(job):  # retracted while it waited: never sent, never stored
+            await self.history.mark_processed(room, job.event_id, job.ts)
+            return
         if not job.retry and not await self._admit(room, job):
+            return
+        # Redactions seen before this message are applied before its request is built.
+        pending = self._forgetting.get(room.room_id)
+        if pending:
+            await asyncio.wait(set(pending))
+        if self._redacted.covers(job):  # retracted while it was being stored
+            await self.history.forget_user_turn(room, job.event_id)
+            await self.history.mark_processed(room, job.event_id, job.ts)
             return
         task = asyncio.current_task()
         assert task is not None
         generation = asyncio.ensure_future(self._generate(room, job))
         self._generating[room.room_id] = generation
+        self._answering[room.room_id] = job.event_id
         try:
             await generation
         except asyncio.CancelledError:
@@ -170,6 +205,7 @@ class Dispatcher:
                 raise  # the worker itself is being stopped
         finally:
             self._generating.pop(room.room_id, None)
+            self._answering.pop(room.room_id, None)
 
     async def _admit(self, room: WorkingRoom, job: Job) -> bool:
         """Store a new message as a turn, or say why it is not answered (then it is processed)."""
@@ -219,7 +255,11 @@ class Dispatcher:
             await typing.stop()  # the agent is done: no typing notice while the answer is sent
             await stream.finish()
         except asyncio.CancelledError:
-            # `!ai cancel`, or the plugin stopping (a restart): say which in the answer itself.
+            # `!ai cancel`, a redaction, or the plugin stopping: say which in the answer itself.
+            if self._redacted.covers(job):  # an answer to a retracted message is not kept
+                await asyncio.shield(self._withdraw(stream))
+                await self.history.mark_processed(room, job.event_id, job.ts)
+                raise
             mark = (
                 INTERRUPTED_MARK.format(prefix=settings.command_prefix)
                 if self._stopping
@@ -260,6 +300,10 @@ class Dispatcher:
         except Exception as e:  # the homeserver or the database is still failing: log only
             self.log.warning("Could not end the broken answer in %s: %s", room.room_id, e)
 
+    async def _withdraw(self, stream: StreamedReply) -> None:
+        """End a posted answer without its text (it may quote the redacted message)."""
+        await stream.withdraw(REDACTED_TEXT)
+
     async def _window_within_budget(self, room: WorkingRoom, agent: AgentSpec, job: Job) -> Window:
         """The request's window; when turns would be left out, compact first (shown in the room)."""
         window = await self.context.window(room, agent, upto_seq=job.upto_seq)
@@ -295,6 +339,38 @@ class Dispatcher:
 
     async def _edit_notice(self, room_id: str, event_id: EventID, text: str) -> None:
         await self.io.edit(room_id, event_id, replies.notice(text))
+
+    # redactions
+
+    def redact(self, room_id: str, event_id: str) -> None:
+        """`event_id` was redacted: skip it if queued, stop its answer, forget its stored turn.
+
+        Only the owner's messages are queued and stored as user turns, so a redaction of
+        anything else finds nothing. Synchronous, so it is in order with the messages around it.
+        """
+        if self.rooms.room(room_id) is None:
+            return
+        self._redacted.add(room_id, event_id)  # also covers a message not queued yet (held)
+        answering = None
+        if self._answering.get(room_id) == event_id:
+            answering = self._generating.get(room_id)
+            if answering is not None:
+                answering.cancel()
+        forgetting = self.io.spawn(
+            self._forget(room_id, event_id, answering), name=f"forget redacted {event_id}"
+        )
+        pending = self._forgetting[room_id]
+        pending.add(forgetting)
+        forgetting.add_done_callback(pending.discard)
+
+    async def _forget(
+        self, room_id: str, event_id: str, answering: asyncio.Task[None] | None
+    ) -> None:
+        if answering is not None:
+            await asyncio.wait({answering})  # the cancelled answer ends first: nothing stays
+        room = self.rooms.room(room_id)
+        if room is not None:
+            await self.history.forget_user_turn(room, event_id)
 
     # commands
 

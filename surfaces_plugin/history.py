@@ -121,6 +121,17 @@ class History:
         except DuplicateEventError:
             pass
 
+    async def forget_user_turn(self, room: WorkingRoom, event_id: str) -> int:
+        """The owner redacted `event_id`: later requests no longer carry it. Returns rows removed.
+
+        A summary written before the redaction stays as it is (it is the agent's own words).
+        """
+        # Its answers go too: they usually quote the retracted text.
+        removed = await self.messages.delete_user_turn(room.platform_chat_id, event_id)
+        if removed:
+            self.log.info("Removed the redacted %s and its answers from %s", event_id, room.room_id)
+        return removed
+
     async def last_user_turn(self, room: WorkingRoom) -> Message | None:
         return await self.messages.last_user_message(room.platform_chat_id)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from maubot import Plugin
 from maubot.handlers import event
-from mautrix.types import EventType, MessageEvent, StateEvent
+from mautrix.types import EventType, MessageEvent, RedactionEvent, StateEvent
 from mautrix.util.async_db import UpgradeTable
 from mautrix.util.config import BaseProxyConfig
 
 from . import layout
-from .app import Surfaces
+from .app import Incoming, Surfaces
 from .config import Config, ConfigError, parse_settings, plain_config
 from .store.migrations import upgrade_table
 
@@ -27,7 +27,7 @@ class SurfacesPlugin(Plugin):
 
     async def pre_start(self) -> None:
         # Handlers go live before start(); what arrives before the app exists waits here.
-        self._early: list[MessageEvent] = []
+        self._early: list[Incoming] = []
 
     async def start(self) -> None:
         self.config.load_and_update()
@@ -62,6 +62,13 @@ class SurfacesPlugin(Plugin):
             self._early.append(evt)
             return
         await self.app.on_message(evt)
+
+    @event.on(EventType.ROOM_REDACTION)
+    async def on_redaction(self, evt: RedactionEvent) -> None:
+        if self.app is None:
+            self._early.append(evt)
+            return
+        await self.app.on_redaction(evt)
 
     @event.on(EventType.SPACE_CHILD)
     @event.on(EventType.SPACE_PARENT)

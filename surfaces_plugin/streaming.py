@@ -115,6 +115,11 @@ class StreamedReply:
             await self._show(self.text + "\n\n*(the answer stopped here)*")
         await self.io.send_notice(self.room_id, message)
 
+    async def withdraw(self, text: str) -> None:
+        """Replace every message of the answer posted so far with `text` (no `partial`)."""
+        for event_id in [*self._part_ids, *([self.event_id] if self.event_id else [])]:
+            await self.io.edit(self.room_id, event_id, self._content(text, partial=False))
+
     def _marker(self, partial: bool) -> dict[str, Any]:
         t = self.turn
         continues = self._part_ids[-1] if self._part_ids else None

@@ -110,6 +110,14 @@ def is_owner_text(event: Event, owner: str) -> bool:
     )
 
 
+def is_redacted(event: Event) -> bool:
+    """A message the homeserver redacted: its content is gone (`unsigned` says by what)."""
+    unsigned = event.get("unsigned")
+    if isinstance(unsigned, dict) and "redacted_because" in unsigned:
+        return True
+    return event.get("type") == "m.room.message" and not _content(event)
+
+
 def is_bot_answer(event: Event, bot_id: str) -> bool:
     if not isinstance(event, dict):
         return False
@@ -161,8 +169,16 @@ def history_from_timeline(
     platform_chat_id: str,
     is_command: Callable[[str], bool],
 ) -> TimelineHistory:
-    """The conversation's turns and latest summary, back to its reset notice or the room start."""
+    """The conversation's turns and latest summary, back to its reset notice or the room start.
+
+    Redacted messages of the owner have no text left, and their answers are left out too.
+    """
     latest: dict[str, dict[str, Any]] = {}  # answer id → its latest edit's content
+    retracted = {
+        e["event_id"]
+        for e in events_newest_first
+        if _well_formed(e) and e.get("sender") == owner and is_redacted(e)
+    }
     turns: list[TimelineTurn] = []
     summary: str | None = None
     summary_upto: str | None = None
@@ -185,6 +201,9 @@ def history_from_timeline(
                     summary_upto = marker.upto_event_id
                 continue
             if is_bot_answer(event, bot_id):
+                first = layout.parse_turn_marker(content)
+                if first is not None and first.answers in retracted:
+                    continue  # as when the redaction arrived live (History.forget_user_turn)
                 final = latest.get(event["event_id"], content)
                 text = str(final.get("body", ""))
                 if event["event_id"] == continued_by_newer and turns:

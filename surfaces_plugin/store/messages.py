@@ -52,6 +52,7 @@ class Message:
 
 
 _COLUMNS = "platform_chat_id, seq, role, content, event_id, sender, ts, tokens"
+_NO_SEQ_AFTER = 2**31 - 1  # above every seq (an INTEGER column): "up to the end of the chat"
 
 
 class MessageStore(Repository):
@@ -144,3 +145,33 @@ class MessageStore(Repository):
                 platform_chat_id,
             )
         return Message.from_row(row) if row else None
+
+    async def delete_user_turn(
+        self, platform_chat_id: str, event_id: str, *, conn: Connection | None = None
+    ) -> int:
+        """Delete the user message `event_id` and its answers; returns how many rows went.
+
+        Its answers are the assistant messages after it up to the chat's next user message
+        (retries included): a room stores a message, then its answer, one message at a time.
+        """
+        async with self._acquire(conn) as c, c.transaction():
+            seq = await c.fetchval(
+                "SELECT seq FROM messages WHERE platform_chat_id=$1 AND event_id=$2 AND role='user'",
+                platform_chat_id,
+                event_id,
+            )
+            if seq is None:
+                return 0
+            next_user = await c.fetchval(
+                "SELECT MIN(seq) FROM messages WHERE platform_chat_id=$1 AND role='user' AND seq > $2",
+                platform_chat_id,
+                int(seq),
+            )
+            rows = await c.fetch(
+                """DELETE FROM messages WHERE platform_chat_id=$1 AND seq >= $2 AND seq < $3
+                AND (seq = $2 OR role = 'assistant') RETURNING seq""",
+                platform_chat_id,
+                int(seq),
+                int(next_user) if next_user is not None else _NO_SEQ_AFTER,
+            )
+        return len(rows)

@@ -43,6 +43,10 @@ class Harness:
         await self.app.on_message(self.client.user_message(room_id, sender, body))
         await self.settle()
 
+    async def redact(self, room_id: str, sender: str, event_id: str) -> None:
+        await self.app.on_redaction(self.client.redaction(room_id, sender, event_id))
+        await self.settle()
+
     async def settle(self, timeout: float = 60) -> None:
         """Let background tasks (commands, room workers) run until none is left (or time out)."""
         loop = asyncio.get_running_loop()

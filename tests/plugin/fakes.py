@@ -18,6 +18,7 @@ from mautrix.errors import MForbidden, MLimitExceeded, MNotFound, MTooLarge
 from mautrix.types import (
     EventID,
     MessageEvent,
+    RedactionEvent,
     RoomID,
     UserID,
 )
@@ -149,6 +150,19 @@ class FakeClient:
                "content": {"msgtype": msgtype, "body": body}, "room_id": room_id}
         self.rooms[room_id].timeline.append(raw)
         return MessageEvent.deserialize(raw)
+
+    def redaction(self, room_id: str, sender: str, target: str) -> RedactionEvent:
+        """Redact `target` as Synapse does (its content emptied, the redaction in the timeline)
+        and return the redaction as the sync would deliver it."""
+        raw = {"type": "m.room.redaction", "event_id": self._event_id(), "sender": sender,
+               "origin_server_ts": int(time.time() * 1000), "content": {"redacts": target},
+               "redacts": target, "room_id": room_id}
+        for event in self.rooms[room_id].timeline:
+            if event["event_id"] == target:
+                event["content"] = {}
+                event["unsigned"] = {"redacted_because": dict(raw)}
+        self.rooms[room_id].timeline.append(raw)
+        return RedactionEvent.deserialize(raw)
 
     # the mautrix Client surface used by Surfaces
 

@@ -100,3 +100,20 @@ def test_catch_up_skips_commands_sent_while_the_bot_was_down() -> None:
         list(reversed(t.events)), ALICE, BOT, 0, lambda body: body.startswith("!ai ")
     ).missed
     assert [e["content"]["body"] for e in missed] == ["missed one"]
+
+
+def test_a_redacted_message_and_its_answer_are_left_out_of_a_rebuild() -> None:
+    t = Timeline()
+    kept = t.user("keep this")
+    t.add(BOT, replies.rendered("re: keep", "m.text", layout.turn_marker(CHAT, "echo", answers=kept)))
+    gone = t.user("my password is hunter2")
+    t.add(BOT, replies.rendered("re: hunter2", "m.text", layout.turn_marker(CHAT, "echo", answers=gone)))
+    redacted = next(e for e in t.events if e["event_id"] == gone)
+    redacted["content"] = {}  # what the homeserver serves once a message is redacted
+    redacted["unsigned"] = {"redacted_because": {"type": "m.room.redaction", "sender": ALICE}}
+    t.user("after")
+    assert [(x.role, x.content) for x in t.history().turns] == [
+        ("user", "keep this"),
+        ("assistant", "re: keep"),
+        ("user", "after"),
+    ]
