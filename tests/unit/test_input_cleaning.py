@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from surfaces_plugin.dispatch import RateLimiter
+from surfaces_plugin.errors import UsageError
+from surfaces_plugin.handlers import MAX_TITLE_CHARS, _title
 from surfaces_plugin.names import clean_name
 from surfaces_plugin.store.base import storable
 
@@ -72,6 +74,18 @@ def test_a_clean_name_is_one_visible_line(text: str) -> None:
 )
 def test_clean_name_examples(raw: str, shown: str) -> None:
     assert clean_name(raw) == shown
+
+
+@settings(max_examples=300)
+@given(st.one_of(names, st.text(min_size=75, max_size=90)))
+def test_a_title_is_a_clean_name_within_the_limit_or_refused(raw: str) -> None:
+    try:
+        title = _title(raw)
+    except UsageError as e:
+        assert "nothing visible" in str(e) or f"the limit is {MAX_TITLE_CHARS}" in str(e)
+        return
+    assert title == clean_name(raw) and len(title) <= MAX_TITLE_CHARS
+    assert title or not raw  # empty only when no title was given: the agent's default
 
 
 @settings(max_examples=300)
