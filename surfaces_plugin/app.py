@@ -28,6 +28,7 @@ from .onboarding import Onboarding
 from .reconcile.runner import Reconciler
 from .rooms import RoomDirectory
 from .store import Stores
+from .timeline import has_text
 
 _ROUTED_MSGTYPES = (MessageType.TEXT, MessageType.EMOTE)
 Incoming = MessageEvent | RedactionEvent  # what the ready gate holds, in arrival order
@@ -174,14 +175,23 @@ class Surfaces:
 
     @staticmethod
     def _is_new_text(evt: MessageEvent) -> bool:
-        """A text message, not an edit of one (an edit is never a new turn)."""
-        return evt.content.msgtype in _ROUTED_MSGTYPES and evt.content.get_edit() is None
+        """A text message with text in it, not an edit of one (an edit is never a new turn).
+
+        mautrix passes a body of any JSON type through (and makes null ""): checked here, once
+        for commands and the dispatcher alike.
+        """
+        content = evt.content
+        return (
+            content.msgtype in _ROUTED_MSGTYPES
+            and has_text(content.body)
+            and content.get_edit() is None
+        )
 
     def _route(self, evt: Incoming) -> None:
         if isinstance(evt, RedactionEvent):
             self.dispatcher.redact(evt.room_id, evt.redacts)
             return
-        parsed = split_command(evt.content.body or "", self.settings.command_prefix)
+        parsed = split_command(evt.content.body, self.settings.command_prefix)
         if parsed is not None:
             sub, args = parsed
             self.io.spawn(self._run_command(evt, sub, args), name=f"command {sub}")

@@ -33,22 +33,37 @@ CaughtUp = Callable[[int, int, float], None]  # (messages, rooms, seconds) once 
 REDACTED_TEXT = "*(cancelled: your message was deleted)*"
 # A redaction matters while its message waits in a queue, so the recent ones are enough.
 RECENT_REDACTIONS = 1024
+# A turn that failed on our side (the store, Matrix): said in the room, explained in the log.
+TURN_FAILED = (
+    "Sorry, answering that message failed because of an error on my side. "
+    "The operator can find the details in the bot's log."
+)
 
 
 class RateLimiter:
-    """A sliding one-minute window per user."""
+    """A sliding one-minute window per user; a refused user is told once per window."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock  # seconds; tests pass their own to cross a window without waiting
         self._hits: dict[str, deque[float]] = defaultdict(deque)
+        self._told: set[str] = set()  # users refused since their last admitted message
 
-    def allow(self, user_id: str, per_minute: int, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
+    def allow(self, user_id: str, per_minute: int) -> bool:
+        now = self.clock()
         hits = self._hits[user_id]
         while hits and now - hits[0] >= 60:
             hits.popleft()
         if len(hits) >= per_minute:
             return False
         hits.append(now)
+        self._told.discard(user_id)  # the window has room again: a new refusal is news
+        return True
+
+    def first_refusal(self, user_id: str) -> bool:
+        """True once per window: for the first refused message since the last admitted one."""
+        if user_id in self._told:
+            return False
+        self._told.add(user_id)
         return True
 
 
@@ -119,7 +134,7 @@ class Dispatcher:
                 room_id=evt.room_id,
                 event_id=evt.event_id,
                 sender=evt.sender,
-                body=evt.content.body or "",
+                body=evt.content.body,  # a string: the app routes only text bodies here
                 ts=evt.timestamp,
             )
         )
@@ -171,8 +186,16 @@ class Dispatcher:
                     raise
                 except Exception:
                     self.log.exception("Answering %s in %s failed", job.event_id, room_id)
+                    await self._say_turn_failed(room_id)
         finally:
             self._workers.pop(room_id, None)
+
+    async def _say_turn_failed(self, room_id: str) -> None:
+        """The turn ends visibly, never in silence; if even that fails, the log says so."""
+        try:
+            await self.io.send_notice(room_id, TURN_FAILED)
+        except Exception as e:
+            self.log.warning("Could not tell %s that its turn failed: %s", room_id, e)
 
     # the answer
 
@@ -211,8 +234,7 @@ class Dispatcher:
         """Store a new message as a turn, or say why it is not answered (then it is processed)."""
         if await self.history.is_answered(room, job.event_id, job.ts):
             return False
-        settings = self.settings()
-        limits = settings.limits
+        limits = self.settings().limits
         refusal = None
         if not self.access.has_access(job.sender):  # blocked (or no longer allowed) since
             self._refuse_once(room, job.sender)
@@ -222,11 +244,12 @@ class Dispatcher:
                 f"{limits.max_message_chars}. Send a shorter one."
             )
         elif not self.limiter.allow(job.sender, limits.per_user_requests_per_minute):
-            refusal = (
-                f"You are sending messages faster than the limit "
-                f"({limits.per_user_requests_per_minute} a minute). "
-                f"Wait a little, then send `!{settings.command_prefix} retry`."
-            )
+            if self.limiter.first_refusal(job.sender):  # one notice, not one per message
+                refusal = (
+                    f"You are sending messages faster than the limit "
+                    f"({limits.per_user_requests_per_minute} a minute), so I am not answering "
+                    "them for now. Wait a little, then send again what you need answered."
+                )
         else:
             await self.history.add_user_turn(room, job.event_id, job.sender, job.body, job.ts)
             return True
@@ -291,11 +314,8 @@ class Dispatcher:
 
     async def _end_broken_answer(self, room: WorkingRoom, job: Job, stream: StreamedReply) -> None:
         """Clear the answer's `partial` marker and tell the user once, as far as Matrix lets us."""
-        prefix = self.settings().command_prefix
         try:
-            await stream.failed(
-                f"Sorry, I could not finish this answer. Send `!{prefix} retry` to try again."
-            )
+            await stream.failed(TURN_FAILED)
             await self.history.mark_processed(room, job.event_id, job.ts)
         except Exception as e:  # the homeserver or the database is still failing: log only
             self.log.warning("Could not end the broken answer in %s: %s", room.room_id, e)

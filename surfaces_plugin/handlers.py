@@ -18,6 +18,7 @@ from .export import export_conversation
 from .history import History
 from .matrix import MatrixIO
 from .memory import MemoryService
+from .names import clean_name
 from .onboarding import Onboarding
 from .reconcile.runner import Reconciler
 from .rooms import RoomDirectory, WorkingRoom
@@ -90,16 +91,28 @@ async def cmd_start(req: Request, args: str) -> None:
 
 
 def _split_agent_and_title(req: Request, args: str) -> tuple[str, str]:
-    first, _, rest = args.partition(" ")
-    if first and req.settings.agent(first) is not None:
-        return first, rest.strip()
+    words = args.split(maxsplit=1)
+    if words and req.settings.agent(words[0]) is not None:
+        return words[0], words[1] if len(words) > 1 else ""
     return req.settings.default_agent, args.strip()
 
 
-async def cmd_new(req: Request, args: str) -> None:
-    agent_id, title = _split_agent_and_title(req, args)
-    if len(title) > MAX_TITLE_CHARS:
+def _title(raw: str) -> str:
+    """The room name a `!ai new` title gives, or UsageError; "" means the agent's default."""
+    title = clean_name(raw)
+    if raw and not title:
+        raise UsageError(
+            "That title has nothing visible in it (only spaces, invisible or control "
+            "characters). Give a title with letters, or none."
+        )
+    if len(title) > MAX_TITLE_CHARS:  # counted as shown: after cleaning
         raise UsageError(f"That title has {len(title)} characters; the limit is {MAX_TITLE_CHARS}.")
+    return title
+
+
+async def cmd_new(req: Request, args: str) -> None:
+    agent_id, raw_title = _split_agent_and_title(req, args)
+    title = _title(raw_title)
     await req.reply(await req.services.onboarding.new_room(req.sender, agent_id, title))
 
 

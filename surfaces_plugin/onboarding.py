@@ -22,6 +22,7 @@ from .config import Settings
 from .errors import Refusal
 from .history import History
 from .matrix import GatewayError, MatrixIO, PermissionDenied
+from .names import clean_name
 from .rooms import RoomDirectory, WorkingRoom
 from .store import Stores
 from .store.rooms import Room as RoomRow
@@ -124,7 +125,9 @@ class Onboarding:
             )
         except GatewayError:
             profile = None
-        return profile or user_id[1:].split(":", 1)[0]
+        # The user's own text (a remote profile may not even be a string): cleaned like a title.
+        shown = clean_name(profile) if isinstance(profile, str) else ""
+        return shown or user_id[1:].split(":", 1)[0]
 
     # !ai new
 
@@ -151,7 +154,8 @@ class Onboarding:
             owner=owner,
             space_id=space_id,
             agent=agent.id,
-            title=title or f"Chat with {agent.name}",
+            # Every room name passes here (`!ai new` titles, the configured first title).
+            title=clean_name(title) or f"Chat with {agent.name}",
             platform_chat_id=await self.backends.for_agent(agent).create_chat(),
         )
         request = layout.working_room_create_request(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from mautrix.api import Method, Path
 
@@ -97,6 +97,15 @@ def _well_formed(event: object) -> bool:
     return isinstance(event, dict) and isinstance(event.get("event_id"), str)
 
 
+def has_text(body: object) -> TypeGuard[str]:
+    """A message body there is something to answer in: a string, not only whitespace.
+
+    A remote server may send a number, an object or null as the body; live (app.py) and read
+    back (here), such a message is ignored the same way.
+    """
+    return isinstance(body, str) and bool(body.strip())
+
+
 def is_owner_text(event: Event, owner: str) -> bool:
     if not isinstance(event, dict):
         return False
@@ -105,7 +114,7 @@ def is_owner_text(event: Event, owner: str) -> bool:
         event.get("type") == "m.room.message"
         and event.get("sender") == owner
         and content.get("msgtype") in ("m.text", "m.emote")
-        and isinstance(content.get("body"), str)
+        and has_text(content.get("body"))
         and not _is_edit(content)
     )
 

@@ -4,6 +4,8 @@
   a restart); parametrized over `sqlite` and `postgres`.
 - `db`: a started database with the plugin's migrations applied.
 - `stores`: `Stores(db)`.
+- `fresh_postgres_database(prefix)`: a Postgres database of its own (for a bot whose whole
+  database is Postgres, as in the end-to-end tests), dropped afterwards.
 
 SQLite: a file in tmp_path, created with `Database.create("sqlite:<path>")` like
 maubot.instance. PostgreSQL: maubot's own `ProxyPostgresDatabase` (a schema `mbp_<instance>` on a
@@ -18,6 +20,7 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -50,6 +53,36 @@ async def _postgres_unavailable() -> str | None:
             await conn.close()
             _postgres_probe[POSTGRES_URL] = None
     return _postgres_probe[POSTGRES_URL]
+
+
+async def require_postgres() -> None:
+    """Skip this test when PostgreSQL does not answer, or fail it if it is required."""
+    reason = await _postgres_unavailable()
+    if reason is not None:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"{reason}; SURFACES_REQUIRE_POSTGRES=1 requires it")
+        pytest.skip(reason)
+
+
+@asynccontextmanager
+async def fresh_postgres_database(prefix: str) -> AsyncIterator[str]:
+    """The URL of a new, empty database on the test server; dropped on exit."""
+    await require_postgres()
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    base, _, _ = POSTGRES_URL.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        admin = await asyncpg.connect(POSTGRES_URL)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 class DatabaseFactory:
@@ -115,11 +148,7 @@ async def db_factory(
 ) -> AsyncIterator[DatabaseFactory]:
     engine: str = request.param
     if engine == "postgres":
-        reason = await _postgres_unavailable()
-        if reason is not None:
-            if REQUIRE_POSTGRES:
-                pytest.fail(f"{reason}; SURFACES_REQUIRE_POSTGRES=1 requires it")
-            pytest.skip(reason)
+        await require_postgres()
     factory = DatabaseFactory(engine, tmp_path)
     try:
         yield factory

@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import overload
 
 from mautrix.util.async_db import Connection, Database
+
+# What a TEXT column cannot hold: NUL (PostgreSQL refuses it, SQLite keeps it) and lone
+# surrogates (neither engine's driver can encode them as UTF-8).
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+
+
+@overload
+def storable(text: str) -> str: ...
+@overload
+def storable(text: None) -> None: ...
+def storable(text: str | None) -> str | None:
+    """`text` as both engines store it alike; every free-text value goes through here.
+
+    Replaced, not dropped: the agent and an export still show that something stood there.
+    """
+    return None if text is None else _UNSTORABLE.sub(REPLACEMENT, text)
 
 
 @asynccontextmanager

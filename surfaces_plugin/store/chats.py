@@ -8,7 +8,7 @@ from typing import Any
 
 from mautrix.util.async_db import Connection
 
-from .base import Repository
+from .base import Repository, storable
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Chat:
             self.agent,
             int(self.created_ms),
             bool(self.archived),
-            self.summary,
+            storable(self.summary),
             self.summary_upto_seq,
             bool(self.missing),
         )
@@ -122,7 +122,7 @@ class ChatStore(Repository):
             await c.execute(
                 "UPDATE chats SET summary=$2, summary_upto_seq=$3 WHERE platform_chat_id=$1",
                 platform_chat_id,
-                summary,
+                storable(summary),
                 None if upto_seq is None else int(upto_seq),
             )
 

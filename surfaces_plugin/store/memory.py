@@ -9,7 +9,7 @@ from typing import Any
 
 from mautrix.util.async_db import Connection
 
-from .base import Repository
+from .base import Repository, storable
 
 
 @dataclass(frozen=True)
@@ -42,5 +42,5 @@ class MemoryStore(Repository):
                 """INSERT INTO memory (user_id, notes) VALUES ($1, $2)
                 ON CONFLICT (user_id) DO UPDATE SET notes=excluded.notes""",
                 user_id,
-                json.dumps([str(n) for n in notes], ensure_ascii=False),
+                storable(json.dumps([str(n) for n in notes], ensure_ascii=False)),
             )

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from mautrix.util.async_db import Connection, Scheme
 
 from ..clock import now_ms
-from .base import Repository
+from .base import Repository, storable
 
 MessageRole = Literal["user", "assistant"]
 ROLES: tuple[str, ...] = ("user", "assistant")
@@ -91,7 +91,7 @@ class MessageStore(Repository):
                 platform_chat_id,
                 int(seq),
                 role,
-                content,
+                storable(content),  # a NUL in a Matrix message must not lose the turn on Postgres
                 event_id,
                 sender,
                 int(ts) if ts is not None else now_ms(),

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from mautrix.util.async_db import Connection
 
 from ..layout import Binding
-from .base import Repository
+from .base import Repository, storable
 
 RoomKind = Literal["space", "working"]
 BotMembership = Literal["join", "lost"]
@@ -65,9 +65,9 @@ class Room:
             self.owner,
             b.space_id if b else None,
             b.agent if b else None,
-            b.title if b else None,
+            storable(b.title) if b else None,
             b.platform_chat_id if b else None,
-            b.system_prompt if b else None,
+            storable(b.system_prompt) if b else None,
             bool(b and b.archived),
             self.order_key,
             self.bot_membership,

@@ -5,6 +5,10 @@
 - `bot_factory(config_overrides=None, **kwargs) -> StandaloneBot` (sync factory): the repo's
   plugin in standalone maubot as a fresh bot account, started and ready for invites.
 - `standalone_bot`: `bot_factory()` with the plugin's base config.
+- `postgres_database_url`: a fresh Postgres database for `bot_factory(database_url=...)`, so the
+  bot (maubot and the plugin database alike) runs on Postgres; skipped when PostgreSQL does not
+  answer at `SURFACES_POSTGRES_URL`, failed instead when `SURFACES_REQUIRE_POSTGRES=1`. Request
+  it before `bot_factory`: the bot is stopped before its database is dropped.
 - `surfaces_mbp` (session): the .mbp built by ./build.sh.
 - `maubot_server`: a started full maubot server (`MaubotServer`), admin logged in.
 
@@ -33,6 +37,7 @@ from devtools.maubot_server import MaubotServer
 from devtools.maubot_standalone import StandaloneBot
 from devtools.procs import log_tail
 from devtools.synapse import SynapseServer
+from tests.conftest import fresh_postgres_database
 
 PLUGIN_DIR = Path(os.environ.get("SURFACES_E2E_PLUGIN_DIR", _ROOT)).resolve()
 
@@ -116,6 +121,13 @@ def bot_factory(
     yield make
     for bot in bots:
         bot.stop()
+
+
+@pytest_asyncio.fixture
+async def postgres_database_url() -> AsyncIterator[str]:
+    """A new Postgres database of its own for one bot, dropped at teardown."""
+    async with fresh_postgres_database("surfaces_e2e") as url:
+        yield url
 
 
 @pytest.fixture

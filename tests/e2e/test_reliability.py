@@ -12,7 +12,6 @@ import os
 import random
 import sqlite3
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,7 +25,7 @@ from devtools.matrix_user import MatrixError, MatrixUser, is_message
 from devtools.maubot_standalone import StandaloneBot
 from devtools.synapse import SynapseServer
 from surfaces_plugin.store.migrations import CACHE_TABLES
-from tests.conftest import POSTGRES_URL, REQUIRE_POSTGRES, _postgres_unavailable
+from tests.conftest import fresh_postgres_database
 
 from .invariants import (
     TURN,
@@ -243,24 +242,8 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIt
     if request.param == "sqlite":
         yield f"sqlite:{tmp_path / 'surfaces.db'}"
         return
-    reason = await _postgres_unavailable()
-    if reason is not None:
-        if REQUIRE_POSTGRES:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    name = f"surfaces_rel_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    base, _, _ = POSTGRES_URL.rpartition("/")
-    yield f"{base}/{name}"
-    admin = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with fresh_postgres_database("surfaces_rel") as url:
+        yield url
 
 
 async def answer_of(

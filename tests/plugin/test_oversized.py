@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from surfaces_plugin import layout
+from surfaces_plugin.dispatch import TURN_FAILED
 from surfaces_plugin.memory import MAX_NOTE_CHARS, MAX_NOTES
 
 ALICE = "@alice:localhost"
@@ -87,6 +88,6 @@ async def test_a_send_that_fails_mid_answer_ends_it_visibly(make_surfaces) -> No
     [answer] = answer_messages(h, room.room_id)
     assert "partial" not in answer[layout.TURN_KEY]  # not left looking like it still streams
     assert answer["body"].endswith("*(the answer stopped here)*")
-    assert h.client.bodies(room.room_id)[-1].startswith("Sorry, I could not finish this answer.")
+    assert h.client.bodies(room.room_id)[-1] == TURN_FAILED
     await h.say(room.room_id, ALICE, "still there?")  # the room keeps working
     assert h.client.bodies(room.room_id)[-1] == "echo: still there?"
