@@ -22,6 +22,7 @@ from .matrix import GatewayError, MatrixIO
 from .rooms import RoomDirectory, WorkingRoom
 from .store.processed import ProcessedStore
 from .timeline import Interrupted, is_bot_answer, read_back, scan_timeline
+from .txn import txn_id
 
 MAX_PAGES = 4  # at most 200 events back per room; older ones are past any sane downtime
 INTERRUPTED_MARK = "\n\n*(interrupted by a restart; send `!{prefix} retry` for a full answer)*"
@@ -102,7 +103,9 @@ class CatchUp:
         marker = layout.turn_marker(
             was.platform_chat_id, was.agent, answers=was.answers, continues=was.continues
         )
-        await self.io.edit(room.room_id, cut.event_id, replies.rendered(text, "m.text", marker))
+        content = replies.rendered(text, "m.text", marker)
+        # Keyed by the answer: if a crash comes before the edit is seen, the next start's is one.
+        await self.io.edit(room.room_id, cut.event_id, content, txn_id(cut.event_id, "interrupted"))
         self.log.info("Marked the answer %s in %s as interrupted", cut.event_id, room.room_id)
         if cut.marker.platform_chat_id == room.platform_chat_id:
             await self.history.ensure(room)  # after a lost cache: rebuild before adding

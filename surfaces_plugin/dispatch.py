@@ -27,6 +27,7 @@ from .jobs import Job
 from .matrix import MatrixIO
 from .rooms import RoomDirectory, WorkingRoom
 from .streaming import CANCELLED_MARK, StreamedReply, Typing
+from .txn import content_label
 
 CaughtUp = Callable[[int, int, float], None]  # (messages, rooms, seconds) once catch-up is done
 # What an answer shows once its question is redacted: none of the text it had streamed.
@@ -186,14 +187,14 @@ class Dispatcher:
                     raise
                 except Exception:
                     self.log.exception("Answering %s in %s failed", job.event_id, room_id)
-                    await self._say_turn_failed(room_id)
+                    await self._say_turn_failed(room_id, job)
         finally:
             self._workers.pop(room_id, None)
 
-    async def _say_turn_failed(self, room_id: str) -> None:
+    async def _say_turn_failed(self, room_id: str, job: Job) -> None:
         """The turn ends visibly, never in silence; if even that fails, the log says so."""
         try:
-            await self.io.send_notice(room_id, TURN_FAILED)
+            await self.io.send_notice(room_id, TURN_FAILED, txn=job.txn("turn failed"))
         except Exception as e:
             self.log.warning("Could not tell %s that its turn failed: %s", room_id, e)
 
@@ -254,7 +255,7 @@ class Dispatcher:
             await self.history.add_user_turn(room, job.event_id, job.sender, job.body, job.ts)
             return True
         if refusal is not None:
-            await self.io.send_notice(room.room_id, refusal)
+            await self.io.send_notice(room.room_id, refusal, txn=job.txn("refusal"))
         await self.history.mark_processed(room, job.event_id, job.ts)
         return False
 
@@ -263,7 +264,7 @@ class Dispatcher:
         agent = self.context.agent_of(room)
         backend = self.backends.for_agent(agent)
         marker = layout.TurnMarker(room.platform_chat_id, agent.id, answers=job.event_id or None)
-        stream = StreamedReply(self.io, self.settings, room.room_id, marker)
+        stream = StreamedReply(self.io, self.settings, room.room_id, marker, job.txn)
         typing = Typing(self.io, room.room_id, self.log)
         usage = None
         try:
@@ -331,21 +332,23 @@ class Dispatcher:
             return window
         room_id = room.room_id
         notice = await self.io.send_notice(
-            room_id, f"Compacting the conversation to fit `{agent.id}`'s context budget…"
+            room_id,
+            f"Compacting the conversation to fit `{agent.id}`'s context budget…",
+            txn=job.txn("compacting"),
         )
         try:
             result = await self.context.compact(room, agent, upto_seq=job.upto_seq)
         except BackendError as e:
             self.log.warning("Compacting %s with %s failed: %s", room.room_id, agent.id, e)
             await self._edit_notice(
-                room_id,
+                job,
                 notice,
                 f"Could not compact the conversation (`{agent.id}`: {e}); this answer uses "
                 "the most recent messages that fit.",
             )
             return window
         except asyncio.CancelledError:
-            await asyncio.shield(self._edit_notice(room_id, notice, "Compaction cancelled."))
+            await asyncio.shield(self._edit_notice(job, notice, "Compaction cancelled."))
             raise
         if result is None:
             done = "Nothing older could be summarised; this answer uses the most recent messages that fit."
@@ -354,11 +357,14 @@ class Dispatcher:
                 f"Compacted the conversation to fit `{agent.id}`'s context budget: "
                 f"{result.summarised} older messages are now summarised (below)."
             )
-        await self._edit_notice(room_id, notice, done)
+        await self._edit_notice(job, notice, done)
         return await self.context.window(room, agent, upto_seq=job.upto_seq)
 
-    async def _edit_notice(self, room_id: str, event_id: EventID, text: str) -> None:
-        await self.io.edit(room_id, event_id, replies.notice(text))
+    async def _edit_notice(self, job: Job, event_id: EventID, text: str) -> None:
+        """The compaction notice's one ending (keyed by its text: each ending is one event)."""
+        content = replies.notice(text)
+        txn = job.txn(f"compacted {event_id} {content_label(content)}")
+        await self.io.edit(job.room_id, event_id, content, txn)
 
     # redactions
 
@@ -401,7 +407,9 @@ class Dispatcher:
         generation.cancel()
         return True
 
-    async def retry(self, room: WorkingRoom) -> bool:
+    async def retry(self, room: WorkingRoom, attempt: str = "") -> bool:
+        """Answer the last message again; `attempt` (the command's event id) keeps this answer's
+        sends apart from the first one's, which the homeserver would otherwise deduplicate."""
         last = await self.history.last_user_turn(room)
         if last is None:
             return False
@@ -414,6 +422,7 @@ class Dispatcher:
                 last.ts,
                 retry=True,
                 upto_seq=last.seq,
+                attempt=attempt,
             )
         )
         return True

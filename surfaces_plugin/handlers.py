@@ -298,7 +298,7 @@ async def cmd_archive(req: Request, args: str) -> None:
 
 async def cmd_retry(req: Request, args: str) -> None:
     room = await req.my_room()
-    if not await req.services.dispatcher.retry(room):
+    if not await req.services.dispatcher.retry(room, attempt=req.event.event_id):
         raise Refusal("There is no message in this conversation to answer again.")
 
 

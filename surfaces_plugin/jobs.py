@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .txn import txn_id
+
 
 @dataclass(frozen=True)
 class Job:
@@ -16,3 +18,8 @@ class Job:
     ts: int
     retry: bool = False
     upto_seq: int | None = None  # a retry answers with the history up to that message
+    attempt: str = ""  # a retry: the `!ai retry` event id, so its sends are not deduplicated
+
+    def txn(self, label: str) -> str | None:
+        """The transaction id of this answer's part `label` (see `txn.txn_id`); None: random."""
+        return txn_id(self.event_id, label, self.attempt) if self.event_id else None

@@ -25,6 +25,7 @@ from mautrix.errors import (
 from mautrix.types import EventID, EventType, RoomID
 
 from . import layout, replies
+from . import txn as txns
 
 T = TypeVar("T")
 
@@ -142,26 +143,36 @@ class MatrixIO:
     # sending
 
     async def send_notice(
-        self, room_id: str, text: str, extra: dict[str, Any] | None = None
+        self,
+        room_id: str,
+        text: str,
+        extra: dict[str, Any] | None = None,
+        txn: str | None = None,
     ) -> EventID:
         """A notice; one too large for an event goes as several, cut at natural breaks (the
-        first carries `extra` and its id is returned)."""
+        first carries `extra` and its id is returned). `txn`: see `send_content`."""
         parts = replies.split_to_fit(text, replies.notice_fits)
-        first = await self.send_content(room_id, replies.notice(parts[0], extra))
-        for part in parts[1:]:
-            await self.send_content(room_id, replies.notice(part))
+        first = await self.send_content(room_id, replies.notice(parts[0], extra), txn)
+        for index, part in enumerate(parts[1:], start=1):
+            await self.send_content(room_id, replies.notice(part), txns.part(txn, index))
         return first
 
-    async def send_content(self, room_id: str, content: dict[str, Any]) -> EventID:
+    async def send_content(
+        self, room_id: str, content: dict[str, Any], txn: str | None = None
+    ) -> EventID:
+        """Send a message; `txn` (from `txn.txn_id`) makes a resend of it one event, else random."""
+        # The same txn on every gateway retry: a retried send the server had processed is not doubled.
         return await self.gateway.write(
             "send a message",
             lambda: self.client.send_message_event(
-                RoomID(room_id), EventType.ROOM_MESSAGE, content
+                RoomID(room_id), EventType.ROOM_MESSAGE, content, txn_id=txn
             ),
         )
 
-    async def edit(self, room_id: str, event_id: str, new: dict[str, Any]) -> EventID:
-        return await self.send_content(room_id, replies.edit(event_id, new))
+    async def edit(
+        self, room_id: str, event_id: str, new: dict[str, Any], txn: str | None = None
+    ) -> EventID:
+        return await self.send_content(room_id, replies.edit(event_id, new), txn)
 
     async def send_state(
         self, action: str, room_id: str, event_type: EventType, content: Any, state_key: str = ""

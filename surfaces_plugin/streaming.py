@@ -16,6 +16,7 @@ from typing import Any
 from mautrix.types import EventID
 
 from . import layout, replies
+from . import txn as txns
 from .config import Settings
 from .matrix import GatewayError, MatrixIO
 
@@ -68,8 +69,10 @@ class StreamedReply:
         settings: Callable[[], Settings],
         room_id: str,
         marker: layout.TurnMarker,
+        txn: Callable[[str], str | None] = lambda label: None,
     ) -> None:
         self.io = io
+        self.txn = txn  # part label → the transaction id of that send (`Job.txn`)
         self.settings = settings
         self.room_id = room_id
         self.turn = marker
@@ -81,6 +84,7 @@ class StreamedReply:
         self._shown = ""
         self._shown_partial = False
         self._last_edit = time.monotonic()  # the first post also waits one interval
+        self._edits = 0  # partial edits of the current message
 
     @property
     def full_text(self) -> str:
@@ -108,17 +112,20 @@ class StreamedReply:
         if self.full_text.strip():
             await self._show(self.text + mark)
         elif mark == CANCELLED_MARK:
-            await self.io.send_notice(self.room_id, "Cancelled before the agent said anything.")
+            await self.io.send_notice(
+                self.room_id, "Cancelled before the agent said anything.", txn=self.txn("cancelled")
+            )
 
     async def failed(self, message: str) -> None:
         if self.full_text.strip():
             await self._show(self.text + "\n\n*(the answer stopped here)*")
-        await self.io.send_notice(self.room_id, message)
+        await self.io.send_notice(self.room_id, message, txn=self.txn("failed"))
 
     async def withdraw(self, text: str) -> None:
         """Replace every message of the answer posted so far with `text` (no `partial`)."""
         for event_id in [*self._part_ids, *([self.event_id] if self.event_id else [])]:
-            await self.io.edit(self.room_id, event_id, self._content(text, partial=False))
+            content = self._content(text, partial=False)
+            await self.io.edit(self.room_id, event_id, content, self._final_txn(event_id, content))
 
     def _marker(self, partial: bool) -> dict[str, Any]:
         t = self.turn
@@ -146,13 +153,32 @@ class StreamedReply:
     def _content(self, text: str, partial: bool) -> dict[str, Any]:
         return replies.rendered(text, "m.text", self._marker(partial))
 
+    def _final_txn(self, event_id: str, content: dict[str, Any]) -> str | None:
+        edits = self._edits if event_id == self.event_id else 0
+        return self.txn(f"final {event_id} {edits} {txns.content_label(content)}")
+
     async def _put(self, text: str, partial: bool) -> None:
-        """Post the current message, or edit it when it was posted already."""
+        """Post the current message, or edit it when it was posted already.
+
+        Transaction ids: a post is keyed by its part number, so an answer sent again after a
+        crash reuses its message; partial edits are numbered; a final edit is keyed by its
+        content and the number of partial edits before it, so resending the same answer the
+        same way is deduplicated, while a final edit after a partial one the first run never
+        sent (or with another text) lands and is what the message shows.
+        """
         content = self._content(text, partial)
         if self.event_id is None:
-            self.event_id = await self.io.send_content(self.room_id, content)
+            txn = self.txn(f"post {len(self._part_ids)}")
+            self.event_id = await self.io.send_content(self.room_id, content, txn)
             self.first_event_id = self.first_event_id or self.event_id
+            self._edits = 0
+        elif partial:
+            self._edits += 1
+            txn = self.txn(f"edit {self.event_id} {self._edits}")
+            await self.io.edit(self.room_id, self.event_id, content, txn)
         else:
-            await self.io.edit(self.room_id, self.event_id, content)
+            await self.io.edit(
+                self.room_id, self.event_id, content, self._final_txn(self.event_id, content)
+            )
         self._shown, self._shown_partial = text, partial
         self._last_edit = time.monotonic()
