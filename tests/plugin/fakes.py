@@ -105,6 +105,7 @@ class FakeClient:
         self.media: dict[str, tuple[bytes, str | None, str | None]] = {}  # mxc → data, type, name
         self.page_limit: int | None = None  # force small /messages pages to exercise paging
         self.pages_read = 0
+        self.txns: dict[tuple[str, str], EventID] = {}  # (room, txn id) → the event it sent
 
     # helpers for tests
 
@@ -198,13 +199,18 @@ class FakeClient:
             raise MNotFound(404, "no such state") from None
 
     async def send_message_event(self, room_id: RoomID, event_type: Any, content: Any,
-                                 **_: Any) -> EventID:
+                                 txn_id: str | None = None, **_: Any) -> EventID:
         self._maybe_fail("send_message_event")
+        # Like Synapse: a txn id already used (one user, one device here) returns its first event.
+        if txn_id is not None and (room_id, txn_id) in self.txns:
+            return self.txns[(room_id, txn_id)]
         body = content.serialize() if hasattr(content, "serialize") else dict(content)
         # Synapse refuses events over 64 KiB (its envelope adds about 1 KB to the content).
         if len(json.dumps(body, ensure_ascii=False).encode()) + 1024 > 65_536:
             raise MTooLarge(413, "event too large")
         event_id = self._event_id()
+        if txn_id is not None:
+            self.txns[(room_id, txn_id)] = event_id
         self.rooms[room_id].timeline.append(
             {"type": _type_str(event_type), "event_id": event_id, "sender": self.mxid,
              "origin_server_ts": int(time.time() * 1000), "content": body, "room_id": room_id}
