@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devtools.worlds import ALICE, BOT, HS, World, apply_to_snapshot
+from devtools.worlds import ALICE, BOT, HS, World, apply_to_snapshot, apply_writes
 from surfaces_plugin import layout
 from surfaces_plugin.layout import AccessDecision, AccessDecisions, Binding
 from surfaces_plugin.reconcile.model import (
@@ -43,9 +43,12 @@ def cache_of(p: Plan) -> CacheView:
 
 
 def converge(snapshot: Snapshot, cache: CacheView | None = None) -> tuple[Plan, Snapshot]:
-    """Plan, apply, plan again: the second plan must write nothing and agree on the cache."""
+    """Plan, apply, plan again: Synapse must accept every write, and the second plan must write
+    nothing and agree on the cache."""
     first = plan(snapshot, cache or CacheView(), chat_id)
-    after = apply_to_snapshot(snapshot, first)
+    applied = apply_writes(snapshot, first)
+    assert applied.refused == (), applied.refused
+    after = applied.snapshot
     for next_cache in (cache_of(first), CacheView()):  # kept DB, and DB wiped (T1)
         again = plan(after, next_cache, chat_id)
         assert again.writes == (), again.writes
