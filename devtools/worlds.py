@@ -1,5 +1,6 @@
 """Synthetic Matrix worlds for the reconciliation planner: snapshots in the contract's layout,
-and `apply_to_snapshot`, what Matrix looks like once a plan's writes land.
+and `apply_to_snapshot`, what Matrix looks like once a plan's writes land (those Synapse would
+accept: power levels and the bot's membership are honoured, see `apply_writes`).
 
 One builder for the planner's unit tests (small hand-made worlds, tests/unit/test_plan.py) and
 for bench.planner_scale (tens of thousands of rooms, built with `created`, which gives a room the
@@ -9,7 +10,7 @@ state Synapse gives it for one of our createRoom requests). Pure data: no server
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mautrix.types import RoomCreatePreset
@@ -17,7 +18,7 @@ from mautrix.types import RoomCreatePreset
 from surfaces_plugin import layout
 from surfaces_plugin.layout import AccessDecisions, Binding
 from surfaces_plugin.reconcile.model import Action, RoomSnapshot, SetState, Snapshot, StateEntry
-from surfaces_plugin.reconcile.plan import Plan
+from surfaces_plugin.reconcile.plan import Plan, invite_level, state_level, user_level
 
 BOT = "@bot:hs"
 HS = "hs"
@@ -152,14 +153,48 @@ class World:
         return Snapshot(self.bot, self.server, dict(self.rooms), self.access, self.unreadable)
 
 
-def apply_to_snapshot(snapshot: Snapshot, writes: Plan | Iterable[Action]) -> Snapshot:
-    """The snapshot after the bot's writes succeed, as the next inventory would read it."""
+@dataclass(frozen=True)
+class Applied:
+    snapshot: Snapshot  # as the next inventory would read it
+    refused: tuple[tuple[Action, str], ...]  # (write, why Synapse would refuse it), in order
+
+
+def refusal(room: RoomSnapshot | None, bot: str, action: Action) -> str | None:
+    """Why Synapse would refuse this write from the bot, given the room as it is now; None if
+    it lands. What the planner's writes need (not the whole auth rules: no power-level edits,
+    no membership changes but invites): the bot must be joined, and its power level (room v12+:
+    creators unlimited) must reach the event type's level, or the invite level for an invite,
+    whose target must not be joined or banned already."""
+    if room is None:
+        return "no such room"
+    if room.bot_membership != "join":
+        return f"bot membership is {room.bot_membership}"
+    have = user_level(room, bot)
+    if isinstance(action, SetState):
+        need = state_level(room, action.type)
+        what = action.type
+    else:
+        target = room.membership(action.user_id)
+        if target in ("join", "ban"):
+            return f"{action.user_id} is already {target}"
+        need = invite_level(room)
+        what = "invite"
+    return None if have >= need else f"{what} needs level {need}, the bot has {have}"
+
+
+def apply_writes(snapshot: Snapshot, writes: Plan | Iterable[Action]) -> Applied:
+    """The bot's writes applied in order, each checked against the room as the earlier writes
+    left it; refused ones change nothing and are returned."""
     actions = writes.writes if isinstance(writes, Plan) else tuple(writes)
     rooms = dict(snapshot.rooms)
+    refused: list[tuple[Action, str]] = []
     for action in actions:
         room = rooms.get(action.room_id)
-        if room is None:
+        why = refusal(room, snapshot.bot_id, action)
+        if why is not None:
+            refused.append((action, why))
             continue
+        assert room is not None
         if isinstance(action, SetState):
             key = (action.type, action.state_key)
             event = StateEntry(action.type, action.state_key, snapshot.bot_id, dict(action.content))
@@ -169,4 +204,10 @@ def apply_to_snapshot(snapshot: Snapshot, writes: Plan | Iterable[Action]) -> Sn
                 "m.room.member", action.user_id, snapshot.bot_id, {"membership": "invite"}
             )
         rooms[action.room_id] = replace(room, state={**room.state, key: event})
-    return replace(snapshot, rooms=rooms)
+    return Applied(replace(snapshot, rooms=rooms), tuple(refused))
+
+
+def apply_to_snapshot(snapshot: Snapshot, writes: Plan | Iterable[Action]) -> Snapshot:
+    """The snapshot after the bot's writes, as the next inventory would read it; writes Synapse
+    would refuse (`apply_writes`) are left out."""
+    return apply_writes(snapshot, writes).snapshot

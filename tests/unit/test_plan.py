@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devtools.worlds import ALICE, BOT, HS, World, apply_to_snapshot
+from devtools.worlds import ALICE, BOT, HS, World, apply_to_snapshot, apply_writes
 from surfaces_plugin import layout
 from surfaces_plugin.layout import AccessDecision, AccessDecisions, Binding
 from surfaces_plugin.reconcile.model import (
@@ -23,7 +23,7 @@ from surfaces_plugin.reconcile.model import (
     SetState,
     Snapshot,
 )
-from surfaces_plugin.reconcile.plan import Plan, plan
+from surfaces_plugin.reconcile.plan import Plan, plan, state_level, user_level
 
 BOB = "@bob:hs"
 MALLORY = "@mallory:hs"
@@ -42,11 +42,16 @@ def cache_of(p: Plan) -> CacheView:
     return CacheView(users=dict(p.users), rooms=dict(p.rooms))
 
 
-def converge(snapshot: Snapshot, cache: CacheView | None = None) -> tuple[Plan, Snapshot]:
-    """Plan, apply, plan again: the second plan must write nothing and agree on the cache."""
+def converge(
+    snapshot: Snapshot, cache: CacheView | None = None, *, wiped: bool = True
+) -> tuple[Plan, Snapshot]:
+    """Plan, apply, plan again: Synapse must accept every write, and the second plan must write
+    nothing and agree on the cache, with this plan's cache and (`wiped`) with an empty one."""
     first = plan(snapshot, cache or CacheView(), chat_id)
-    after = apply_to_snapshot(snapshot, first)
-    for next_cache in (cache_of(first), CacheView()):  # kept DB, and DB wiped (T1)
+    applied = apply_writes(snapshot, first)
+    assert applied.refused == (), applied.refused
+    after = applied.snapshot
+    for next_cache in (cache_of(first), CacheView())[: 2 if wiped else 1]:  # kept DB, wiped (T1)
         again = plan(after, next_cache, chat_id)
         assert again.writes == (), again.writes
         assert again.rooms == first.rooms
@@ -679,11 +684,194 @@ def test_an_upgraded_conversation_keeps_its_id_against_a_younger_duplicate() -> 
 
 
 # ---------------------------------------------------------------------------
-# property: any world built from these pieces converges
+# invariants of the design, checked on a converged world: `p` is the plan, `after` the snapshot
+# once its writes landed (as Synapse accepts them). Each names what broke when it fails.
+
+
+def maintainable(p: Plan, room_id: str | None) -> bool:
+    """Ours, the bot is in it, and it has the power to maintain it (not degraded)."""
+    record = p.rooms.get(room_id or "")
+    return record is not None and record.bot_membership == "join" and not record.degraded
+
+
+def bot_sent(after: Snapshot, room_id: str, type_: str, key: str = "") -> Any:
+    """The content of that state event if the bot sent it, else None."""
+    event = after.rooms[room_id].get(type_, key)
+    return event.content if event is not None and event.sender == after.bot_id else None
+
+
+def canonical_space(p: Plan, owner: str) -> str | None:
+    user = p.users.get(owner)
+    return user.space_id if user else None
+
+
+def trusted_binding(snapshot: Snapshot, room_id: str, owner: str) -> Binding | None:
+    """The binding the room's own state holds, if the bot sent it for this owner."""
+    event = snapshot.rooms[room_id].get(layout.BINDING_TYPE)
+    parsed = layout.parse_binding(event.content) if event and event.sender == BOT else None
+    return parsed if parsed is not None and parsed.owner == owner else None
+
+
+def conversation(binding: Binding) -> Binding:
+    """A binding without what the planner may change (Space, archive flag, chat id)."""
+    return replace(binding, space_id="", archived=False, platform_chat_id=None)
+
+
+def without_others_layout_state(snapshot: Snapshot) -> Snapshot:
+    """The snapshot without `org.surfaces.*`, `m.space.child` and `m.space.parent` state sent
+    by anyone but the bot."""
+
+    def forged(event: Any) -> bool:
+        layout_type = event.type in ("m.space.child", "m.space.parent")
+        return event.sender != BOT and (layout_type or event.type.startswith("org.surfaces."))
+
+    rooms = {
+        room_id: replace(room, state={k: e for k, e in room.state.items() if not forged(e)})
+        for room_id, room in snapshot.rooms.items()
+    }
+    return replace(snapshot, rooms=rooms)
+
+
+def check_one_canonical_space_per_user(p: Plan, after: Snapshot) -> None:
+    """A user's Spaces the bot is in: one canonical, the writable others tombstoned (to it when
+    merged now), unwritable duplicates left alone; a writable Space wins over a degraded one."""
+    merged: dict[str, set[str]] = {}
+    for loser, winner in p.report.spaces_merged:
+        merged.setdefault(winner, set()).add(loser)
+    for user_id, user in p.users.items():
+        spaces = {r: x for r, x in p.rooms.items() if x.kind == "space" and x.owner == user_id}
+        live = {r for r, x in spaces.items() if x.bot_membership == "join" and not x.replaced_by}
+        canonical = user.space_id
+        if canonical is None:
+            assert not live, (user_id, live)
+            continue
+        losers = merged.get(canonical, set())
+        assert canonical in live, (user_id, canonical)
+        assert live - {canonical} == {s for s in losers if not maintainable(p, s)}, user_id
+        if any(maintainable(p, s) for s in losers):
+            assert maintainable(p, canonical), (user_id, canonical)
+        for space_id, record in spaces.items():
+            if space_id == canonical or not maintainable(p, space_id):
+                continue
+            room = after.rooms[space_id]
+            tombstone = room.get("m.room.tombstone")
+            assert record.replaced_by is not None and tombstone is not None, space_id
+            assert layout.parse_tombstone(tombstone.content) == record.replaced_by, space_id
+            assert user_level(room, tombstone.sender) >= state_level(room, "m.room.tombstone")
+            if space_id in losers:
+                assert record.replaced_by == canonical and tombstone.sender == BOT, space_id
+
+
+def check_routed_rooms_linked_both_ways(p: Plan, after: Snapshot) -> None:
+    """A routed room the bot maintains: its only live bot-sent parent names its binding's Space,
+    with the exact content; if the owner's canonical Space is maintained too, that Space holds a
+    live bot-sent child link to it and no other maintained Space does."""
+    for room_id, record in p.rooms.items():
+        if not record.routable or not maintainable(p, room_id):
+            continue
+        assert record.binding is not None
+        parents = {
+            key
+            for key, event in after.rooms[room_id].of_type("m.space.parent").items()
+            if event.sender == BOT and layout.is_live_link(event.content)
+        }
+        assert parents == {record.binding.space_id}, (room_id, parents)
+        parent = bot_sent(after, room_id, "m.space.parent", record.binding.space_id)
+        assert parent == layout.space_parent_content(HS), (room_id, parent)
+        space = canonical_space(p, record.owner)
+        if not maintainable(p, space):
+            continue
+        assert space is not None
+        link = bot_sent(after, space, "m.space.child", room_id)
+        assert layout.is_live_link(link), (space, room_id, link)
+        elsewhere = [
+            s
+            for s, x in p.rooms.items()
+            if x.kind == "space"
+            and s != space
+            and maintainable(p, s)
+            and layout.is_live_link(bot_sent(after, s, "m.space.child", room_id))
+        ]
+        assert not elsewhere, (room_id, elsewhere)
+
+
+def check_bindings_are_the_bots(p: Plan, after: Snapshot) -> None:
+    """A working room the bot maintains (not replaced): Matrix holds the recorded binding, sent
+    by the bot; a routed one names the owner's canonical Space (when maintained) and a chat id."""
+    for room_id, record in p.rooms.items():
+        if record.kind != "working" or record.replaced_by or not maintainable(p, room_id):
+            continue
+        content = bot_sent(after, room_id, layout.BINDING_TYPE)
+        assert content is not None, room_id
+        assert layout.parse_binding(content) == record.binding, (room_id, content)
+        if record.routable:
+            assert record.binding is not None and record.binding.platform_chat_id, room_id
+            space = canonical_space(p, record.owner)
+            if maintainable(p, space):
+                assert record.binding.space_id == space, (room_id, space)
+
+
+def check_chat_ids_unique(p: Plan) -> None:
+    """No routed room shares the platform_chat_id of a routed room the bot maintains (two
+    degraded rooms may keep a shared id: neither can be rewritten)."""
+    holders: dict[str, list[str]] = {}
+    for room_id, record in p.rooms.items():
+        if record.routable and record.binding and record.binding.platform_chat_id:
+            holders.setdefault(record.binding.platform_chat_id, []).append(room_id)
+    for pcid, rooms in holders.items():
+        if any(maintainable(p, r) for r in rooms):
+            assert len(rooms) == 1, (pcid, rooms)
+
+
+def check_records_ignore_others_state(snapshot: Snapshot, cache: CacheView, p: Plan) -> None:
+    """Layout state sent by anyone but the bot never shows in the records: planning without it
+    gives the same records; every record is a room the bot created (or a verified upgrade of
+    one), and a working room's conversation comes from a bot-sent binding in the room, its
+    predecessor's, or the cache's copy (a revert); a forged binding alone routes nothing."""
+    clean = plan(without_others_layout_state(snapshot), cache, chat_id)
+    assert clean.rooms == p.rooms, "records changed by layout state the bot did not send"
+    assert clean.users == p.users, "users changed by layout state the bot did not send"
+    predecessor = {x.replaced_by: r for r, x in p.rooms.items() if x.kind == "working"}
+    for room_id, record in p.rooms.items():
+        create = snapshot.rooms[room_id].create
+        assert create is not None and (create.sender == BOT or room_id in predecessor), room_id
+        if record.kind != "working":
+            continue
+        assert record.binding is not None and record.binding.owner == record.owner
+        source = trusted_binding(snapshot, room_id, record.owner)
+        if source is None and room_id in predecessor:
+            source = p.rooms[predecessor[room_id]].binding
+        if source is None:
+            cached = cache.rooms.get(room_id)
+            assert cached is not None and cached.owner == record.owner, (room_id, "forged")
+            source = cached.binding
+        assert source is not None, room_id
+        assert conversation(record.binding) == conversation(source), room_id
+
+
+def check_design_invariants(snapshot: Snapshot, cache: CacheView, p: Plan, after: Snapshot) -> None:
+    check_one_canonical_space_per_user(p, after)
+    check_routed_rooms_linked_both_ways(p, after)
+    check_bindings_are_the_bots(p, after)
+    check_chat_ids_unique(p)
+    check_records_ignore_others_state(snapshot, cache, p)
+
+
+# ---------------------------------------------------------------------------
+# property: any world built from these pieces converges to the designed layout
+
+FORGERS = [ALICE, MALLORY]
+POWER_LEVELS = [
+    {"users": {BOT: 0}, "state_default": 50},  # demoted (a v12 creator still outranks all)
+    {"users": {BOT: 50}, "state_default": 50, "events": {"m.space.child": 100}},  # Space only
+    {"users": {BOT: 50}, "state_default": 50, "invite": 100},  # can maintain, cannot invite
+    {"users": {BOT: 100, MALLORY: 100}, "state_default": 50},  # a promoted user
+]
 
 
 @st.composite
-def worlds(draw: st.DrawFn) -> Snapshot:
+def worlds(draw: st.DrawFn) -> tuple[Snapshot, CacheView]:
+    """A world, and a cache: empty, or as a run before the damage left it."""
     w = World(version=draw(st.sampled_from(["10", "12"])))
     owners = [ALICE, BOB]
     spaces = []
@@ -705,21 +893,25 @@ def worlds(draw: st.DrawFn) -> Snapshot:
                 ts=draw(st.integers(0, 3)),
             )
         )
+    cache = cache_of(plan(w.snapshot(), CacheView(), chat_id)) if draw(st.booleans()) else CacheView()
     everything = spaces + rooms
     for _ in range(draw(st.integers(0, 6))) if everything else ():
         room = draw(st.sampled_from(everything))
         other = draw(st.sampled_from([*everything, "!elsewhere"]))
-        match draw(st.integers(0, 8)):
+        match draw(st.integers(0, 9)):
             case 0:
                 w.kick_bot(room)
             case 1:
                 w.put(room, "m.space.child", other, {}, sender=draw(st.sampled_from([BOT, ALICE])))
             case 2:
-                w.link(room, other, draw(st.sampled_from(["0001", "bad\x01"])))
+                sender = draw(st.sampled_from([BOT, *FORGERS]))
+                w.link(room, other, draw(st.sampled_from(["0001", "bad\x01"])), sender=sender)
             case 3:
-                w.put(room, "m.room.tombstone", "", layout.tombstone_content(other, "x"))
+                sender = draw(st.sampled_from([BOT, MALLORY]))
+                w.put(room, "m.room.tombstone", "", layout.tombstone_content(other, "x"), sender=sender)
             case 4:
-                w.room(f"{room}v2", {"predecessor": {"room_id": room}}, ts=5)
+                creator = draw(st.sampled_from([BOT, ALICE]))
+                w.room(f"{room}v2", {"predecessor": {"room_id": room}}, creator=creator, ts=5)
                 w.put(room, "m.room.tombstone", "", layout.tombstone_content(f"{room}v2", "x"))
             case 5:
                 w.put(
@@ -730,28 +922,50 @@ def worlds(draw: st.DrawFn) -> Snapshot:
                     sender=draw(st.sampled_from([BOT, ALICE])),
                 )
             case 6:
-                w.put(room, "m.room.power_levels", "", {"users": {BOT: 0}, "state_default": 50})
+                w.put(room, "m.room.power_levels", "", draw(st.sampled_from(POWER_LEVELS)))
             case 7:
                 w.put(room, "m.room.member", ALICE, {"membership": "leave"}, sender=ALICE)
+            case 8:  # a well-formed binding forged by a user: other agent, Space and chat id
+                event = w.rooms[room].get(layout.BINDING_TYPE)
+                base = event.content if event and isinstance(event.content, dict) else {}
+                forged = {
+                    "v": 1,
+                    "owner": ALICE,
+                    "title": "Forged",
+                    **base,
+                    "agent": "evil",
+                    "space_id": other,
+                    "platform_chat_id": draw(st.sampled_from(["p1", "p2", "stolen"])),
+                }
+                w.put(room, layout.BINDING_TYPE, "", forged, sender=draw(st.sampled_from(FORGERS)))
             case _:
                 w.put(
                     room,
                     "m.space.parent",
                     other,
                     {"via": [HS]},
-                    sender=draw(st.sampled_from([BOT, ALICE])),
+                    sender=draw(st.sampled_from([BOT, *FORGERS])),
                 )
-    return w.snapshot()
+    return w.snapshot(), cache
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(worlds(), st.integers(0, 50))
-def test_any_world_converges_even_when_a_run_is_interrupted(snapshot: Snapshot, k: int) -> None:
-    whole, _ = converge(snapshot)
+def test_any_world_converges_even_when_a_run_is_interrupted(
+    world: tuple[Snapshot, CacheView], k: int
+) -> None:
+    """Converges, with the design's invariants holding, also after a run stopped after k writes."""
+    snapshot, cache = world
+    # what only the cache knows (a binding restored where the bot can't write it back, and what
+    # follows from it) is lost with the DB: wiping it is checked only when there was none
+    wiped = not cache.rooms
+    whole, after = converge(snapshot, cache, wiped=wiped)
+    check_design_invariants(snapshot, cache, whole, after)
     partial = apply_to_snapshot(snapshot, whole.writes[: k % (len(whole.writes) + 1)])
-    resumed, _ = converge(partial)
+    resumed, resumed_after = converge(partial, cache, wiped=wiped)
     assert resumed.rooms == whole.rooms
     assert resumed.users == whole.users
+    check_design_invariants(partial, cache, resumed, resumed_after)
 
 
 def test_link_to_a_cached_room_missing_from_the_snapshot_is_unlinked_as_lost() -> None:

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-from devtools.worlds import ALICE, BOT, HS, World
+from devtools.worlds import ALICE, BOT, HS, World, apply_to_snapshot, apply_writes
 from surfaces_plugin import layout
-from surfaces_plugin.reconcile.model import CacheView
+from surfaces_plugin.reconcile.model import CacheView, Invite, SetState
 from surfaces_plugin.reconcile.plan import plan
+
+BOB = "@bob:hs"
 
 
 def test_rooms_created_from_our_requests_need_no_writes() -> None:
@@ -36,3 +38,64 @@ def test_older_room_versions_name_the_creator() -> None:
     request = layout.space_create_request(ALICE, "Agents", BOT, HS, "10")
     w.created("!s", request, ALICE, ts=1)
     assert w.rooms["!s"].create.content["creator"] == BOT
+
+
+# ---------------------------------------------------------------------------
+# apply_writes: only what Synapse would accept lands
+
+
+def test_writes_land_only_with_the_power_and_membership_synapse_requires() -> None:
+    w = World(version="10")
+    w.space("!ok")
+    w.space("!weak")
+    w.put(
+        "!weak",
+        "m.room.power_levels",
+        "",
+        {"users": {BOT: 50}, "state_default": 50, "events": {"m.space.child": 100}, "invite": 60},
+    )
+    w.space("!gone")
+    w.kick_bot("!gone")
+    link = layout.space_child_content(HS, "0001")
+    writes = [
+        SetState("!ok", "m.space.child", "!r", link, "child link"),
+        SetState("!weak", "m.space.child", "!r", link, "child link"),  # needs 100, has 50
+        SetState("!weak", layout.MEMORY_TYPE, "", {"v": 1, "notes": []}, "memory"),  # 50: lands
+        Invite("!weak", BOB, "invite"),  # needs 60
+        Invite("!ok", ALICE, "invite"),  # already joined
+        SetState("!gone", "m.space.child", "!r", link, "child link"),  # bot not joined
+        SetState("!nowhere", "m.space.child", "!r", link, "child link"),
+        Invite("!ok", BOB, "invite"),
+    ]
+    applied = apply_writes(w.snapshot(), writes)
+    assert [a for a, _ in applied.refused] == [writes[i] for i in (1, 3, 4, 5, 6)]
+    after = applied.snapshot
+    assert after.rooms["!ok"].get("m.space.child", "!r").sender == BOT
+    assert after.rooms["!weak"].get("m.space.child", "!r") is None
+    assert after.rooms["!weak"].get(layout.MEMORY_TYPE) is not None
+    assert after.rooms["!ok"].membership(BOB) == "invite"
+    assert after.rooms["!weak"].membership(BOB) is None
+    assert after.rooms["!gone"] == w.rooms["!gone"]
+    assert apply_to_snapshot(w.snapshot(), writes) == after
+
+
+def test_on_room_v12_the_creator_outranks_any_level() -> None:
+    w = World(version="12")
+    w.space("!s")
+    w.put("!s", "m.room.power_levels", "", {"users": {BOT: 0}, "state_default": 1000})
+    w.room("!theirs", {}, creator=ALICE, members={ALICE: "join"})
+    w.put(
+        "!theirs",
+        "m.room.power_levels",
+        "",
+        {"users": {BOT: 99}, "state_default": 100},
+        sender=ALICE,
+    )
+    tombstone = layout.tombstone_content("!x", "up")
+    writes = [
+        SetState("!s", "m.room.tombstone", "", tombstone, "t"),
+        SetState("!theirs", "m.room.tombstone", "", tombstone, "t"),
+    ]
+    applied = apply_writes(w.snapshot(), writes)
+    assert [a for a, _ in applied.refused] == [writes[1]]
+    assert "needs level 100, the bot has 99" in applied.refused[0][1]
