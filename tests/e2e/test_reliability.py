@@ -562,8 +562,13 @@ async def test_crash_at_random_moments_keeps_every_invariant(
             await check(w, layout)
         await check_invariants(w, context)
 
-    # Quiet window: a last message in every active room, answered (the positive signal that the
-    # bot has worked through everything before it), then nothing answered twice or left over.
+    # Quiet window: a message to every archived room, then a last message in every active room;
+    # those answered (the positive signal that the bot has worked through everything before
+    # them), nothing may be answered twice or left over, and the archived rooms got no answer.
+    archived = [
+        (owner, room_id, await owner.send_text(room_id, "to an archived room"))
+        for owner, room_id in w.pending.get("archived_rooms", [])
+    ]
     finals = {
         room_id: await owner.send_text(room_id, "final question")
         for room_id, owner in w.rooms.items()
@@ -582,8 +587,10 @@ async def test_crash_at_random_moments_keeps_every_invariant(
     for room_id, owner in w.rooms.items():
         result = await wait_all_answered(w.view, room_id, owner.user_id, timeout=20)
         assert (result.unanswered, result.twice, result.partial) == ([], [], []), result
-    for owner, room_id in w.pending.get("archived_rooms", []):  # archived: never answered again
-        await owner.send_text(room_id, "to an archived room")
+    for _owner, room_id, sent in archived:
+        events = await w.view.timeline(room_id)
+        answers = [e for e in events if e.get("content", {}).get(TURN, {}).get("answers") == sent]
+        assert answers == [], f"an archived room was answered: {room_id}"
     w.count("quiet window: the final messages answered once, nothing twice")
 
     counts = {k: sum(1 for s, _ in seen if s == k) for k in kinds}
