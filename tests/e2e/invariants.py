@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.parse
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,7 @@ class Layout:
     spaces: dict[str, list[str]] = field(default_factory=dict)  # owner → space ids
     working: dict[str, dict[str, Any]] = field(default_factory=dict)  # room → binding
     owners: dict[str, str] = field(default_factory=dict)  # working room → owner
+    archived: dict[str, dict[str, Any]] = field(default_factory=dict)  # archived room → binding
     problems: list[str] = field(default_factory=list)
 
 
@@ -103,8 +105,9 @@ def _by_key(state: list[Event]) -> dict[tuple[str, str], Event]:
     return {(e["type"], e.get("state_key", "")): e for e in state}
 
 
-async def read_layout(view: BotView) -> Layout:
-    """Check the structural invariants over every room the bot is in."""
+async def read_layout(view: BotView, agents: Collection[str] = ()) -> Layout:
+    """Check the structural invariants over every room the bot is in (and, given the configured
+    agent ids, that every binding names one of them)."""
     layout = Layout()
     states: dict[str, dict[tuple[str, str], Event]] = {}
     for room_id in await view.joined_rooms():
@@ -120,6 +123,7 @@ async def read_layout(view: BotView) -> Layout:
             binding_event = state.get((f"{NS}.binding", ""))
             binding = binding_event.get("content", {}) if binding_event else {}
             if binding.get("archived"):
+                layout.archived[room_id] = binding
                 continue
             layout.working[room_id] = binding
             layout.owners[room_id] = owner
@@ -130,6 +134,8 @@ async def read_layout(view: BotView) -> Layout:
         owner = layout.owners[room_id]
         if not binding.get("platform_chat_id"):
             layout.problems.append(f"{room_id}: binding without platform_chat_id: {binding}")
+        if agents and binding.get("agent") not in agents:
+            layout.problems.append(f"{room_id}: binding names an unknown agent: {binding}")
         space_id = binding.get("space_id")
         if space_id not in layout.spaces.get(owner, []):
             layout.problems.append(f"{room_id}: binding names {space_id}, not {owner}'s Space")
@@ -144,7 +150,9 @@ async def read_layout(view: BotView) -> Layout:
         for space_id in space_ids:
             for (etype, key), event in states[space_id].items():
                 if etype == "m.space.child" and event.get("content", {}).get("via"):
-                    if key not in layout.working:
+                    if key in layout.archived:
+                        layout.problems.append(f"{space_id}: archived room {key} still linked")
+                    elif key not in layout.working:
                         layout.problems.append(f"{space_id}: child {key} is no working room")
     return layout
 
@@ -214,9 +222,7 @@ def check_answers(events: list[Event], owner: str, bot_id: str, prefix: str = "a
                 if marker.get("partial"):
                     result.partial.append(body[:60])
     first_answers = [a for i, a in enumerate(answered_order) if a not in answered_order[:i]]
-    result.order_ok = [a for a in first_answers if a in asked] == [
-        a for a in asked if a in answers
-    ]
+    result.order_ok = [a for a in first_answers if a in asked] == [a for a in asked if a in answers]
     return result
 
 
