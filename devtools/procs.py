@@ -114,6 +114,11 @@ class ServerProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def stdout_text(self) -> str:
+        """What the process wrote to stdout/stderr (tracebacks, prints) outside its log."""
+        path = self.data_dir / "stdout.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def _tails(self) -> str:
         """The ends of the log and of stdout/stderr, for error messages."""
         return (

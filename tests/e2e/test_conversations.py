@@ -179,11 +179,12 @@ def answer_bodies(fake: FakeOpenAI) -> list[dict[str, Any]]:
 
 
 def assert_key_hidden(chat: Chat, bot: StandaloneBot) -> None:
-    """The API key is in no event the user can see and nowhere in the bot's log."""
+    """The API key is in no event the user can see, nowhere in the bot's log or stdout/stderr."""
     for room_id in (chat.dm, chat.room):
         for event in chat.user.events(room_id):
             assert API_KEY not in json.dumps(event), event
     assert API_KEY not in bot.log_text()
+    assert API_KEY not in bot.stdout_text()
 
 
 # -- tests -------------------------------------------------------------------------------------

@@ -14,7 +14,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from mautrix.errors import MForbidden, MLimitExceeded, MNotFound, MTooLarge
+from mautrix.errors import (
+    MForbidden,
+    MInvalidParam,
+    MLimitExceeded,
+    MNotFound,
+    MTooLarge,
+)
 from mautrix.types import (
     EventID,
     MessageEvent,
@@ -22,6 +28,10 @@ from mautrix.types import (
     RoomID,
     UserID,
 )
+
+from surfaces_plugin.layout import creators_have_infinite_power
+from surfaces_plugin.reconcile.model import RoomSnapshot, StateEntry
+from surfaces_plugin.reconcile.plan import state_level, user_level
 
 
 @dataclass
@@ -33,10 +43,63 @@ class FakeRoom:
     state: dict[tuple[str, str], tuple[str, dict[str, Any]]] = field(default_factory=dict)
     members: dict[str, str] = field(default_factory=dict)  # user → membership
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    # (type, state_key) → (the value it was given for, event id): a new value is a new event
+    state_ids: dict[tuple[str, str], tuple[Any, str]] = field(default_factory=dict)
+
+    def snapshot(self) -> RoomSnapshot:
+        """The room as the planner sees it, so the fake applies the planner's power rules."""
+        sender, content = self.state.get(("m.room.create", ""), (self.creator, self.create_content))
+        create = StateEntry("m.room.create", "", sender, content)
+        state = {key: StateEntry(key[0], key[1], s, c) for key, (s, c) in self.state.items()}
+        return RoomSnapshot(self.room_id, create, state)
 
 
 def _type_str(event_type: Any) -> str:
     return event_type.t if hasattr(event_type, "t") else str(event_type)
+
+
+def _int(value: object, default: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lstrip("-").isdigit():  # old room versions allow "50"
+        return int(value)
+    return default
+
+
+def _message_level(room: FakeRoom, event_type: str) -> int:
+    """The level a non-state event of `event_type` needs: `events[type]`, else `events_default`."""
+    pl = room.snapshot().power_levels
+    if pl is None:
+        return 0
+    events = pl.get("events")
+    if isinstance(events, dict) and event_type in events:
+        return _int(events[event_type], 0)
+    return _int(pl.get("events_default"), 0)
+
+
+def _default_power_levels(creator: str, version: str) -> dict[str, Any]:
+    """What Synapse puts in a new room's m.room.power_levels before the creator's override."""
+    infinite = creators_have_infinite_power(version)
+    return {
+        "users": {} if infinite else {creator: 100},
+        "users_default": 0,
+        "events": {
+            "m.room.name": 50,
+            "m.room.power_levels": 100,
+            "m.room.history_visibility": 100,
+            "m.room.canonical_alias": 50,
+            "m.room.avatar": 50,
+            "m.room.tombstone": 150 if infinite else 100,
+            "m.room.server_acl": 100,
+            "m.room.encryption": 100,
+        },
+        "events_default": 0,
+        "state_default": 50,
+        "ban": 50,
+        "kick": 50,
+        "redact": 50,
+        "invite": 50,
+    }
 
 
 class FakeApi:
@@ -50,17 +113,11 @@ class FakeApi:
             return {"capabilities": {"m.room_versions": {"default": self.client.room_version}}}
         if path.endswith("/messages"):
             await asyncio.sleep(self.client.messages_delay)
-            room_id = path.split("/rooms/")[1].split("/")[0]
             from urllib.parse import unquote
 
-            room = self.client.rooms[unquote(room_id)]
-            events = list(reversed(room.timeline))
-            query = query_params or {}
-            limit = self.client.page_limit or int(query.get("limit", len(events) or 1))
-            start = int(query.get("from") or 0)
+            room_id = unquote(path.split("/rooms/")[1].split("/")[0])
             self.client.pages_read += 1
-            end = start + limit
-            return {"chunk": events[start:end], "end": str(end) if end < len(events) else None}
+            return self.client.read_messages(room_id, dict(query_params or {}))
         if "/state" in path:
             return self._state(path)
         raise NotImplementedError(path)
@@ -75,11 +132,13 @@ class FakeApi:
         if not rest.strip("/"):  # the whole state, as GET /rooms/{id}/state returns it
             return [
                 {"type": t, "state_key": k, "sender": sender, "content": content,
-                 "event_id": f"$state-{t}-{k}", "origin_server_ts": 0}
+                 "event_id": self.client.state_id(room, (t, k), (sender, content)),
+                 "origin_server_ts": 0}
                 for (t, k), (sender, content) in room.state.items()
             ] + [
                 {"type": "m.room.member", "state_key": user, "sender": user,
-                 "content": {"membership": membership}, "event_id": f"$m-{user}"}
+                 "content": {"membership": membership},
+                 "event_id": self.client.state_id(room, ("m.room.member", user), membership)}
                 for user, membership in room.members.items()
             ]
         event_type, _, state_key = rest.strip("/").partition("/")
@@ -106,6 +165,7 @@ class FakeClient:
         self.page_limit: int | None = None  # force small /messages pages to exercise paging
         self.pages_read = 0
         self.txns: dict[tuple[str, str], EventID] = {}  # (room, txn id) → the event it sent
+        self._issued: set[str] = set()
 
     # helpers for tests
 
@@ -115,7 +175,91 @@ class FakeClient:
             raise self.fail_next[name].pop(0)
 
     def _event_id(self) -> EventID:
-        return EventID(f"$ev{next(self._ids)}")
+        event_id = EventID(f"$ev{next(self._ids)}")
+        assert event_id not in self._issued, f"event id {event_id} issued twice"
+        self._issued.add(event_id)
+        return event_id
+
+    def state_id(self, room: FakeRoom, key: tuple[str, str], value: Any) -> str:
+        """The id of the state event now at `key`: the same while its value is unchanged, a new
+        one when it changed (also when a test wrote `room.state` or `room.members` directly)."""
+        known = room.state_ids.get(key)
+        if known is None or known[0] != value:
+            known = (value, self._event_id())
+            room.state_ids[key] = known
+        return known[1]
+
+    def _require_joined(self, room_id: str) -> FakeRoom:
+        """Synapse refuses any send by a user who is not joined (left, kicked, banned, invited)."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            raise MNotFound(404, "no such room")
+        membership = room.members.get(self.mxid)
+        if membership != "join":
+            raise MForbidden(403, f"User {self.mxid} not in room {room_id} ({membership})")
+        return room
+
+    def _require_level(self, room: FakeRoom, needed: float, what: str) -> None:
+        have = user_level(room.snapshot(), self.mxid)
+        if have < needed:
+            raise MForbidden(
+                403, f"You don't have permission to {what}. user_level ({have}) < needed ({needed})"
+            )
+
+    def read_messages(self, room_id: str, query: dict[str, Any]) -> dict[str, Any]:
+        """GET /rooms/{id}/messages as the spec says: `dir` b (newest first, from the end unless
+        `from`) or f (oldest first, from the start unless `from`), `limit` (default 10), tokens
+        that mark a position between events, and no `end` once there is nothing further."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            raise MNotFound(404, "no such room")
+        direction = query.get("dir")
+        if direction not in ("b", "f"):
+            raise MInvalidParam(400, "dir must be 'b' or 'f'")
+        try:
+            limit = int(query.get("limit", 10))
+        except ValueError:
+            raise MInvalidParam(400, "limit must be an integer") from None
+        limit = max(0, min(limit, 1000))  # Synapse caps a page at 1000
+        if self.page_limit is not None:
+            limit = min(limit, self.page_limit)  # a server may return fewer than asked
+        size = len(room.timeline)
+        token = query.get("from")
+        if token is None:
+            position = size if direction == "b" else 0
+        else:
+            if not (isinstance(token, str) and token.startswith("t") and token[1:].isdigit()):
+                raise MInvalidParam(400, f"unknown token {token!r}")
+            position = min(int(token[1:]), size)
+        if direction == "b":
+            low = max(0, position - limit)
+            chunk = list(reversed(room.timeline[low:position]))
+            end, more = low, low > 0
+        else:
+            high = min(size, position + limit)
+            chunk = room.timeline[position:high]
+            end, more = high, high < size
+        page: dict[str, Any] = {"start": f"t{position}", "chunk": [dict(e) for e in chunk]}
+        if more:
+            page["end"] = f"t{end}"
+        return page
+
+    def kick(self, room_id: str, user: str, by: str) -> None:
+        """`by` kicks `user` (the bot too): the membership changes as Synapse records it."""
+        room = self.rooms[room_id]
+        self._member(room, user, "leave", by)
+
+    def _member(self, room: FakeRoom, user: str, membership: str, sender: str) -> None:
+        room.members[user] = membership
+        event_id = self._append(room, {"type": "m.room.member", "state_key": user,
+                                       "sender": sender, "content": {"membership": membership}})
+        room.state_ids[("m.room.member", user)] = (membership, event_id)
+
+    def _append(self, room: FakeRoom, event: dict[str, Any]) -> EventID:
+        event_id = self._event_id()
+        room.timeline.append({**event, "event_id": event_id, "room_id": room.room_id,
+                              "origin_server_ts": int(time.time() * 1000)})
+        return event_id
 
     def messages(self, room_id: str) -> list[dict[str, Any]]:
         """The bot's messages in a room (edits included), oldest first."""
@@ -139,8 +283,16 @@ class FakeClient:
         return [shown[e] for e in order]
 
     def add_room(self, creator: str, members: dict[str, str] | None = None) -> str:
+        """A room someone else (or the bot, outside Surfaces) made, with Synapse's defaults."""
         room_id = f"!room{next(self._ids)}"
-        self.rooms[room_id] = FakeRoom(room_id, creator, {}, members=dict(members or {}))
+        create: dict[str, Any] = {"room_version": self.room_version}
+        if self.room_version.isdigit() and int(self.room_version) < 11:
+            create["creator"] = creator
+        room = FakeRoom(room_id, creator, create, members=dict(members or {}))
+        self.rooms[room_id] = room
+        self._set_state(room, "m.room.create", "", create, sender=creator)
+        self._set_state(room, "m.room.power_levels", "",
+                        _default_power_levels(creator, self.room_version), sender=creator)
         return room_id
 
     def user_message(self, room_id: str, sender: str, body: str,
@@ -172,25 +324,45 @@ class FakeClient:
         room_id = f"!r{next(self._ids)}"
         version = kwargs.get("room_version") or self.room_version
         create = {**(kwargs.get("creation_content") or {}), "room_version": version}
-        if version not in ("12",):
-            create["creator"] = str(self.mxid)  # pre-v11 rooms name their creator
+        if version.isdigit() and int(version) < 11:
+            create["creator"] = str(self.mxid)  # rooms before v11 name their creator
+        override = dict(kwargs.get("power_level_override") or {})
+        users = override.get("users") or {}
+        if creators_have_infinite_power(version) and self.mxid in users:
+            raise MInvalidParam(400, "a creator cannot be given a power level in this room version")
+        # Synapse starts from its defaults and replaces each top-level key the override gives.
+        power_levels = {**_default_power_levels(self.mxid, version), **override}
         room = FakeRoom(room_id, self.mxid, create, name=kwargs.get("name"))
-        room.members[self.mxid] = "join"
-        room.state[("m.room.create", "")] = (self.mxid, room.create_content)
-        room.state[("m.room.power_levels", "")] = (self.mxid, kwargs.get("power_level_override") or {})
-        for item in kwargs.get("initial_state") or []:
-            room.state[(item["type"], item.get("state_key", ""))] = (self.mxid, item["content"])
         self.rooms[room_id] = room
+        self._set_state(room, "m.room.create", "", create)
+        self._member(room, self.mxid, "join", self.mxid)
+        self._set_state(room, "m.room.power_levels", "", power_levels)
+        for item in kwargs.get("initial_state") or []:
+            self._set_state(room, item["type"], item.get("state_key", ""), dict(item["content"]))
+        if kwargs.get("name"):
+            self._set_state(room, "m.room.name", "", {"name": kwargs["name"]})
+        for user in kwargs.get("invitees") or []:
+            self._member(room, user, "invite", self.mxid)
         await asyncio.sleep(0)
         return RoomID(room_id)
+
+    def _set_state(self, room: FakeRoom, event_type: str, state_key: str,
+                   content: dict[str, Any], sender: str | None = None) -> EventID:
+        sender = sender or self.mxid
+        event_id = self._append(room, {"type": event_type, "state_key": state_key,
+                                       "sender": sender, "content": content})
+        room.state[(event_type, state_key)] = (sender, content)
+        room.state_ids[(event_type, state_key)] = ((sender, content), event_id)
+        return event_id
 
     async def send_state_event(self, room_id: RoomID, event_type: Any, content: Any,
                                state_key: str = "", **_: Any) -> EventID:
         self._maybe_fail("send_state_event")
-        if room_id not in self.rooms:
-            raise MNotFound(404, "no such room")
-        self.rooms[room_id].state[(_type_str(event_type), state_key)] = (self.mxid, dict(content))
-        return self._event_id()
+        room = self._require_joined(room_id)
+        event_type = _type_str(event_type)
+        self._require_level(room, state_level(room.snapshot(), event_type), f"send {event_type}")
+        body = content.serialize() if hasattr(content, "serialize") else dict(content)
+        return self._set_state(room, event_type, state_key, body)
 
     async def get_state_event(self, room_id: RoomID, event_type: Any, state_key: str = "") -> Any:
         try:
@@ -204,35 +376,49 @@ class FakeClient:
         # Like Synapse: a txn id already used (one user, one device here) returns its first event.
         if txn_id is not None and (room_id, txn_id) in self.txns:
             return self.txns[(room_id, txn_id)]
+        room = self._require_joined(room_id)
+        event_type = _type_str(event_type)
+        self._require_level(room, _message_level(room, event_type), f"send {event_type}")
         body = content.serialize() if hasattr(content, "serialize") else dict(content)
         # Synapse refuses events over 64 KiB (its envelope adds about 1 KB to the content).
         if len(json.dumps(body, ensure_ascii=False).encode()) + 1024 > 65_536:
             raise MTooLarge(413, "event too large")
-        event_id = self._event_id()
+        event_id = self._append(room, {"type": event_type, "sender": self.mxid, "content": body})
         if txn_id is not None:
             self.txns[(room_id, txn_id)] = event_id
-        self.rooms[room_id].timeline.append(
-            {"type": _type_str(event_type), "event_id": event_id, "sender": self.mxid,
-             "origin_server_ts": int(time.time() * 1000), "content": body, "room_id": room_id}
-        )
         await asyncio.sleep(0)
         return event_id
 
     async def invite_user(self, room_id: RoomID, user_id: UserID, **_: Any) -> None:
         self._maybe_fail("invite_user")
-        room = self.rooms[room_id]
+        room = self._require_joined(room_id)
+        pl = room.snapshot().power_levels
+        self._require_level(room, 0 if pl is None else _int(pl.get("invite"), 0), "invite")
         if room.members.get(user_id) in ("join", "invite"):
             raise MForbidden(403, f"{user_id} is already in the room")
-        room.members[user_id] = "invite"
+        if room.members.get(user_id) == "ban":
+            raise MForbidden(403, f"{user_id} is banned from the room")
+        self._member(room, user_id, "invite", self.mxid)
 
     async def join_room(self, room_id: Any, **_: Any) -> RoomID:
         self._maybe_fail("join_room")
-        self.rooms[room_id].members[self.mxid] = "join"
+        room = self.rooms.get(room_id)
+        if room is None:
+            raise MNotFound(404, "no such room")
+        # Our rooms and DMs are invite-only: joining needs an invite (or being in already).
+        if room.members.get(self.mxid) not in ("invite", "join"):
+            raise MForbidden(403, f"You are not invited to {room_id}")
+        self._member(room, self.mxid, "join", self.mxid)
         return RoomID(room_id)
 
     async def leave_room(self, room_id: RoomID, reason: str | None = None, **_: Any) -> None:
         self._maybe_fail("leave_room")
-        self.rooms[room_id].members[self.mxid] = "leave"
+        room = self.rooms.get(room_id)
+        if room is None:
+            raise MNotFound(404, "no such room")
+        if room.members.get(self.mxid) not in ("invite", "join", "knock"):
+            raise MForbidden(403, f"User {self.mxid} is not in room {room_id}")
+        self._member(room, self.mxid, "leave", self.mxid)
 
     async def get_joined_rooms(self) -> list[RoomID]:
         return [RoomID(r) for r, room in self.rooms.items() if room.members.get(self.mxid) == "join"]

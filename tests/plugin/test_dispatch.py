@@ -87,8 +87,7 @@ async def test_streaming_off_sends_one_message(make_surfaces) -> None:
 
 async def test_order_per_room_and_rooms_concurrent(make_surfaces) -> None:
     h, room_a, backend = await onboarded(make_surfaces)
-    dm = next(r for r in h.client.rooms if r not in (room_a,) and ALICE in h.client.rooms[r].members
-              and not h.client.rooms[r].create_content)
+    dm = next(r for r, fake in h.client.rooms.items() if fake.creator == ALICE)  # her DM
     await h.say(dm, ALICE, "!ai new Second")
     room_b = next(r.room_id for r in h.app.rooms.all_rooms() if r.title == "Second")
     for i in range(5):

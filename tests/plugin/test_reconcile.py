@@ -78,6 +78,7 @@ async def test_bot_kicked_from_a_room_stops_routing_and_is_recorded_lost(make_su
     dm = h.dm(ALICE)
     await h.say(dm, ALICE, "!ai start")
     [room] = h.app.rooms.all_rooms()
+    h.client.kick(room.room_id, str(h.client.mxid), by=ALICE)  # as the homeserver records it
     kick = StateEvent.deserialize({
         "type": "m.room.member", "room_id": room.room_id, "event_id": "$kick", "sender": ALICE,
         "state_key": str(h.client.mxid), "origin_server_ts": 1, "content": {"membership": "leave"},

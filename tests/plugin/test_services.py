@@ -123,7 +123,7 @@ async def test_memory_service_keeps_notes_in_the_space(stores: Stores) -> None:
     memory = MemoryService(io_of(client), stores.memory, stores.users, lambda: settings, LOG)
     with pytest.raises(Refusal, match="you have none yet"):
         await memory.add(ALICE, "likes tea")
-    space = client.add_room(str(client.mxid), {ALICE: "join"})
+    space = client.add_room(str(client.mxid), {ALICE: "join", str(client.mxid): "join"})
     await stores.users.set_space(ALICE, space)
     assert await memory.add(ALICE, "likes   tea") == 1
     assert client.rooms[space].state[(layout.MEMORY_TYPE, "")][1]["notes"] == ["likes tea"]
@@ -136,7 +136,7 @@ async def test_access_service_asks_for_approval_and_tells_the_user(stores: Store
     client = FakeClient()
     settings = settings_of(access={"mode": "approval", "admins": ["@admin:localhost"]})
     access = AccessService(io_of(client), stores.users, lambda: settings, LOG)
-    dm = client.add_room(ALICE, {ALICE: "join"})
+    dm = client.add_room(ALICE, {ALICE: "join", str(client.mxid): "join"})
     assert not await access.admit(ALICE, dm)
     assert access.pending() == [ALICE]
     replies: list[str] = []
