@@ -59,6 +59,22 @@ class CS:
     async def join(self, room_id: str) -> None:
         await self.call("POST", f"/_matrix/client/v3/join/{q(room_id)}", {})
 
+    async def leave(self, room_id: str) -> None:
+        await self.call("POST", f"/_matrix/client/v3/rooms/{q(room_id)}/leave", {})
+
+    @classmethod
+    async def login(
+        cls, session: aiohttp.ClientSession, base_url: str, user_id: str, password: str
+    ) -> CS:
+        body = {
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": user_id},
+            "password": password,
+        }
+        anonymous = cls(session, base_url, "")
+        answer = await anonymous.call("POST", "/_matrix/client/v3/login", body)
+        return cls(session, base_url, str(answer["access_token"]))
+
     async def send_text(self, room_id: str, text: str) -> str:
         txn = f"bench.{time.time_ns()}.{next(_txn)}"
         path = f"/_matrix/client/v3/rooms/{q(room_id)}/send/m.room.message/{txn}"

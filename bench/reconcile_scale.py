@@ -17,6 +17,11 @@ reconciliation AND catch-up, the /messages read-back of every working room). Pea
 maubot process's VmHWM.
 
     .venv/bin/python -m bench.reconcile_scale [--quick] [--sizes 100,300,1000] [--reseed]
+        [--degraded]
+
+Results go to bench/results/reconcile_scale_n<sizes>[_degraded].json. Floor samples are taken
+only while no bot process runs: each bot run ends when its background catch-up has logged that
+it is done, and the bot is stopped before the next floor sample.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from devtools.procs import LogCursor
 from devtools.synapse import SynapseServer
 from surfaces_plugin import layout
 
+FIRST_START = "first start (empty DB, no sync token)"
 SEED_VERSION = 1  # bump when the seeded layout changes, so stale caches are not reused
 ROOMS_PER_USER = 25
 SEED_CONCURRENCY = 6
@@ -162,6 +168,72 @@ def seeded_synapse(n: int, reseed: bool) -> tuple[SynapseServer, dict[str, Any],
 
 
 # ---------------------------------------------------------------------------
+# a degraded world: what crashes, tampering and kicks leave behind (docs/reconciliation.md)
+
+DEGRADED_SHARE = 0.05  # of the working rooms, for each kind of room damage
+
+
+async def degrade(synapse: SynapseServer, meta: dict[str, Any], bot_token: str) -> dict[str, int]:
+    """Damage the seeded world the way the reconciliation cases describe; returns the counts.
+
+    Rooms created after a crash left them unlinked (T3), bindings from before
+    `platform_chat_id` existed (backfill), a second Space for some users (T4), rooms the bot
+    lost (T8), and rooms users made with forged markers and invited the bot to (T12, ignored).
+    """
+    rooms, users, spaces = meta["rooms"], meta["users"], meta["spaces"]
+    k = max(1, int(len(rooms) * DEGRADED_SHARE))
+    server, bot_id = synapse.server_name, synapse.user_id(BOT_LOCALPART)
+    version = meta["room_version"]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        bot = CS(session, synapse.url, bot_token)
+
+        async def unbackfilled(room_id: str) -> None:
+            state = {(e["type"], e["state_key"]): e for e in await bot.state(room_id)}
+            content = dict(state[(layout.BINDING_TYPE, "")]["content"])
+            content.pop("platform_chat_id", None)
+            await bot.put_state(room_id, layout.BINDING_TYPE, "", content)
+
+        async def unlinked(i: int) -> None:
+            owner = users[i % len(users)]
+            binding = layout.Binding(owner, spaces[owner], "echo", f"Unlinked {i}")
+            req = layout.working_room_create_request(
+                owner, spaces[owner], binding, bot_id, server, version
+            )
+            await bot.create_room(create_body(req, [owner]))
+
+        async def second_space(owner: str) -> None:
+            req = layout.space_create_request(owner, "Duplicate", bot_id, server, version)
+            await bot.create_room(create_body(req, [owner]))
+
+        async def forged(owner: str) -> None:
+            user = await CS.login(session, synapse.url, owner, USER_PASSWORD)
+            body = {
+                "preset": "private_chat",
+                "creation_content": layout.working_creation_content(owner),
+                "initial_state": [{"type": layout.BINDING_TYPE, "state_key": "", "content": {
+                    "v": 1, "owner": owner, "space_id": spaces[owner], "agent": "echo",
+                    "title": "Forged", "platform_chat_id": "forged"}}],
+                "invite": [bot_id],
+            }
+            room_id = await user.create_room(body)
+            await bot.join(room_id)
+
+        dup_users = users[: max(1, len(users) // 10)]
+        await bounded(SEED_CONCURRENCY, [unbackfilled(r) for r in rooms[:k]])
+        await bounded(SEED_CONCURRENCY, [bot.leave(r) for r in rooms[k : 2 * k]])
+        await bounded(SEED_CONCURRENCY, [unlinked(i) for i in range(k)])
+        await bounded(SEED_CONCURRENCY, [second_space(o) for o in dup_users])
+        await bounded(SEED_CONCURRENCY, [forged(o) for o in dup_users])
+    return {
+        "bindings_without_chat_id": k,
+        "rooms_lost": k,
+        "rooms_unlinked": k,
+        "duplicate_spaces": len(dup_users),
+        "forged_rooms": len(dup_users),
+    }
+
+
+# ---------------------------------------------------------------------------
 # measurements
 
 
@@ -175,8 +247,14 @@ async def floor_once(synapse: SynapseServer, token: str, concurrency: int) -> tu
         return time.perf_counter() - started, len(joined)
 
 
-def bot_run(bot: StandaloneBot, label: str, fresh_start: bool = True) -> dict[str, Any]:
-    """Start (or restart) the bot and read this start's reconciliation from its log."""
+CATCH_UP_DONE = "Catch-up: "  # the plugin's log line when background catch-up has ended
+
+
+def bot_run(bot: StandaloneBot, label: str) -> dict[str, Any]:
+    """Start the bot, read this start's reconciliation and catch-up from its log, stop it.
+
+    The bot is stopped before returning, so floor samples taken between runs see no bot at work.
+    """
     if bot.running:
         bot.stop()
     cursor = LogCursor(bot.log_path)
@@ -185,36 +263,44 @@ def bot_run(bot: StandaloneBot, label: str, fresh_start: bool = True) -> dict[st
     assert bot._proc is not None
     pid = bot._proc.pid
     text = cursor.new_text()
+    deadline = time.monotonic() + 900
+    while first_line_with(text, CATCH_UP_DONE) is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # catch-up runs in the background after start() returned
+        text += cursor.new_text()
+    peak_rss, rss = proc_status_kib(pid, "VmHWM"), proc_status_kib(pid, "VmRSS")
+    bot.stop()
     done_line = first_line_with(text, "Reconciliation done:")
     started_line = first_line_with(text, STARTED)
-    if done_line is None or started_line is None:
-        raise RuntimeError(f"{label}: no reconciliation line in the bot log\n{text[-3000:]}")
+    caught_up_line = first_line_with(text, CATCH_UP_DONE)
+    if done_line is None or started_line is None or caught_up_line is None:
+        raise RuntimeError(f"{label}: no reconciliation or catch-up line in the log\n{text[-3000:]}")
     m = DONE_RE.search(done_line)
     assert m, done_line
     done_at, ready_at = log_time(done_line), log_time(started_line)
+    caught_up_at = log_time(caught_up_line)
     counts = dict(re.findall(r"; - ([\w ]+): (\d+)", done_line))
-    phases = _phases(text, done_line)
+    phases = _phases(text, done_line, caught_up_line)
     return {
         "run": label,
         "reconcile_s": float(m.group(2)),
         "writes": int(m.group(3)),
         **phases,
         "start_to_reconciled_s": (done_at - spawned) if done_at else None,
-        "catch_up_s": (ready_at - done_at) if done_at and ready_at else None,
         "start_to_ready_s": (ready_at - spawned) if ready_at else None,
-        "peak_rss_mib": (proc_status_kib(pid, "VmHWM") or 0) / 1024,
-        "rss_mib": (proc_status_kib(pid, "VmRSS") or 0) / 1024,
+        "catch_up_s": (caught_up_at - done_at) if caught_up_at and done_at else None,
+        "peak_rss_mib": (peak_rss or 0) / 1024,
+        "rss_mib": (rss or 0) / 1024,
         "counts": {k: int(v) for k, v in counts.items()},
     }
 
 
-def _phases(text: str, done_line: str) -> dict[str, Any]:
+def _phases(text: str, done_line: str, caught_up_line: str) -> dict[str, Any]:
     """Split the reconciliation by the bot's HTTP log: reading Matrix (from the /joined_rooms
     request to the last /state answer) vs the rest (read cache, plan, writes, cache rebuild);
-    and count catch-up's /messages requests."""
+    and count catch-up's /messages requests until catch-up said it was done."""
     lines = text.splitlines()
-    end = lines.index(done_line)
-    before, after = lines[:end], lines[end + 1 :]
+    end, caught_up = lines.index(done_line), lines.index(caught_up_line)
+    before, catch_up = lines[:end], lines[end + 1 : caught_up]
     listed = next((ln for ln in reversed(before) if "/v3/joined_rooms None" in ln), None)
     states = [ln for ln in before if "/state) completed in" in ln]
     done_at = log_time(done_line)
@@ -224,24 +310,29 @@ def _phases(text: str, done_line: str) -> dict[str, Any]:
         if begin and read_end:
             out["inventory_s"] = read_end - begin
             out["after_inventory_s"] = done_at - read_end
-    out["catch_up_requests"] = sum("/messages) completed in" in ln for ln in after)
+    out["catch_up_requests"] = sum("/messages) completed in" in ln for ln in catch_up)
     return out
 
 
-def measure(n: int, concurrency: int, reseed: bool, floors: int) -> dict[str, Any]:
+def measure(n: int, concurrency: int, reseed: bool, floors: int, degraded: bool) -> dict[str, Any]:
     synapse, meta, seed_s = seeded_synapse(n, reseed)
     work = synapse.data_dir.parent
     bot: StandaloneBot | None = None
     floor_samples: list[float] = []
+    damage: dict[str, int] = {}
 
     def floor(k: int = 1) -> None:
+        """Sampled only while no bot process runs (bot_run stops the bot before returning)."""
+        assert bot is None or not bot.running
         for _ in range(k):
             seconds, joined = asyncio.run(floor_once(synapse, bot_token, concurrency))
-            assert joined >= n, (joined, n)
             floor_samples.append(seconds)
 
     try:
         bot_token = synapse.register_user(BOT_LOCALPART, BOT_PASSWORD)
+        if degraded:
+            damage = asyncio.run(degrade(synapse, meta, bot_token))
+            print(f"  degraded: {damage}", flush=True)
         asyncio.run(floor_once(synapse, bot_token, concurrency))  # warm Synapse's caches
         floor(floors)
         bot = StandaloneBot(
@@ -251,11 +342,11 @@ def measure(n: int, concurrency: int, reseed: bool, floors: int) -> dict[str, An
             password=BOT_PASSWORD,
             data_dir=work / "bot",
         )
-        runs = [bot_run(bot, "first start (empty DB, no sync token)")]
+        first = "repair (degraded world, empty DB)" if degraded else FIRST_START
+        runs = [bot_run(bot, first)]
         floor()
         runs.append(bot_run(bot, "warm"))
         floor()
-        bot.stop()
         dropped = bot.drop_plugin_tables()
         runs.append(bot_run(bot, "plugin DB lost"))
         floor()
@@ -281,6 +372,7 @@ def measure(n: int, concurrency: int, reseed: bool, floors: int) -> dict[str, An
         "joined_rooms": n + len(meta["users"]),
         "concurrency": concurrency,
         "seed_s": seed_s,
+        "degraded": damage,
         "floor_s": floor_s,
         "floor_samples_s": floor_samples,
         "floor_rooms_per_s": n / floor_s,
@@ -296,6 +388,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=None, help="default: base-config's")
     parser.add_argument("--floors", type=int, default=3, help="floor samples before the bot runs")
     parser.add_argument("--reseed", action="store_true", help="ignore the cached seeds")
+    parser.add_argument(
+        "--degraded",
+        action="store_true",
+        help="damage the seeded world first (unlinked, unbackfilled, duplicate Spaces, forged, lost)",
+    )
     args = parser.parse_args()
     sizes = [50, 100] if args.quick else [100, 300, 1000]
     if args.sizes:
@@ -306,11 +403,13 @@ def main() -> None:
 
         concurrency = int(plugin_config()["reconciliation"]["concurrency"])
 
+    # The file is named after what was measured, so one run never overwrites another kind.
+    name = "reconcile_scale_n" + "-".join(map(str, sizes)) + ("_degraded" if args.degraded else "")
     results = []
     for n in sizes:
         print(f"N={n}", flush=True)
-        results.append(measure(n, concurrency, args.reseed, args.floors))
-        write_result("reconcile_scale", {"sizes": results, "partial": True})
+        results.append(measure(n, concurrency, args.reseed, args.floors, args.degraded))
+        write_result(name, {"sizes": results, "partial": True})
         r = results[-1]
         print(
             f"  floor {r['floor_s']:.2f} s; "
@@ -361,11 +460,11 @@ def main() -> None:
             rows,
         )
     )
-    verdict = _verdict(results)
+    verdict = _verdict(results, args.degraded)
     print()
     for line in verdict["lines"]:
         print(line)
-    path = write_result("reconcile_scale", {"sizes": results, "verdict": verdict})
+    path = write_result(name, {"sizes": results, "verdict": verdict})
     print(f"\nWrote {path}")
 
 
@@ -373,7 +472,7 @@ def _run(r: dict[str, Any], label: str) -> dict[str, Any]:
     return next(x for x in r["runs"] if x["run"] == label)
 
 
-def _verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
+def _verdict(results: list[dict[str, Any]], degraded: bool) -> dict[str, Any]:
     big, small = results[-1], results[0]
     lost, warm = _run(big, "plugin DB lost"), _run(big, "warm")
     second_writes = [
@@ -384,6 +483,13 @@ def _verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
         f"warm {warm['ratio_to_floor']:.2f}× (target ≤1.3)",
         f"Writes by runs after a completed run: {second_writes} (target: all 0)",
     ]
+    if degraded:
+        repair = big["runs"][0]
+        lines.insert(
+            0,
+            f"At N={big['n']}: repairing {big['degraded']} took {repair['reconcile_s']:.2f} s "
+            f"({repair['ratio_to_floor']:.2f}× floor) and {repair['writes']} writes",
+        )
     out: dict[str, Any] = {
         "n": big["n"],
         "db_loss_ratio": lost["ratio_to_floor"],
@@ -397,7 +503,7 @@ def _verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
             max(
                 x["peak_rss_mib"]
                 for x in r["runs"]
-                if x["run"] != "first start (empty DB, no sync token)"
+                if x["run"] != FIRST_START
             )
             for r in (small, big)
         ]
