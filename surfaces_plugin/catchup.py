@@ -25,6 +25,7 @@ from .timeline import Interrupted, is_bot_answer, read_back, scan_timeline
 from .txn import txn_id
 
 MAX_PAGES = 4  # at most 200 events back per room; older ones are past any sane downtime
+COMPACTION_INTERRUPTED = "Compaction was interrupted by a restart."
 INTERRUPTED_MARK = "\n\n*(interrupted by a restart; send `!{prefix} retry` for a full answer)*"
 
 
@@ -80,6 +81,10 @@ class CatchUp:
         )
         if scan.interrupted is not None:
             await self._mark_interrupted(room, scan.interrupted)
+        for notice in scan.unfinished_compactions:
+            ended = replies.notice(COMPACTION_INTERRUPTED)
+            await self.io.edit(room.room_id, notice, ended, txn=txn_id(notice, "compaction ended"))
+            self.log.info("Ended the compaction notice %s in %s", notice, room.room_id)
         if events and room.last_activity_ms is None:  # the cache lost it: the timeline dates it
             newest = events[0].get("origin_server_ts")
             if isinstance(newest, int):

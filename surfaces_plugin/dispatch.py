@@ -334,6 +334,7 @@ class Dispatcher:
         notice = await self.io.send_notice(
             room_id,
             f"Compacting the conversation to fit `{agent.id}`'s context budget…",
+            layout.compacting_marker(room.platform_chat_id),
             txn=job.txn("compacting"),
         )
         try:

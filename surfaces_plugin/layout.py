@@ -30,6 +30,7 @@ ACCESS_TYPE = f"{NAMESPACE}.access"
 TURN_KEY = f"{NAMESPACE}.turn"
 RESET_KEY = f"{NAMESPACE}.reset"
 SUMMARY_KEY = f"{NAMESPACE}.summary"
+COMPACTING_KEY = f"{NAMESPACE}.compacting"
 
 BINDING = EventType.find(BINDING_TYPE, EventType.Class.STATE)
 MEMORY = EventType.find(MEMORY_TYPE, EventType.Class.STATE)
@@ -494,6 +495,16 @@ def summary_marker(platform_chat_id: str, upto_event_id: str | None) -> dict[str
     if upto_event_id:
         body["upto_event_id"] = upto_event_id
     return {SUMMARY_KEY: body}
+
+
+def compacting_marker(platform_chat_id: str) -> dict[str, Any]:
+    """Keys to merge into the "Compacting…" notice: until an edit ends it, compaction is running
+    (so catch-up can end one a crash cut off)."""
+    return {COMPACTING_KEY: {"platform_chat_id": platform_chat_id}}
+
+
+def is_compacting_notice(content: object) -> bool:
+    return _is_map(content) and _is_map(content.get(COMPACTING_KEY))
 
 
 def _marker_body(content: object, key: str) -> Mapping[str, Any] | None:

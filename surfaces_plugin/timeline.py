@@ -256,6 +256,7 @@ class Scan:
     missed: list[Event]  # oldest first
     interrupted: Interrupted | None = None
     answered: str | None = None  # the user message the bot's newest answer answers
+    unfinished_compactions: tuple[str, ...] = ()  # "Compacting…" notices no edit ever ended
 
 
 def scan_timeline(
@@ -275,6 +276,7 @@ def scan_timeline(
     latest: dict[str, dict[str, Any]] = {}  # answer id → its latest edit's content
     interrupted: Interrupted | None = None
     answered: str | None = None
+    unfinished: list[str] = []
     for event in events_newest_first:
         if not isinstance(event, dict):
             continue
@@ -283,7 +285,14 @@ def scan_timeline(
         ts = event.get("origin_server_ts")
         if isinstance(ts, int) and ts <= after_ts:
             break
-        if answered is None and note_edit(latest, event, bot_id):
+        if note_edit(latest, event, bot_id):
+            continue
+        if (
+            event.get("sender") == bot_id
+            and layout.is_compacting_notice(event.get("content"))
+            and str(event.get("event_id")) not in latest
+        ):
+            unfinished.append(str(event.get("event_id")))
             continue
         if answered is None and is_bot_answer(event, bot_id):
             current = latest.get(str(event.get("event_id")), event.get("content"))
@@ -301,4 +310,9 @@ def scan_timeline(
         if is_owner_text(event, owner) and not is_command(event["content"]["body"]):
             missed.append(event)
     missed.reverse()
-    return Scan(missed=missed, interrupted=interrupted, answered=answered)
+    return Scan(
+        missed=missed,
+        interrupted=interrupted,
+        answered=answered,
+        unfinished_compactions=tuple(unfinished),
+    )

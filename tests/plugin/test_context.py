@@ -6,8 +6,9 @@ from __future__ import annotations
 import copy
 from collections.abc import AsyncIterator
 
-from surfaces_plugin import layout
+from surfaces_plugin import layout, replies
 from surfaces_plugin.backends import Backend, BackendError, Chunk, ErrorKind, GenerationRequest
+from surfaces_plugin.catchup import COMPACTION_INTERRUPTED
 from surfaces_plugin.compaction import instructions
 from surfaces_plugin.memory import MAX_NOTE_CHARS, MAX_NOTES
 
@@ -462,3 +463,27 @@ async def test_system_prompt_may_span_lines(make_surfaces) -> None:
     assert h.last_reply(room).endswith("> You are terse.\n>\n> Never apologise.")
     await h.say(room, ALICE, "hi")
     assert backend.system() == "You are terse.\n\nNever apologise."
+
+
+async def test_a_compaction_notice_cut_off_by_a_crash_is_ended_after_the_restart(
+    make_surfaces,
+) -> None:
+    h, room, _backend, _dm = await onboarded(make_surfaces)
+    await h.app.stop()
+    # What a crash while compacting leaves: the notice posted, no edit ending it, the message
+    # being answered still unanswered.
+    cut = await h.client.send_message_event(
+        room,
+        "m.room.message",
+        replies.notice(
+            "Compacting the conversation…", layout.compacting_marker(pcid(h, room))
+        ),
+    )
+    h.client.user_message(room, ALICE, "sent before the crash")
+    h2 = await restarted(make_surfaces, h)
+    await h2.settle()
+    shown = h2.client.bodies(room)
+    assert "Compacting the conversation…" not in shown  # no notice left looking unfinished
+    assert shown.count(COMPACTION_INTERRUPTED) == 1
+    assert cut in {e["event_id"] for e in h2.client.messages(room)}
+    assert shown[-1] == "echo: sent before the crash"

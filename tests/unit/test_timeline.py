@@ -117,3 +117,16 @@ def test_a_redacted_message_and_its_answer_are_left_out_of_a_rebuild() -> None:
         ("assistant", "re: keep"),
         ("user", "after"),
     ]
+
+
+def test_catch_up_finds_a_compaction_notice_no_edit_ended() -> None:
+    t = Timeline()
+    t.user("first")
+    t.answer("echo: first")
+    done = t.add(BOT, replies.notice("Compacting…", layout.compacting_marker(CHAT)))
+    t.add(BOT, replies.edit(done, replies.notice("Compacted.")))
+    t.user("second")
+    cut = t.add(BOT, replies.notice("Compacting…", layout.compacting_marker(CHAT)))
+    scan = scan_timeline(list(reversed(t.events)), ALICE, BOT, 0)
+    assert scan.unfinished_compactions == (cut,)
+    assert [e["content"]["body"] for e in scan.missed] == ["second"]
