@@ -77,7 +77,9 @@ class Surfaces:
         self.history = history = History(io, stores, rooms, backends, current, log)
         context = ContextBuilder(io, history, memory.notes, backends, current)
         onboarding = Onboarding(io, stores, rooms, history, backends, access, current, log)
-        self.reconciler = reconciler = Reconciler(io, stores, rooms, current, log)
+        self.reconciler = reconciler = Reconciler(
+            io, stores, rooms, current, log, finish_onboarding=onboarding.finish
+        )
         catch_up = CatchUp(io, rooms, history, stores.processed, current, log)
         self.dispatcher = Dispatcher(
             io, rooms, history, context, access, backends, catch_up, current, log,

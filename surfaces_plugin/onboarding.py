@@ -93,6 +93,18 @@ class Onboarding:
             f"you talk to `{room.agent}`. Accept the invites, then just write in the room."
         )
 
+    async def finish(self, user_id: str) -> bool:
+        """Finish an onboarding a crash cut between the Space and the first room (reconciliation
+        found the Space empty): create the room and tell the user where they asked, if known."""
+        if not self.access.has_access(user_id) or self.rooms.has_any(user_id):
+            return False
+        reply = await self.start(user_id)
+        user = await self.users.get(user_id)
+        if user is not None and user.dm_room_id:
+            await self.io.send_notice(user.dm_room_id, reply)
+        self.log.info("Finished the onboarding of %s after a restart", user_id)
+        return True
+
     async def space_of(self, user_id: str) -> str | None:
         user = await self.users.get(user_id)
         return user.space_id if user is not None and user.space_id else None

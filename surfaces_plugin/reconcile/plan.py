@@ -98,6 +98,9 @@ class Report:
     degraded: tuple[str, ...] = ()
     lost: tuple[str, ...] = ()
     invited: tuple[tuple[str, str], ...] = ()  # (room, user)
+    # Owners whose Space never linked any room and who have no working room: a crash came
+    # between creating the Space and the first room (the runner finishes their onboarding).
+    unfinished_onboardings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -810,7 +813,16 @@ class _Planner:
             )
         return users
 
+    def _note_unfinished_onboardings(self) -> None:
+        with_rooms = {r.owner for r in self.rooms.values() if r.kind == "working"}
+        for owner, space_id in sorted(self.canonical.items()):
+            space = self.rooms.get(space_id)
+            if owner in with_rooms or space is None or not space.writable or space.links:
+                continue
+            self.out.note("unfinished_onboardings", owner)
+
     def _result(self) -> Plan:
+        self._note_unfinished_onboardings()
         rooms = {rid: self._record(self.rooms[rid]) for rid in sorted(self.rooms)}
         for room in self.rooms.values():
             if room.degraded:

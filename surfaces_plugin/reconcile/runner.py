@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .. import layout
@@ -23,6 +23,8 @@ from .inventory import read_cache, read_room, read_snapshot
 from .model import Snapshot
 from .plan import NewChatId, Plan, Report
 
+# Creates a user's first working room in their Space; True when it did.
+FinishOnboarding = Callable[[str], Awaitable[bool]]
 MAX_DIRTY_ROUNDS = 3  # rooms that keep changing are left to the next run
 
 
@@ -54,12 +56,14 @@ class Reconciler:
         rooms: RoomDirectory,
         settings: Callable[[], Settings],
         log: logging.Logger,
+        finish_onboarding: FinishOnboarding,
     ) -> None:
         self.io = io
         self.stores = stores
         self.rooms = rooms
         self.settings = settings
         self.log = log
+        self.finish_onboarding = finish_onboarding
         self.last: RunReport | None = None
         self._lock = asyncio.Lock()
         self._periodic: asyncio.Task[None] | None = None
@@ -93,6 +97,8 @@ class Reconciler:
             finally:
                 self._running = False
             _count(report, result.report)
+            if not report.dry_run:
+                await self._finish_onboardings(result.report.unfinished_onboardings, report)
             report.seconds = time.monotonic() - started
             self.last = report
             self.log.info("Reconciliation done: %s", report.to_markdown().replace("\n", "; "))
@@ -112,6 +118,17 @@ class Reconciler:
         report.ignored += [f"write failed: {item}" for item in applied.failed]
         self.rooms.load(await rebuild_cache(self.stores, snapshot, result))
         return result
+
+    async def _finish_onboardings(self, owners: tuple[str, ...], report: RunReport) -> None:
+        """Create the first working room a crash kept from owners' Spaces (never fatal here)."""
+        finished = 0
+        for owner in owners:
+            try:
+                finished += await self.finish_onboarding(owner)
+            except Exception:
+                self.log.exception("Could not finish the onboarding of %s", owner)
+        if owners:
+            report.counts["onboardings finished"] = finished
 
     def mark_dirty(self, room_id: str) -> None:
         """A room's state changed live; if a run is reading Matrix now, it reads the room again."""
@@ -179,6 +196,7 @@ def _count(report: RunReport, planned: Report) -> None:
             "upgrades followed": len(planned.upgrades_followed),
             "degraded": len(planned.degraded),
             "lost": len(planned.lost),
+            "unfinished onboardings": len(planned.unfinished_onboardings),
             "missing": len(planned.missing),
         }
     )

@@ -233,12 +233,14 @@ async def test_reconciler_rebuilds_the_directory_from_matrix(stores: Stores) -> 
     backends = BackendRegistry(settings, LOG)
     history = History(io, stores, rooms, backends, current, LOG)
     access = AccessService(io, stores.users, current, LOG)
-    await Onboarding(io, stores, rooms, history, backends, access, current, LOG).start(ALICE)
+    onboarding = Onboarding(io, stores, rooms, history, backends, access, current, LOG)
+    await onboarding.start(ALICE)
     [created] = rooms.all_rooms()
     await stores.db.execute("DELETE FROM rooms")  # the cache is lost
 
     fresh = RoomDirectory(io, stores.rooms, LOG)
-    report = await Reconciler(io, stores, fresh, current, LOG).run(reason="test")
+    reconciler = Reconciler(io, stores, fresh, current, LOG, finish_onboarding=onboarding.finish)
+    report = await reconciler.run(reason="test")
     assert report.writes == 0
     [rebuilt] = fresh.all_rooms()
     assert (rebuilt.room_id, rebuilt.binding, rebuilt.order_key) == (

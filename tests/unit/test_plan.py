@@ -975,3 +975,15 @@ def test_link_to_a_cached_room_missing_from_the_snapshot_is_unlinked_as_lost() -
     p, after = converge(w.snapshot(), cache)
     assert state_of(after, "!sa", "m.space.child", "!a1") == {"org.surfaces.unlinked": "lost"}
     assert p.report.missing == ("!a1",)
+
+
+def test_a_space_that_never_linked_a_room_is_an_unfinished_onboarding() -> None:
+    w = World()
+    w.space("!empty", ALICE)
+    w.space("!sb", BOB, members={BOB: "join"})
+    w.working("!b1", "!sb", BOB)
+    assert plan(w.snapshot(), CacheView(), chat_id).report.unfinished_onboardings == (ALICE,)
+    # A Space whose rooms were all archived (or lost) still has their removed links: finished.
+    w.link("!empty", "!gone")
+    w.put("!empty", "m.space.child", "!gone", {})
+    assert plan(w.snapshot(), CacheView(), chat_id).report.unfinished_onboardings == ()
