@@ -206,18 +206,22 @@ async def restart_after_crash(w: CrashWorld, iteration: int) -> None:
 # starts it again; the kind's own check, then the common invariants, run after that.
 
 
+async def kill_after(w: CrashWorld, iteration: int, low: float, high: float) -> float:
+    """SIGKILL the bot a seeded random moment into the work just started, then restart it."""
+    delay = w.rng.uniform(low, high)
+    await asyncio.sleep(delay)
+    w.bot.kill()
+    await restart_after_crash(w, iteration)
+    return delay
+
+
 async def crash_onboarding(w: CrashWorld, iteration: int) -> float:
     user = await w.make_user()
     dm = await user.open_dm(w.bot.user_id)
     await user.wait_for_notice(dm, "Hi!", sender=w.bot.user_id, timeout=15)
     w.users[user.user_id] = (user, dm)
-    sent = await user.send_text(dm, "!ai start")
-    delay = w.rng.uniform(0.0, 0.8)
-    await asyncio.sleep(delay)
-    w.bot.kill()
-    await restart_after_crash(w, iteration)
-    w.pending["onboarded"] = (user, dm, sent)
-    return delay
+    w.pending["onboarded"] = (user, dm, await user.send_text(dm, "!ai start"))
+    return await kill_after(w, iteration, 0.0, 0.8)
 
 
 async def check_onboarding(w: CrashWorld, layout: Layout) -> None:
@@ -251,11 +255,7 @@ async def check_onboarding(w: CrashWorld, layout: Layout) -> None:
 async def crash_new_room(w: CrashWorld, iteration: int) -> float:
     user, dm = w.users[w.rng.choice(sorted(w.users))]
     w.pending["new"] = (user, dm, await user.send_text(dm, f"!ai new Crash {iteration}"))
-    delay = w.rng.uniform(0.0, 0.6)
-    await asyncio.sleep(delay)
-    w.bot.kill()
-    await restart_after_crash(w, iteration)
-    return delay
+    return await kill_after(w, iteration, 0.0, 0.6)
 
 
 async def check_new_room(w: CrashWorld, layout: Layout) -> None:
@@ -273,11 +273,7 @@ async def crash_reset(w: CrashWorld, iteration: int) -> float:
     owner, room = w.any_room()
     before = (await binding_of(w.view, room)).get("platform_chat_id")
     w.pending["reset"] = (room, before, await owner.send_text(room, "!ai reset"))
-    delay = w.rng.uniform(0.0, 0.4)
-    await asyncio.sleep(delay)
-    w.bot.kill()
-    await restart_after_crash(w, iteration)
-    return delay
+    return await kill_after(w, iteration, 0.0, 0.4)
 
 
 async def check_reset(w: CrashWorld, layout: Layout) -> None:
@@ -297,11 +293,7 @@ async def crash_streaming(w: CrashWorld, iteration: int) -> float:
     owner, room = w.any_room()
     await owner.send_text(room, long_message(f"it{iteration}a"))
     await owner.send_text(room, f"it{iteration}b short one")  # queued behind it
-    delay = w.rng.uniform(0.05, 3.0)
-    await asyncio.sleep(delay)
-    w.bot.kill()
-    await restart_after_crash(w, iteration)
-    return delay
+    return await kill_after(w, iteration, 0.05, 3.0)
 
 
 async def crash_reconciliation(w: CrashWorld, iteration: int) -> float:
@@ -431,11 +423,7 @@ async def crash_archive(w: CrashWorld, iteration: int) -> float:
         owners = [room]
     room = w.rng.choice([r for r in owners if r != w.pending.get("tiny_room")] or owners)
     w.pending["archive"] = (room, await w.rooms[room].send_text(room, "!ai archive"))
-    delay = w.rng.uniform(0.0, 0.5)
-    await asyncio.sleep(delay)
-    w.bot.kill()
-    await restart_after_crash(w, iteration)
-    return delay
+    return await kill_after(w, iteration, 0.0, 0.5)
 
 
 async def check_archive(w: CrashWorld, layout: Layout) -> None:
@@ -459,11 +447,7 @@ async def crash_agent_switch(w: CrashWorld, iteration: int) -> float:
     old = agents.get(room, "echo")
     new = "other" if old == "echo" else "echo"
     w.pending["switch"] = (room, old, new, await w.rooms[room].send_text(room, f"!ai agent {new}"))
-    delay = w.rng.uniform(0.0, 0.5)
-    await asyncio.sleep(delay)
-    w.bot.kill()
-    await restart_after_crash(w, iteration)
-    return delay
+    return await kill_after(w, iteration, 0.0, 0.5)
 
 
 async def check_agent_switch(w: CrashWorld, layout: Layout) -> None:
