@@ -8,9 +8,19 @@ and are routed afterwards in arrival order, so nothing is lost or answered twice
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 from mautrix.client import Client, SyncStream
-from mautrix.types import Membership, MessageEvent, MessageType, RedactionEvent, StateEvent
+from mautrix.types import (
+    EncryptedEvent,
+    Event,
+    Membership,
+    MessageEvent,
+    MessageType,
+    RedactionEvent,
+    RoomID,
+    StateEvent,
+)
 from mautrix.util.async_db import Database
 
 from .access import AccessService
@@ -20,6 +30,7 @@ from .commands import CommandTree, split_command
 from .config import Settings
 from .context_builder import ContextBuilder
 from .dispatch import Dispatcher
+from .e2ee import E2EE
 from .handlers import Request, Services, register_commands
 from .history import History
 from .matrix import Gateway, MatrixIO
@@ -58,6 +69,24 @@ class ReadyGate:
         return held
 
 
+class RecentIds:
+    """The last `size` event ids seen, so an event delivered twice is handled once."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self._order: deque[str] = deque(maxlen=size)
+        self._ids: set[str] = set()
+
+    def add(self, event_id: str) -> bool:
+        """False when `event_id` was already seen."""
+        if event_id in self._ids:
+            return False
+        if len(self._order) == self._order.maxlen:
+            self._ids.discard(self._order[0])
+        self._order.append(event_id)
+        self._ids.add(event_id)
+        return True
+
+
 class Surfaces:
     def __init__(
         self, *, client: Client, database: Database, settings: Settings, log: logging.Logger
@@ -80,7 +109,8 @@ class Surfaces:
         self.reconciler = reconciler = Reconciler(
             io, stores, rooms, current, log, finish_onboarding=onboarding.finish
         )
-        catch_up = CatchUp(io, rooms, history, stores.processed, current, log)
+        self.e2ee = e2ee = E2EE(io, lambda: self.settings.command_prefix, log.getChild("e2ee"))
+        catch_up = CatchUp(io, rooms, history, stores.processed, e2ee, current, log)
         self.dispatcher = Dispatcher(
             io, rooms, history, context, access, backends, catch_up, current, log,
             on_caught_up=reconciler.note_catch_up,
@@ -90,6 +120,7 @@ class Surfaces:
         register_commands(commands)
         self.services = Services(
             io=io,
+            e2ee=e2ee,
             rooms=rooms,
             history=history,
             context=context,
@@ -103,6 +134,7 @@ class Surfaces:
         )
         self.gate = ReadyGate()
         self._invites_seen: set[str] = set()
+        self._routed = RecentIds()
 
     def current_settings(self) -> Settings:
         """Services read settings through this, so a live config change reaches them all."""
@@ -156,6 +188,7 @@ class Surfaces:
             "- backends: "
             + ", ".join(f"`{b.id}` ({b.type})" for b in self.backends.specs()),
             f"- access: {self.settings.access.mode}",
+            *await self.e2ee.status_lines(),
         ]
         pending = self.access.pending()
         if pending:
@@ -170,6 +203,8 @@ class Surfaces:
         # Runs synchronously up to the queueing, so events keep the order they were synced in.
         if evt.sender == self.bot_id or not self._is_new_text(evt):
             return
+        if not self._routed.add(evt.event_id):
+            return  # decrypted twice: by maubot and after a late key (`on_encrypted`)
         if not self.gate.is_open:
             self.gate.hold([evt])
             return
@@ -199,6 +234,30 @@ class Surfaces:
             self.io.spawn(self._run_command(evt, sub, args), name=f"command {sub}")
             return
         self.dispatcher.submit(evt)
+
+    async def on_encrypted(self, evt: EncryptedEvent) -> None:
+        """An encrypted message: maubot decrypts it when the bot has its key; when not, wait for
+        the key or ask the sender's devices for it, else tell the room once per session."""
+        if evt.sender == self.bot_id or not self.io.can_encrypt or await self.e2ee.has_key(evt):
+            return
+        # In the background: the key can only arrive through a later sync, which waits for handlers.
+        self.io.spawn(self._without_key(evt), name="undecryptable message")
+
+    async def _without_key(self, evt: EncryptedEvent) -> None:
+        raw = evt.serialize()
+        plain = await self.e2ee.recover(evt.room_id, raw)
+        if plain is not None:
+            decrypted = Event.deserialize(plain)
+            if isinstance(decrypted, MessageEvent):
+                await self.on_message(decrypted)
+            return
+        if self.rooms.room(evt.room_id) is not None or await self._is_dm(evt.room_id):
+            await self.e2ee.tell_undecryptable(evt.room_id, [raw])
+
+    async def _is_dm(self, room_id: str) -> bool:
+        store = self.io.client.state_store
+        members = await store.get_members(RoomID(room_id)) if store is not None else []
+        return len(members) == 2
 
     async def on_redaction(self, evt: RedactionEvent) -> None:
         # Held like messages while starting, so it is routed after the message it redacts.

@@ -16,12 +16,13 @@ from typing import Any
 from . import layout, replies
 from .commands import split_command
 from .config import Settings
+from .e2ee import E2EE
 from .history import History
 from .jobs import Job
 from .matrix import GatewayError, MatrixIO
 from .rooms import RoomDirectory, WorkingRoom
 from .store.processed import ProcessedStore
-from .timeline import Interrupted, is_bot_answer, read_back, scan_timeline
+from .timeline import Interrupted, Scan, is_bot_answer, is_owner_text, read_back, scan_timeline
 from .txn import txn_id
 
 MAX_PAGES = 4  # at most 200 events back per room; older ones are past any sane downtime
@@ -36,12 +37,14 @@ class CatchUp:
         rooms: RoomDirectory,
         history: History,
         processed: ProcessedStore,
+        e2ee: E2EE,
         settings: Callable[[], Settings],
         log: logging.Logger,
     ) -> None:
         self.io = io
         self.rooms = rooms
         self.history = history
+        self.e2ee = e2ee
         self.processed = processed
         self.settings = settings
         self.log = log
@@ -76,9 +79,11 @@ class CatchUp:
 
         events = await read_back(self.io, room.room_id, stop=reached_known, max_pages=MAX_PAGES)
         prefix = self.settings().command_prefix
-        scan = scan_timeline(
-            events, room.owner, bot, after_ts, lambda body: split_command(body, prefix) is not None
-        )
+
+        def is_command(body: str) -> bool:
+            return split_command(body, prefix) is not None
+
+        scan = scan_timeline(events, room.owner, bot, after_ts, is_command)
         if scan.interrupted is not None:
             await self._mark_interrupted(room, scan.interrupted)
         for notice in scan.unfinished_compactions:
@@ -89,6 +94,8 @@ class CatchUp:
             newest = events[0].get("origin_server_ts")
             if isinstance(newest, int):
                 await self.rooms.touch(room, newest)
+        missed = scan.missed + await self._recover(room, scan, is_command)
+        missed.sort(key=lambda e: int(e.get("origin_server_ts", 0)))
         return [
             Job(
                 room_id=room.room_id,
@@ -97,9 +104,24 @@ class CatchUp:
                 body=e["content"]["body"],
                 ts=int(e.get("origin_server_ts", 0)),
             )
-            for e in scan.missed
+            for e in missed
             if not (mark and e["event_id"] == mark.event_id)
         ]
+
+    async def _recover(
+        self, room: WorkingRoom, scan: Scan, is_command: Callable[[str], bool]
+    ) -> list[dict[str, Any]]:
+        """Missed messages the bot had no key for: those whose key comes now, the rest told once."""
+        recovered: list[dict[str, Any]] = []
+        lost: list[dict[str, Any]] = []
+        for raw in scan.undecryptable:
+            event = await self.e2ee.recover(room.room_id, raw)
+            if event is None:
+                lost.append(raw)
+            elif is_owner_text(event, room.owner) and not is_command(event["content"]["body"]):
+                recovered.append(event)
+        await self.e2ee.tell_undecryptable(room.room_id, lost, scan.noticed_sessions)
+        return recovered
 
     async def _mark_interrupted(self, room: WorkingRoom, cut: Interrupted) -> None:
         """Say in the answer itself that it was cut off (once: the edit drops `partial`)."""

@@ -16,6 +16,7 @@ from mautrix.util.config import BaseProxyConfig, ConfigUpdateHelper
 
 BACKEND_TYPES = ("echo", "openai")
 ACCESS_MODES = ("open", "allowlist", "approval")
+ENCRYPTION_MODES = ("auto", "on", "off")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MXID_RE = re.compile(r"^@[^:\s]+:\S+$")
 
@@ -98,6 +99,9 @@ class OnboardingSettings:
 class SpaceSettings:
     name_template: str = "{displayname}'s agents"
     first_room_title: str = "General"
+    # auto: new working rooms are encrypted when the bot's client can encrypt; on: always
+    # (a config error without crypto, see `check_encryption`); off: never.
+    encryption: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,22 @@ class Settings:
     def describe_changes(self, old: Settings) -> list[str]:
         """Top-level keys whose value differs from `old` (for the log; no values, so no secrets)."""
         return [f.name for f in fields(self) if getattr(self, f.name) != getattr(old, f.name)]
+
+
+def check_encryption(settings: Settings, can_encrypt: bool) -> None:
+    """`spaces.encryption: on` needs a bot whose maubot client has end-to-end encryption."""
+    if settings.spaces.encryption == "on" and not can_encrypt:
+        raise ConfigError(
+            "spaces.encryption",
+            "is 'on' but this bot's maubot client has no end-to-end encryption (give the client "
+            "a device id and install maubot[encryption]; see the README), or set it to 'auto'",
+        )
+
+
+def encrypt_new_rooms(settings: Settings, can_encrypt: bool) -> bool:
+    return settings.spaces.encryption == "on" or (
+        settings.spaces.encryption == "auto" and can_encrypt
+    )
 
 
 def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
@@ -300,6 +320,11 @@ def parse_settings(data: dict[str, Any]) -> Settings:
     recon = _section(data, "reconciliation")
     limits = _section(data, "limits")
     name_template = _str(spaces, "name_template", "spaces.name_template", "{displayname}'s agents")
+    encryption = spaces.get("encryption", "auto")
+    if encryption is True or encryption is False:  # YAML reads a bare on/off as a boolean
+        encryption = "on" if encryption else "off"
+    if encryption not in ENCRYPTION_MODES:
+        raise ConfigError("spaces.encryption", f"must be one of {', '.join(ENCRYPTION_MODES)}")
     try:
         name_template.format(displayname="x", localpart="x")
     except (KeyError, IndexError, ValueError) as e:
@@ -317,6 +342,7 @@ def parse_settings(data: dict[str, Any]) -> Settings:
             name_template=name_template,
             first_room_title=_str(spaces, "first_room_title", "spaces.first_room_title", "General")
             or "General",
+            encryption=encryption,
         ),
         backends=backends,
         agents=agents,

@@ -7,6 +7,7 @@ import time
 
 from .clock import now_ms, utc_text
 from .context_builder import ContextBuilder
+from .e2ee import E2EE
 from .history import History
 from .matrix import MatrixIO
 from .rooms import WorkingRoom
@@ -64,9 +65,12 @@ def render_markdown(
 
 
 async def export_conversation(
-    io: MatrixIO, history: History, context: ContextBuilder, room: WorkingRoom
+    io: MatrixIO, e2ee: E2EE, history: History, context: ContextBuilder, room: WorkingRoom
 ) -> int:
-    """Upload the conversation and post it as a file; returns how many messages it holds."""
+    """Upload the conversation and post it as a file; returns how many messages it holds.
+
+    In an encrypted room the file is an encrypted attachment: the media repository never holds
+    the plaintext."""
     chat, messages = await history.all_turns(room)
     if not messages:
         return 0
@@ -74,18 +78,14 @@ async def export_conversation(
     now = now_ms()
     data = render_markdown(room, agent.name, chat, messages, now).encode("utf-8")
     name = filename(room.title, now)
-    client = io.client
-    url = await io.gateway.write(
-        "upload the export",
-        lambda: client.upload_media(data, mime_type=MIME_TYPE, filename=name, size=len(data)),
-    )
+    media = await e2ee.upload(room.room_id, data, MIME_TYPE, name)
     await io.send_content(
         room.room_id,
         {
             "msgtype": "m.file",
             "body": name,
             "filename": name,
-            "url": str(url),
+            **media,
             "info": {"mimetype": MIME_TYPE, "size": len(data)},
         },
     )

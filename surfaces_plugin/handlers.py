@@ -13,6 +13,7 @@ from .commands import CommandSpec, CommandTree
 from .config import Settings
 from .context_builder import ContextBuilder
 from .dispatch import Dispatcher
+from .e2ee import E2EE
 from .errors import Refusal, UsageError
 from .export import export_conversation
 from .history import History
@@ -29,6 +30,7 @@ class Services:
     """What the commands call; `app.py` builds it."""
 
     io: MatrixIO
+    e2ee: E2EE
     rooms: RoomDirectory
     history: History
     context: ContextBuilder
@@ -283,8 +285,29 @@ async def cmd_memory(req: Request, args: str) -> None:
 async def cmd_export(req: Request, args: str) -> None:
     room = await req.my_room()
     services = req.services
-    if await export_conversation(services.io, services.history, services.context, room) == 0:
+    exported = await export_conversation(
+        services.io, services.e2ee, services.history, services.context, room
+    )
+    if exported == 0:
         raise Refusal("There is nothing to export yet: this conversation has no messages.")
+
+
+async def cmd_encrypt(req: Request, args: str) -> None:
+    room = await req.my_room()
+    e2ee = req.services.e2ee
+    if not req.services.io.can_encrypt:
+        raise Refusal(
+            "I cannot encrypt: this bot runs without end-to-end encryption. "
+            "Ask the operator to set it up (see the README)."
+        )
+    if await e2ee.is_encrypted(room.room_id):
+        await req.reply("This room is already end-to-end encrypted.")
+        return
+    await e2ee.encrypt_room(room.room_id)
+    await req.reply(
+        "This room is now end-to-end encrypted: new messages here can only be read by your "
+        "devices and mine. Encryption cannot be turned off again."
+    )
 
 
 async def cmd_archive(req: Request, args: str) -> None:
@@ -356,6 +379,9 @@ def register_commands(tree: CommandTree) -> None:
         CommandSpec("cancel", "", "stops the answer being generated", cmd_cancel, "working_room"),
         CommandSpec(
             "export", "", "uploads the conversation as a Markdown file", cmd_export, "working_room"
+        ),
+        CommandSpec(
+            "encrypt", "", "turns on end-to-end encryption here (for good)", cmd_encrypt, "working_room"
         ),
         CommandSpec("archive", "", "removes this room from your Space", cmd_archive, "working_room"),
         CommandSpec("status", "", "users, rooms, backends, last reconciliation", cmd_status, admin=True),

@@ -556,12 +556,16 @@ def parse_summary_marker(content: object) -> SummaryMarker | None:
 # ---------------------------------------------------------------------------
 # createRoom payloads (kwargs for mautrix `client.create_room`)
 
+ENCRYPTION_TYPE = "m.room.encryption"
+ENCRYPTION_CONTENT = {"algorithm": "m.megolm.v1.aes-sha2"}
+
 
 def power_levels(bot_id: str, room_version: str) -> dict[str, Any]:
     """Power levels for our rooms: the bot alone changes structure; users chat and invite.
 
     Strict on purpose: everyone but the bot is at level 0, so owners cannot rename rooms
-    (the title lives in the binding) or enable encryption (the bot has no E2EE).
+    (the title lives in the binding) or enable encryption behind the bot's back (`!ai encrypt`
+    does it when the bot can encrypt).
     Synapse replaces each top-level key given here, so `events` is complete.
     """
     infinite = creators_have_infinite_power(room_version)
@@ -631,8 +635,11 @@ def working_room_create_request(
     bot_id: str,
     server_name: str,
     room_version: str,
+    encrypted: bool = False,
 ) -> dict[str, Any]:
-    """kwargs for `create_room`: the parent link and the binding arrive atomically with the room."""
+    """kwargs for `create_room`: the parent link and the binding arrive atomically with the room
+    (and encryption, so not one message is ever sent in the clear)."""
+    encryption = [{"type": ENCRYPTION_TYPE, "state_key": "", "content": ENCRYPTION_CONTENT}]
     return {
         "preset": RoomCreatePreset.PRIVATE,
         "name": binding.title or None,
@@ -645,6 +652,7 @@ def working_room_create_request(
                 "content": space_parent_content(server_name),
             },
             {"type": BINDING_TYPE, "state_key": "", "content": binding.to_content()},
+            *(encryption if encrypted else []),
         ],
         "power_level_override": power_levels(bot_id, room_version),
         "invitees": [],

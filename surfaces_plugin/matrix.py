@@ -136,6 +136,11 @@ class MatrixIO:
     def server_name(self) -> str:
         return self.bot_id.split(":", 1)[1]
 
+    @property
+    def can_encrypt(self) -> bool:
+        """maubot gave this client end-to-end encryption (a device id and its crypto packages)."""
+        return getattr(self.client, "crypto", None) is not None
+
     def link(self, room_id: str) -> str:
         """A matrix.to link; v12 room ids carry no server, so name ours as `via`."""
         return layout.matrix_to(room_id, via=(self.server_name,))

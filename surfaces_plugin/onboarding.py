@@ -18,7 +18,7 @@ from . import layout
 from .access import AccessService
 from .backends import BackendRegistry
 from .clock import now_ms
-from .config import Settings
+from .config import Settings, encrypt_new_rooms
 from .errors import Refusal
 from .history import History
 from .matrix import GatewayError, MatrixIO, PermissionDenied
@@ -177,6 +177,7 @@ class Onboarding:
             bot_id=self.io.bot_id,
             server_name=self.io.server_name,
             room_version=await self.room_version(),
+            encrypted=encrypt_new_rooms(self.settings(), self.io.can_encrypt),
         )
         client = self.io.client
         room_id = await self.io.gateway.write(

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from maubot import Plugin
 from maubot.handlers import event
-from mautrix.types import EventType, MessageEvent, RedactionEvent, StateEvent
+from mautrix.types import EncryptedEvent, EventType, MessageEvent, RedactionEvent, StateEvent
 from mautrix.util.async_db import UpgradeTable
 from mautrix.util.config import BaseProxyConfig
 
 from . import layout
 from .app import Incoming, Surfaces
-from .config import Config, ConfigError, parse_settings, plain_config
+from .config import (
+    Config,
+    ConfigError,
+    Settings,
+    check_encryption,
+    parse_settings,
+    plain_config,
+)
 from .store.migrations import upgrade_table
 
 
@@ -29,10 +36,16 @@ class SurfacesPlugin(Plugin):
         # Handlers go live before start(); what arrives before the app exists waits here.
         self._early: list[Incoming] = []
 
+    def _settings(self) -> Settings:
+        """The validated config, checked against what this client can do; raises ConfigError."""
+        settings = parse_settings(plain_config(self.config))
+        check_encryption(settings, can_encrypt=getattr(self.client, "crypto", None) is not None)
+        return settings
+
     async def start(self) -> None:
         self.config.load_and_update()
         try:
-            settings = parse_settings(plain_config(self.config))
+            settings = self._settings()
         except ConfigError as e:
             self.log.error("Surfaces cannot start: %s. Fix it in the instance's config.", e)
             raise
@@ -49,7 +62,7 @@ class SurfacesPlugin(Plugin):
     def on_external_config_update(self) -> None:
         self.config.load_and_update()
         try:
-            settings = parse_settings(plain_config(self.config))
+            settings = self._settings()
         except ConfigError as e:
             self.log.error("Config update rejected, the last good config stays in force: %s", e)
             return
@@ -62,6 +75,13 @@ class SurfacesPlugin(Plugin):
             self._early.append(evt)
             return
         await self.app.on_message(evt)
+
+    @event.on(EventType.ROOM_ENCRYPTED)
+    async def on_encrypted(self, evt: EncryptedEvent) -> None:
+        # maubot decrypts what it can and dispatches it as a message; this sees every encrypted
+        # event, and acts only on those it could not decrypt.
+        if self.app is not None:
+            await self.app.on_encrypted(evt)
 
     @event.on(EventType.ROOM_REDACTION)
     async def on_redaction(self, evt: RedactionEvent) -> None:

@@ -14,7 +14,7 @@ from typing import Any, TypeGuard
 
 from mautrix.api import Method, Path
 
-from . import layout
+from . import e2ee, layout
 from .matrix import MatrixIO
 
 PAGE_SIZE = 50
@@ -29,7 +29,11 @@ async def read_back(
     max_pages: int = 4,
     page_size: int = PAGE_SIZE,
 ) -> list[Event]:
-    """The room's events, newest first, page by page until `stop(page)`, the start or `max_pages`."""
+    """The room's events, newest first, page by page until `stop(page)`, the start or `max_pages`.
+
+    Encrypted events come back decrypted where the bot holds the key (`e2ee.readable`); the
+    others stay `m.room.encrypted` (`e2ee.is_undecryptable`).
+    """
     events: list[Event] = []
     token: str | None = None
     for _ in range(max_pages):
@@ -42,7 +46,7 @@ async def read_back(
                 Method.GET, Path.v3.rooms[room_id].messages, query_params=q
             ),
         )
-        chunk = page.get("chunk") or []
+        chunk = await e2ee.readable(io, room_id, page.get("chunk") or [])
         events += chunk
         token = page.get("end")
         if not chunk or not token or (stop is not None and stop(chunk)):
@@ -257,6 +261,8 @@ class Scan:
     interrupted: Interrupted | None = None
     answered: str | None = None  # the user message the bot's newest answer answers
     unfinished_compactions: tuple[str, ...] = ()  # "Compacting…" notices no edit ever ended
+    undecryptable: tuple[Event, ...] = ()  # owner messages the bot has no key for, oldest first
+    noticed_sessions: frozenset[str] = frozenset()  # sessions the bot already said it cannot read
 
 
 def scan_timeline(
@@ -277,6 +283,8 @@ def scan_timeline(
     interrupted: Interrupted | None = None
     answered: str | None = None
     unfinished: list[str] = []
+    undecryptable: list[Event] = []
+    noticed: set[str] = set()
     for event in events_newest_first:
         if not isinstance(event, dict):
             continue
@@ -307,12 +315,22 @@ def scan_timeline(
                 break  # an older answer that does not say what it answers: stop here
             answered = first.answers
             continue
+        session = e2ee.noticed_session(event, bot_id)
+        if session is not None:
+            noticed.add(session)
+            continue
+        if e2ee.is_undecryptable(event) and event.get("sender") == owner and _well_formed(event):
+            undecryptable.append(event)
+            continue
         if is_owner_text(event, owner) and not is_command(event["content"]["body"]):
             missed.append(event)
     missed.reverse()
+    undecryptable.reverse()
     return Scan(
         missed=missed,
         interrupted=interrupted,
         answered=answered,
         unfinished_compactions=tuple(unfinished),
+        undecryptable=tuple(undecryptable),
+        noticed_sessions=frozenset(noticed),
     )

@@ -18,6 +18,7 @@ from surfaces_plugin.catchup import CatchUp
 from surfaces_plugin.config import Settings, parse_settings
 from surfaces_plugin.context_builder import ContextBuilder
 from surfaces_plugin.dispatch import Dispatcher
+from surfaces_plugin.e2ee import E2EE
 from surfaces_plugin.errors import Refusal
 from surfaces_plugin.history import History
 from surfaces_plugin.matrix import Gateway, MatrixIO
@@ -177,7 +178,8 @@ async def test_catch_up_finds_what_the_owner_sent_after_the_processed_mark(store
     io, settings = io_of(client), settings_of()
     rooms = RoomDirectory(io, stores.rooms, LOG)
     history = History(io, stores, rooms, BackendRegistry(settings, LOG), lambda: settings, LOG)
-    catch_up = CatchUp(io, rooms, history, stores.processed, lambda: settings, LOG)
+    e2ee = E2EE(io, lambda: settings.command_prefix, LOG)
+    catch_up = CatchUp(io, rooms, history, stores.processed, e2ee, lambda: settings, LOG)
     room = room_in(client)
     answered = client.user_message(room.room_id, ALICE, "answered before the stop")
     await stores.processed.mark(room.room_id, answered.event_id, answered.timestamp)
@@ -202,7 +204,8 @@ async def test_dispatcher_answers_the_owner_in_order_and_reports_catch_up(stores
 
     context = ContextBuilder(io, history, notes, backends, current)
     access = AccessService(io, stores.users, current, LOG)
-    catch_up = CatchUp(io, rooms, history, stores.processed, current, LOG)
+    e2ee = E2EE(io, lambda: settings.command_prefix, LOG)
+    catch_up = CatchUp(io, rooms, history, stores.processed, e2ee, current, LOG)
     reports: list[tuple[int, int]] = []
     dispatcher = Dispatcher(
         io, rooms, history, context, access, backends, catch_up, current, LOG,
