@@ -139,7 +139,7 @@ class MatrixIO:
     @property
     def can_encrypt(self) -> bool:
         """maubot gave this client end-to-end encryption (a device id and its crypto packages)."""
-        return getattr(self.client, "crypto", None) is not None
+        return self.client.crypto is not None
 
     def link(self, room_id: str) -> str:
         """A matrix.to link; v12 room ids carry no server, so name ours as `via`."""

@@ -39,7 +39,7 @@ class SurfacesPlugin(Plugin):
     def _settings(self) -> Settings:
         """The validated config, checked against what this client can do; raises ConfigError."""
         settings = parse_settings(plain_config(self.config))
-        check_encryption(settings, can_encrypt=getattr(self.client, "crypto", None) is not None)
+        check_encryption(settings, can_encrypt=self.client.crypto is not None)
         return settings
 
     async def start(self) -> None:

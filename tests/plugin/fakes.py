@@ -149,6 +149,10 @@ class FakeApi:
 
 
 class FakeClient:
+    # As on a maubot client without encryption; a test sets `crypto` to pretend it has it.
+    crypto: Any = None
+    state_store: Any = None
+
     def __init__(self, mxid: str = "@bot:localhost", room_version: str = "12") -> None:
         self.mxid = UserID(mxid)
         self.room_version = room_version

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from surfaces_plugin.config import ConfigError, parse_settings
+from surfaces_plugin.config import ConfigError, check_encryption, encrypt_new_rooms, parse_settings
 
 BASE = YAML(typ="safe").load((Path(__file__).parents[2] / "base-config.yaml").read_text())
 
@@ -60,3 +60,31 @@ def test_api_key_is_not_in_repr() -> None:
         with_(backends=[{"id": "echo", "type": "openai", "base_url": "http://x", "api_key": "sk-SECRET"}])
     )
     assert "sk-SECRET" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"), [(None, "auto"), ("auto", "auto"), ("on", "on"), (True, "on"), (False, "off")]
+)
+def test_spaces_encryption_reads_auto_on_off(value, mode) -> None:
+    spaces = dict(BASE["spaces"])
+    spaces.pop("encryption", None)
+    if value is not None:
+        spaces["encryption"] = value  # YAML turns a bare on/off into a boolean
+    assert parse_settings(with_(spaces=spaces)).spaces.encryption == mode
+
+
+def test_spaces_encryption_on_without_crypto_is_refused_naming_the_key() -> None:
+    on = parse_settings(with_(spaces={**BASE["spaces"], "encryption": "on"}))
+    with pytest.raises(ConfigError) as info:
+        check_encryption(on, can_encrypt=False)
+    assert info.value.key == "spaces.encryption" and "device id" in str(info.value)
+    check_encryption(on, can_encrypt=True)
+    auto = parse_settings(BASE)
+    check_encryption(auto, can_encrypt=False)
+    assert (encrypt_new_rooms(auto, True), encrypt_new_rooms(auto, False)) == (True, False)
+    assert encrypt_new_rooms(on, True)
+    off = parse_settings(with_(spaces={**BASE["spaces"], "encryption": "off"}))
+    assert not encrypt_new_rooms(off, True)
+    with pytest.raises(ConfigError) as info:
+        parse_settings(with_(spaces={**BASE["spaces"], "encryption": "maybe"}))
+    assert info.value.key == "spaces.encryption"

@@ -288,6 +288,13 @@ def test_working_room_request_has_parent_and_binding_in_initial_state() -> None:
     ]
     assert request["name"] == "Chat"
     assert request["invitees"] == []
+    encrypted = layout.working_room_create_request(
+        ALICE, SPACE, binding(), BOT, "hs.example", "12", encrypted=True
+    )
+    assert encrypted["initial_state"][:2] == request["initial_state"]
+    assert encrypted["initial_state"][2:] == [
+        {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+    ]
 
 
 def test_v12_power_levels_never_list_the_bot() -> None:

@@ -130,3 +130,19 @@ def test_catch_up_finds_a_compaction_notice_no_edit_ended() -> None:
     scan = scan_timeline(list(reversed(t.events)), ALICE, BOT, 0)
     assert scan.unfinished_compactions == (cut,)
     assert [e["content"]["body"] for e in scan.missed] == ["second"]
+
+
+def test_catch_up_reports_owner_messages_it_cannot_decrypt_and_sessions_already_told() -> None:
+    t = Timeline()
+    t.user("question")
+    t.answer("answer")
+    sealed = {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgA", "session_id": "S1"}
+    first = t.add(ALICE, sealed, "m.room.encrypted")
+    t.add(BOB, {**sealed, "session_id": "S9"}, "m.room.encrypted")  # not the owner: not ours
+    t.add(BOT, replies.notice("cannot read", {"org.surfaces.undecryptable": {"session_id": "S1"}}))
+    second = t.add(ALICE, {**sealed, "session_id": "S2"}, "m.room.encrypted")
+    t.user("readable")
+    scan = scan_timeline(list(reversed(t.events)), ALICE, BOT, 0)
+    assert [e["event_id"] for e in scan.undecryptable] == [first, second]
+    assert scan.noticed_sessions == {"S1"}
+    assert [e["content"]["body"] for e in scan.missed] == ["readable"]
