@@ -327,7 +327,9 @@ class E2EEUser:
         if not hasattr(resp, "room_id"):
             raise E2EEError(f"join {room_id}: {resp}")
         await self.wait_until(
-            lambda: room_id in self.client.rooms and self.membership(room_id, self.user_id) == "join",
+            lambda: (
+                room_id in self.client.rooms and self.membership(room_id, self.user_id) == "join"
+            ),
             timeout,
             f"our join of {room_id}",
         )
@@ -417,9 +419,7 @@ class E2EEUser:
             if resp.status >= 300:
                 raise E2EEError(f"GET {path} -> {resp.status}: {ciphertext[:300]!r}")
         return bytes(
-            decrypt_attachment(
-                ciphertext, file["key"]["k"], file["hashes"]["sha256"], file["iv"]
-            )
+            decrypt_attachment(ciphertext, file["key"]["k"], file["hashes"]["sha256"], file["iv"])
         )
 
 

@@ -106,9 +106,7 @@ async def make_user(synapse: SynapseServer) -> AsyncIterator[MakeUser]:
 
 
 @pytest_asyncio.fixture
-async def make_e2ee_user(
-    synapse: SynapseServer, tmp_path: Path
-) -> AsyncIterator[MakeE2EEUser]:
+async def make_e2ee_user(synapse: SynapseServer, tmp_path: Path) -> AsyncIterator[MakeE2EEUser]:
     """Register fresh E2EE users (matrix-nio, own crypto store each); closed at teardown."""
     users: list[E2EEUser] = []
 

@@ -5,11 +5,13 @@ device is published, and in an encrypted DM its answers arrive encrypted and dec
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 
 from devtools.e2e import BotFactory, MakeE2EEUser
 from devtools.e2ee_user import E2EEUser, Received
+from devtools.maubot_server import MaubotServer
 from devtools.maubot_standalone import DEVICE_ID, StandaloneBot
 
 pytestmark = pytest.mark.e2e
@@ -108,3 +110,38 @@ async def test_start_in_encrypted_dm_creates_space_and_room(
         assert room_id in text or room_id.replace("!", "%21") in text
         assert alice.membership(room_id, alice.user_id) == "join"
     await assert_nothing_plaintext_from(alice, dm, bot.user_id)
+
+
+async def test_bot_reads_the_user_after_a_new_megolm_session(
+    bot: StandaloneBot, make_e2ee_user: MakeE2EEUser
+) -> None:
+    alice = await make_e2ee_user()
+    dm, _ = await greeted_encrypted_dm(alice, bot)
+    first = await alice.send_text(dm, "!ai help")
+    await alice.wait_for_reply(dm, bot.user_id, first, "Surfaces commands")
+
+    alice.rotate_session(dm)
+    second = await alice.send_text(dm, "!ai help")
+    answer = await alice.wait_for_reply(dm, bot.user_id, second, "Surfaces commands")
+
+    assert answer.encrypted and answer.decrypted
+    wire = {e["event_id"]: e for e in await alice.raw_messages(dm)}
+    sessions = {wire[event_id]["content"]["session_id"] for event_id in (first, second)}
+    assert len(sessions) == 2, "the second message did not start a new Megolm session"
+
+
+async def test_full_server_crypto_client_answers_in_encrypted_dm(
+    maubot_server: MaubotServer, surfaces_mbp: Path, make_e2ee_user: MakeE2EEUser
+) -> None:
+    maubot_server.upload_plugin(surfaces_mbp)
+    bot = maubot_server.register_bot(device_id=DEVICE_ID)
+    assert maubot_server.get_client(bot)["fingerprint"], "maubot did not enable crypto"
+    maubot_server.create_instance("surfaces", bot, "org.surfaces.bot")
+    alice = await make_e2ee_user()
+    dm = await alice.create_encrypted_dm(bot)
+
+    asked = await alice.send_text(dm, "!ai help")
+    answer = await alice.wait_for_reply(dm, bot, asked, "Surfaces commands")
+
+    assert answer.encrypted and answer.decrypted
+    await assert_nothing_plaintext_from(alice, dm, bot)
