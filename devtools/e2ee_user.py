@@ -9,6 +9,7 @@ arrived as `m.room.encrypted` on the wire; `raw_messages()` shows the undecrypte
 from __future__ import annotations
 
 import asyncio
+import io
 import secrets
 import time
 import urllib.parse
@@ -27,6 +28,7 @@ from nio import (
     RoomCreateError,
     RoomPreset,
     SyncResponse,
+    UploadResponse,
 )
 from nio.crypto.attachments import decrypt_attachment
 
@@ -380,6 +382,33 @@ class E2EEUser:
             await self.client.keys_query()
             if unknown():
                 await asyncio.sleep(0.2)  # the other side has not uploaded keys yet
+
+    async def send_file(
+        self, room_id: str, data: bytes, name: str, mimetype: str = "application/octet-stream"
+    ) -> str:
+        """Upload `data` encrypted (nio) and send it as an `m.file` with `file`, as an E2EE
+        client does in an encrypted room; returns the event id."""
+        upload, keys = await self.client.upload(
+            io.BytesIO(data), mimetype, name, encrypt=True, filesize=len(data)
+        )
+        if not isinstance(upload, UploadResponse) or keys is None:
+            raise E2EEError(f"upload {name}: {upload}")
+        content = {
+            "msgtype": "m.file",
+            "body": name,
+            "filename": name,
+            "info": {"mimetype": mimetype, "size": len(data)},
+            "file": {**keys, "url": upload.content_uri},
+        }
+        room = self.client.rooms.get(room_id)
+        if room is not None and room.encrypted:
+            await self._know_devices(room_id, 15.0)
+        resp = await self.client.room_send(
+            room_id, "m.room.message", content, ignore_unverified_devices=True
+        )
+        if not hasattr(resp, "event_id"):
+            raise E2EEError(f"send to {room_id}: {resp}")
+        return str(resp.event_id)
 
     def rotate_session(self, room_id: str) -> None:
         """Discard this device's outbound Megolm session: the next send starts a new one and

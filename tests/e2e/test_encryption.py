@@ -145,3 +145,19 @@ async def test_full_server_crypto_client_answers_in_encrypted_dm(
 
     assert answer.encrypted and answer.decrypted
     await assert_nothing_plaintext_from(alice, dm, bot)
+
+
+async def test_harness_encrypted_attachment_round_trip(
+    bot: StandaloneBot, make_e2ee_user: MakeE2EEUser
+) -> None:
+    """The E2EE user's own attachments: uploaded encrypted, decrypted by `download_decrypted`
+    (so the helper is proven before a test relies on it for what the bot sends)."""
+    alice = await make_e2ee_user()
+    dm, _ = await greeted_encrypted_dm(alice, bot)
+    data = "notes: ünïcode and bytes \x00\x01".encode()
+
+    sent = await alice.send_file(dm, data, "notes.md", "text/markdown")
+    seen = await alice.wait_for_message(dm, lambda r: r.event_id == sent)
+
+    assert seen.encrypted and seen.decrypted and "url" not in seen.content
+    assert await alice.download_decrypted(seen.content) == data
