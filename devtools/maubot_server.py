@@ -209,32 +209,70 @@ class MaubotServer(ServerProcess):
         access_token: str,
         wait_synced: bool = True,
         timeout: float = 60.0,
+        device_id: str | None = None,
     ) -> dict[str, Any]:
-        """Add a bot account; by default wait until its first sync (always dropped) is over."""
+        """Add a bot account; by default wait until its first sync (always dropped) is over.
+
+        With `device_id` (the access token's own device) maubot enables encryption for the
+        client; waiting then also covers the upload of the device's keys."""
         cursor = LogCursor(self.log_path)
-        _, data = self.api(
-            "PUT",
-            f"/client/{quote(mxid)}",
-            {
-                "homeserver": homeserver_url,
-                "access_token": access_token,
-                "enabled": True,
-                "sync": True,
-                "autojoin": True,
-            },
-        )
+        body: dict[str, Any] = {
+            "homeserver": homeserver_url,
+            "access_token": access_token,
+            "enabled": True,
+            "sync": True,
+            "autojoin": True,
+        }
+        if device_id:
+            body["device_id"] = device_id
+        _, data = self.api("PUT", f"/client/{quote(mxid)}", body)
         self.bot_tokens[mxid] = access_token
         if wait_synced:
             self._wait_synced(mxid, cursor, timeout)
+            if device_id:
+                self._wait_device_keys(mxid, device_id, timeout)
         return dict(data)
 
-    def register_bot(self, localpart: str | None = None, timeout: float = 60.0) -> str:
-        """Register a fresh bot account on Synapse (rate limit overridden) and add it as a client."""
+    def device_keys(self, mxid: str, device_id: str) -> dict[str, Any] | None:
+        """A bot device's keys as `/keys/query` shows them to others, or None."""
+        status, data = self.synapse.request(
+            "POST",
+            "/_matrix/client/v3/keys/query",
+            {"device_keys": {mxid: []}},
+            token=self.bot_tokens[mxid],
+        )
+        if status != 200:
+            raise MaubotError(f"keys/query -> {status}: {data}")
+        device = data.get("device_keys", {}).get(mxid, {}).get(device_id)
+        return device if device and device.get("keys") else None
+
+    def _wait_device_keys(self, mxid: str, device_id: str, timeout: float) -> None:
+        """mautrix uploads keys when a sync reports the one-time key count, and maubot drops the
+        first sync: wake the next one until the keys are on the server."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.device_keys(mxid, device_id) is not None:
+                return
+            self._wake(mxid)
+            time.sleep(0.5)
+        raise MaubotError(f"{mxid}/{device_id} uploaded no keys in {timeout:.0f}s\n{self._tails()}")
+
+    def register_bot(
+        self,
+        localpart: str | None = None,
+        timeout: float = 60.0,
+        device_id: str | None = None,
+    ) -> str:
+        """Register a fresh bot account on Synapse (rate limit overridden) and add it as a client;
+        with `device_id`, logged in as that device with encryption on (see `create_client`)."""
         localpart = localpart or f"bot-{secrets.token_hex(4)}"
-        token = self.synapse.register_user(localpart, secrets.token_hex(12))
+        password = secrets.token_hex(12)
+        token = self.synapse.register_user(localpart, password)
+        if device_id:
+            token = self.synapse.login(localpart, password, device_id)
         mxid = self.synapse.user_id(localpart)
         self.synapse.override_ratelimit(mxid)
-        self.create_client(mxid, self.synapse.url, token, timeout=timeout)
+        self.create_client(mxid, self.synapse.url, token, timeout=timeout, device_id=device_id)
         return mxid
 
     def _wait_synced(self, mxid: str, cursor: LogCursor, timeout: float) -> None:

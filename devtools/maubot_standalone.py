@@ -3,6 +3,11 @@
 The bot is a freshly registered account (rate limit overridden). `start()` returns only once the
 plugin has started and the bot's first sync (which maubot drops) is done, so invites sent after
 it are seen.
+
+With `encryption=True` the bot logs in as its own device (`DEVICE_ID`) and maubot runs mautrix's
+OlmMachine with its crypto store in the bot's database; `start()` then also waits until the
+device's keys are on the homeserver, so a user can encrypt to it at once. Device, token and crypto
+store survive `restart()` and `drop_plugin_tables()`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ SYNC_DONE = "(/v3/sync) completed in"
 STARTED = "Startup completed, running forever"
 # Account data the harness writes as the bot to wake its long-polling first sync after a restart.
 WAKE_TYPE = "dev.surfaces.devtools.wake"
+# Standalone maubot logs this at DEBUG once the OlmMachine is loaded.
+CRYPTO_ENABLED = "Enabled encryption support"
+# The bot's device when encryption is on: fixed, so the crypto store matches it across restarts.
+DEVICE_ID = "SURFACESBOT"
+# Tables of mautrix's crypto store and crypto state store (all prefixed) in maubot's database.
+CRYPTO_TABLE_PREFIXES = ("crypto_", "mx_")
 
 
 class BotError(RuntimeError):
@@ -59,6 +70,8 @@ class StandaloneBot(ServerProcess):
         ignore_first_sync: bool = True,
         displayname: str = "Surfaces",
         repo_root: Path = REPO_ROOT,
+        encryption: bool = False,
+        device_id: str = DEVICE_ID,
     ) -> None:
         self.synapse = synapse
         self.repo_root = Path(repo_root)
@@ -77,7 +90,12 @@ class StandaloneBot(ServerProcess):
         self.ignore_first_sync = ignore_first_sync
         self.displayname = displayname
         self.config_overrides = config_overrides or {}
+        self.encryption = encryption
+        self.device_id: str | None = device_id if encryption else None
         self.access_token = synapse.register_user(self.localpart, self.password)
+        if self.device_id:
+            # maubot enables crypto only when the token belongs to the configured device.
+            self.access_token = synapse.login(self.localpart, self.password, self.device_id)
         synapse.override_ratelimit(self.user_id)
         self._proc: subprocess.Popen[bytes] | None = None
         self._write_base()
@@ -111,7 +129,7 @@ class StandaloneBot(ServerProcess):
                     "id": self.user_id,
                     "homeserver": self.synapse.url,
                     "access_token": self.access_token,
-                    "device_id": None,
+                    "device_id": self.device_id,
                 },
                 "sync": True,
                 "appservice": False,
@@ -174,6 +192,21 @@ class StandaloneBot(ServerProcess):
         self._wait_ready(cursor, timeout)
         return self
 
+    def device_keys(self) -> dict[str, Any] | None:
+        """The bot device's signed keys as other users see them (`/keys/query`), or None."""
+        if not self.device_id:
+            return None
+        status, data = self.synapse.request(
+            "POST",
+            "/_matrix/client/v3/keys/query",
+            {"device_keys": {self.user_id: []}},
+            token=self.access_token,
+        )
+        if status != 200:
+            raise BotError(f"keys/query -> {status}: {data}")
+        device = data.get("device_keys", {}).get(self.user_id, {}).get(self.device_id)
+        return device if device and device.get("keys") else None
+
     def _wait_ready(self, cursor: LogCursor, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         woken = 0.0
@@ -182,7 +215,18 @@ class StandaloneBot(ServerProcess):
                 raise BotError(f"maubot standalone exited during start\n{self._tails()}")
             text = cursor.new_text()
             if STARTED in text and SYNC_DONE in text:
-                return
+                if not self.encryption:
+                    return
+                if CRYPTO_ENABLED not in text:
+                    self.kill()
+                    raise BotError(f"encryption requested but not enabled\n{self._tails()}")
+                # mautrix uploads the device keys when a sync reports the one-time key count,
+                # and maubot drops the first sync: wake the next one right away.
+                if self.device_keys() is not None:
+                    return
+                if time.monotonic() - woken > 0.5:
+                    self._wake()
+                    woken = time.monotonic()
             if "Failed to start plugin" in text:
                 self.kill()
                 raise BotError(f"plugin failed to start\n{self._tails()}")
@@ -205,12 +249,13 @@ class StandaloneBot(ServerProcess):
 
     def drop_plugin_tables(self) -> list[str]:
         """Lose the plugin database: standalone keeps it in maubot's own SQLite file, so drop the
-        plugin's tables and its schema version; maubot's tables (sync token) stay, as on a full
-        server where each instance has its own plugin database. Returns the tables dropped."""
+        plugin's tables and its schema version; maubot's tables (sync token) and the crypto store
+        stay, as on a full server where each instance has its own plugin database. Returns the
+        tables dropped."""
         assert not self.running, "stop the bot first"
         with sqlite3.connect(self.data_dir / "bot.db") as conn:
             existing = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            dropped = [t for t in (*CACHE_TABLES, VERSION_TABLE) if t in existing]
+            dropped = [t for t in plugin_tables() if t in existing]
             for table in dropped:
                 conn.execute(f'DROP TABLE "{table}"')
         return dropped
@@ -224,3 +269,12 @@ class StandaloneBot(ServerProcess):
         self.stop()
         return self.start(timeout)
 
+
+def plugin_tables() -> tuple[str, ...]:
+    """The tables `drop_plugin_tables` drops; never one of the crypto store's (that would lose the
+    bot's device identity and every room key it holds)."""
+    tables = (*CACHE_TABLES, VERSION_TABLE)
+    clash = [t for t in tables if t.startswith(CRYPTO_TABLE_PREFIXES)]
+    if clash:
+        raise BotError(f"plugin tables named like crypto store tables: {clash}")
+    return tables

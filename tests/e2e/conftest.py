@@ -2,8 +2,12 @@
 
 - `synapse` (session, sync): a `SynapseServer` on a free loopback port.
 - `make_user(localpart=None) -> MatrixUser` (async factory): a fresh registered user, syncing.
+- `make_e2ee_user(localpart=None, password="password", device_id=None) -> E2EEUser` (async
+  factory): a fresh user on a matrix-nio device with E2EE (store under tmp_path), syncing, its
+  device keys uploaded. Pair it with `bot_factory(encryption=True)`.
 - `bot_factory(config_overrides=None, **kwargs) -> StandaloneBot` (sync factory): the repo's
-  plugin in standalone maubot as a fresh bot account, started and ready for invites.
+  plugin in standalone maubot as a fresh bot account, started and ready for invites;
+  `encryption=True` gives it a crypto-enabled device whose keys are uploaded before it returns.
 - `standalone_bot`: `bot_factory()` with the plugin's base config.
 - `postgres_database_url`: a fresh Postgres database for `bot_factory(database_url=...)`, so the
   bot (maubot and the plugin database alike) runs on Postgres; skipped when PostgreSQL does not
@@ -31,7 +35,8 @@ import pytest
 import pytest_asyncio
 
 from devtools import REPO_ROOT as _ROOT
-from devtools.e2e import BotFactory, MakeUser
+from devtools.e2e import BotFactory, MakeE2EEUser, MakeUser
+from devtools.e2ee_user import E2EEUser
 from devtools.matrix_user import MatrixUser
 from devtools.maubot_server import MaubotServer
 from devtools.maubot_standalone import StandaloneBot
@@ -94,6 +99,24 @@ async def make_user(synapse: SynapseServer) -> AsyncIterator[MakeUser]:
         user = MatrixUser(synapse.url, synapse.user_id(localpart), token)
         users.append(user)
         return await user.start()
+
+    yield make
+    for user in users:
+        await user.close()
+
+
+@pytest_asyncio.fixture
+async def make_e2ee_user(synapse: SynapseServer, tmp_path: Path) -> AsyncIterator[MakeE2EEUser]:
+    """Register fresh E2EE users (matrix-nio, own crypto store each); closed at teardown."""
+    users: list[E2EEUser] = []
+
+    async def make(
+        localpart: str | None = None, password: str = "password", device_id: str | None = None
+    ) -> E2EEUser:
+        store = tmp_path / f"nio-store{len(users)}"
+        user = await E2EEUser.register(synapse, store, localpart, password, device_id)
+        users.append(user)
+        return user
 
     yield make
     for user in users:
