@@ -426,6 +426,16 @@ class E2EEUser:
                 raise E2EEError(f"GET {path} -> {resp.status}: {data}")
             return data
 
+    async def state(self, room_id: str, event_type: str, key: str = "") -> dict[str, Any] | None:
+        """One state event's content as this user reads it; None when the room has none."""
+        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/state/{_q(event_type)}/{_q(key)}"
+        try:
+            return await self._get(path)
+        except E2EEError as e:
+            if "-> 404" in str(e):
+                return None
+            raise
+
     async def raw_messages(self, room_id: str, limit: int = 500) -> list[dict[str, Any]]:
         """The room's timeline as the server returns it (`/messages`, oldest first): what is on
         the wire, nothing decrypted."""
@@ -433,24 +443,26 @@ class E2EEUser:
         data = await self._get(path, {"dir": "b", "limit": str(limit)})
         return list(reversed(data.get("chunk", [])))
 
-    async def download_decrypted(self, content: dict[str, Any]) -> bytes:
-        """An encrypted attachment's plaintext, from an `m.file`/`m.image` content with `file`.
-
-        Downloads through the authenticated media API (nio's `download` uses the legacy one,
-        which Synapse no longer serves for new media) and decrypts with nio."""
+    async def download(self, mxc: str) -> bytes:
+        """A media file's bytes as the media repository holds them (authenticated media API;
+        nio's `download` uses the legacy one, which Synapse no longer serves for new media)."""
         if self._http is None:
             raise E2EEError("E2EEUser not started")
-        file = content["file"]
-        server, _, media_id = str(file["url"]).removeprefix("mxc://").partition("/")
+        server, _, media_id = mxc.removeprefix("mxc://").partition("/")
         path = f"/_matrix/client/v1/media/download/{_q(server)}/{_q(media_id)}"
         async with self._http.get(self.homeserver_url + path) as resp:
-            ciphertext = await resp.read()
+            data = await resp.read()
             if resp.status >= 300:
-                raise E2EEError(f"GET {path} -> {resp.status}: {ciphertext[:300]!r}")
+                raise E2EEError(f"GET {path} -> {resp.status}: {data[:300]!r}")
+        return data
+
+    async def download_decrypted(self, content: dict[str, Any]) -> bytes:
+        """An encrypted attachment's plaintext, from an `m.file`/`m.image` content with `file`."""
+        file = content["file"]
+        ciphertext = await self.download(str(file["url"]))
         return bytes(
             decrypt_attachment(ciphertext, file["key"]["k"], file["hashes"]["sha256"], file["iv"])
         )
-
 
 def _q(value: str) -> str:
     return urllib.parse.quote(value, safe="")

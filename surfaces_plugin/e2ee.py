@@ -36,7 +36,7 @@ ENCRYPTED_TYPE = "m.room.encrypted"
 UNDECRYPTABLE_KEY = "org.surfaces.undecryptable"  # on the notice: {"session_id": …}
 # How long a missing key is waited for: it may still be on its way, or a device may forward it.
 SESSION_WAIT_S = 3.0
-KEY_REQUEST_TIMEOUT_S = 8.0
+KEY_REQUEST_TIMEOUT_S = 5.0
 
 
 def undecryptable_text(prefix: str) -> str:
