@@ -5,16 +5,20 @@ device is published, and in an encrypted DM its answers arrive encrypted and dec
 from __future__ import annotations
 
 import asyncio
+import io
 import sqlite3
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+from ruamel.yaml import YAML
 
 from devtools.e2e import BotFactory, MakeE2EEUser
 from devtools.e2ee_user import E2EEUser, Received
 from devtools.fake_openai import FakeOpenAI
 from devtools.maubot_server import MaubotServer
-from devtools.maubot_standalone import DEVICE_ID, StandaloneBot
+from devtools.maubot_standalone import DEVICE_ID, BotError, StandaloneBot
+from devtools.synapse import SynapseServer
 
 pytestmark = pytest.mark.e2e
 
@@ -137,21 +141,49 @@ async def test_bot_reads_the_user_after_a_new_megolm_session(
     assert len(sessions) == 2, "the second message did not start a new Megolm session"
 
 
-async def test_full_server_crypto_client_answers_in_encrypted_dm(
+async def test_full_server_crypto_client_answers_and_is_cross_signed_with_a_recovery_key(
     maubot_server: MaubotServer, surfaces_mbp: Path, make_e2ee_user: MakeE2EEUser
 ) -> None:
+    """The operator's path in the README: a client with a device id, then the manager's
+    "Generate recovery key", which cross-signs the bot's device; `!ai status` says so."""
     maubot_server.upload_plugin(surfaces_mbp)
     bot = maubot_server.register_bot(device_id=DEVICE_ID)
     assert maubot_server.get_client(bot)["fingerprint"], "maubot did not enable crypto"
-    maubot_server.create_instance("surfaces", bot, "org.surfaces.bot")
     alice = await make_e2ee_user()
+    config = YAML(typ="safe").load((Path(__file__).parents[2] / "base-config.yaml").read_text())
+    config["access"]["admins"] = [alice.user_id]
+    text = io.StringIO()
+    YAML().dump(config, text)
+    maubot_server.create_instance("surfaces", bot, "org.surfaces.bot", config_yaml=text.getvalue())
     dm = await alice.create_encrypted_dm(bot)
 
-    asked = await alice.send_text(dm, "!ai help")
-    answer = await alice.wait_for_reply(dm, bot, asked, "Surfaces commands")
+    asked = await alice.send_text(dm, "!ai status")
+    before = await alice.wait_for_reply(dm, bot, asked, "Surfaces status")
+    _, made = maubot_server.api("POST", f"/client/{quote(bot)}/generate_recovery_key")
+    assert made["recovery_key"]
+    asked = await alice.send_text(dm, "!ai status")
+    after = await alice.wait_for_reply(dm, bot, asked, "Surfaces status")
 
-    assert answer.encrypted and answer.decrypted
+    assert before.encrypted and before.decrypted
+    assert f"encryption: on, device `{DEVICE_ID}` (not cross-signed)" in before.body
+    assert f"encryption: on, device `{DEVICE_ID}` (cross-signed)" in after.body
     await assert_nothing_plaintext_from(alice, dm, bot)
+
+
+def test_encryption_on_without_crypto_is_refused_naming_the_key(
+    synapse: SynapseServer, tmp_path: Path
+) -> None:
+    bot = StandaloneBot(
+        synapse, {**ECHO_ONLY, "spaces": {"encryption": "on"}}, data_dir=tmp_path / "plain"
+    )
+    try:
+        with pytest.raises(BotError):
+            bot.start(timeout=30)
+    finally:
+        bot.stop()
+    log = bot.log_path.read_text()
+    assert "Surfaces cannot start: invalid config at `spaces.encryption`" in log
+    assert "no end-to-end encryption" in log and "Fix it in the instance's config" in log
 
 
 async def test_harness_encrypted_attachment_round_trip(
