@@ -16,7 +16,7 @@ from typing import Any
 from . import layout, replies
 from .commands import split_command
 from .config import Settings
-from .e2ee import E2EE
+from .e2ee import E2EE, session_of
 from .history import History
 from .jobs import Job
 from .matrix import GatewayError, MatrixIO
@@ -114,9 +114,12 @@ class CatchUp:
         """Missed messages the bot had no key for: those whose key comes now, the rest told once."""
         recovered: list[dict[str, Any]] = []
         lost: list[dict[str, Any]] = []
+        missing: set[str] = set()  # sessions whose key did not come: ask once per session
         for raw in scan.undecryptable:
-            event = await self.e2ee.recover(room.room_id, raw)
+            session = session_of(raw)
+            event = None if session in missing else await self.e2ee.recover(room.room_id, raw)
             if event is None:
+                missing.add(session)
                 lost.append(raw)
             elif is_owner_text(event, room.owner) and not is_command(event["content"]["body"]):
                 recovered.append(event)

@@ -114,8 +114,8 @@ class E2EE:
     async def recover(self, room_id: str, raw: RawEvent) -> RawEvent | None:
         """Wait for the event's key, then ask the sender's devices for it; the decrypted event."""
         crypto = self.io.client.crypto
-        if crypto is None:
-            return None
+        if crypto is None or (room_id, session_of(raw)) in self._noticed:
+            return None  # a session already given up on: its key is not coming
         room, session = RoomID(room_id), SessionID(session_of(raw))
         if not (
             await crypto.crypto_store.has_group_session(room, session)

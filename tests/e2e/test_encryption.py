@@ -99,22 +99,29 @@ async def test_help_in_encrypted_dm(bot: StandaloneBot, make_e2ee_user: MakeE2EE
     await assert_nothing_plaintext_from(alice, dm, bot.user_id)
 
 
+async def onboard_encrypted(
+    user: E2EEUser, bot: StandaloneBot
+) -> tuple[str, Received, dict[str, str]]:
+    """`!ai start` in an encrypted DM, both invites accepted: (DM, answer, {kind: room id})."""
+    dm, _ = await greeted_encrypted_dm(user, bot)
+    asked = await user.send_text(dm, "!ai start")
+    answer = await user.wait_for_reply(dm, bot.user_id, asked, "Space is ready")
+    invited = await user.wait_for_invites(2)
+    assert set(await user.accept_invites()) == set(invited)
+    kinds = {
+        (await user.room_create_content(room_id)).get("org.surfaces.kind"): room_id
+        for room_id in invited
+    }
+    return dm, answer, kinds
+
+
 async def test_start_in_encrypted_dm_creates_space_and_room(
     bot: StandaloneBot, make_e2ee_user: MakeE2EEUser
 ) -> None:
     alice = await make_e2ee_user()
-    dm, _ = await greeted_encrypted_dm(alice, bot)
+    dm, answer, kinds = await onboard_encrypted(alice, bot)
 
-    asked = await alice.send_text(dm, "!ai start")
-    answer = await alice.wait_for_reply(dm, bot.user_id, asked, "Space is ready")
     assert answer.encrypted and answer.decrypted
-
-    invited = await alice.wait_for_invites(2)
-    assert set(await alice.accept_invites()) == set(invited)
-    kinds = {
-        (await alice.room_create_content(room_id)).get("org.surfaces.kind"): room_id
-        for room_id in invited
-    }
     assert set(kinds) == {"space", "working"}, kinds
     text = alice.latest_text(dm, answer.event_id)
     for room_id in kinds.values():
@@ -210,15 +217,8 @@ UNDECRYPTABLE = "I could not read your encrypted message"
 
 async def encrypted_working_room(user: E2EEUser, bot: StandaloneBot) -> str:
     """Onboard through an encrypted DM; the working room, joined."""
-    dm, _ = await greeted_encrypted_dm(user, bot)
-    asked = await user.send_text(dm, "!ai start")
-    await user.wait_for_reply(dm, bot.user_id, asked, "Space is ready")
-    invited = await user.wait_for_invites(2)
-    await user.accept_invites()
-    for room_id in invited:
-        if (await user.room_create_content(room_id)).get("org.surfaces.kind") == "working":
-            return room_id
-    raise AssertionError(f"no working room among {invited}")
+    _, _, kinds = await onboard_encrypted(user, bot)
+    return kinds["working"]
 
 
 def answers_to(user: E2EEUser, room_id: str, bot_id: str, event_id: str) -> list[Received]:
