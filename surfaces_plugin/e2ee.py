@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from mautrix.crypto.attachments import encrypt_attachment
 from mautrix.errors import DecryptionError
 from mautrix.types import (
     EncryptedEvent,
@@ -213,6 +212,9 @@ class E2EE:
                 lambda: client.upload_media(data, mime_type=mime_type, filename=name, size=len(data)),
             )
             return {"url": str(url)}
+        # Imported here: mautrix.crypto needs maubot[encryption], absent where maubot has no crypto.
+        from mautrix.crypto.attachments import encrypt_attachment
+
         ciphertext, file = encrypt_attachment(data)
         url = await self.io.gateway.write(
             "upload the file",
