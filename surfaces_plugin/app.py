@@ -109,7 +109,7 @@ class Surfaces:
         self.reconciler = reconciler = Reconciler(
             io, stores, rooms, current, log, finish_onboarding=onboarding.finish
         )
-        self.e2ee = e2ee = E2EE(io, lambda: self.settings.command_prefix, log.getChild("e2ee"))
+        self.e2ee = e2ee = E2EE(io, current, log.getChild("e2ee"))
         catch_up = CatchUp(io, rooms, history, stores.processed, e2ee, current, log)
         self.dispatcher = Dispatcher(
             io, rooms, history, context, access, backends, catch_up, current, log,

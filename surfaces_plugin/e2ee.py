@@ -24,8 +24,10 @@ from mautrix.types import (
     TrustState,
     UserID,
 )
+from mautrix.types.util import SerializerError
 
 from . import layout
+from .config import Settings
 from .matrix import MatrixIO, NotFound
 from .txn import txn_id
 
@@ -78,8 +80,8 @@ async def decrypt(io: MatrixIO, raw: RawEvent, room_id: str) -> RawEvent | None:
         if not isinstance(encrypted.content, EncryptedMegolmEventContent):
             return None
         event: Event = await crypto.decrypt_megolm_event(encrypted)
-    except (DecryptionError, ValueError, KeyError, TypeError):
-        return None
+    except (DecryptionError, SerializerError, ValueError, KeyError, TypeError):
+        return None  # no key, or a malformed event (remote servers send anything)
     plain = event.serialize()
     plain.setdefault("unsigned", raw.get("unsigned") or {})
     return plain
@@ -101,9 +103,9 @@ async def readable(io: MatrixIO, room_id: str, events: list[RawEvent]) -> list[R
 class E2EE:
     """Missing room keys, undecryptable-message notices, room encryption and crypto status."""
 
-    def __init__(self, io: MatrixIO, prefix: Callable[[], str], log: logging.Logger) -> None:
+    def __init__(self, io: MatrixIO, settings: Callable[[], Settings], log: logging.Logger) -> None:
         self.io = io
-        self.prefix = prefix
+        self.settings = settings
         self.log = log
         self.undecryptable = 0  # messages that stayed unreadable since start
         self._noticed: set[tuple[str, str]] = set()  # (room, session) told about
@@ -170,7 +172,7 @@ class E2EE:
             self._noticed.add(key)
             await self.io.send_notice(
                 room_id,
-                undecryptable_text(self.prefix()),
+                undecryptable_text(self.settings().command_prefix),
                 {UNDECRYPTABLE_KEY: {"session_id": session}},
                 # Keyed by the session: a notice repeated after a crash is one event.
                 txn=txn_id(f"{room_id}/{session}", "undecryptable"),
@@ -205,23 +207,20 @@ class E2EE:
 
     async def upload(self, room_id: str, data: bytes, mime_type: str, name: str) -> dict[str, Any]:
         """Upload a file for an `m.file`; encrypted in an encrypted room. The content's media part."""
-        client = self.io.client
-        if not await self.is_encrypted(room_id):
-            url = await self.io.gateway.write(
-                "upload the file",
-                lambda: client.upload_media(data, mime_type=mime_type, filename=name, size=len(data)),
-            )
-            return {"url": str(url)}
-        # Imported here: mautrix.crypto needs maubot[encryption], absent where maubot has no crypto.
-        from mautrix.crypto.attachments import encrypt_attachment
+        file = None
+        if await self.is_encrypted(room_id):
+            # Imported here: mautrix.crypto needs maubot[encryption], absent without crypto.
+            from mautrix.crypto.attachments import encrypt_attachment
 
-        ciphertext, file = encrypt_attachment(data)
+            data, file = encrypt_attachment(data)
+            mime_type = "application/octet-stream"
+        client = self.io.client
         url = await self.io.gateway.write(
             "upload the file",
-            lambda: client.upload_media(
-                ciphertext, mime_type="application/octet-stream", filename=name, size=len(ciphertext)
-            ),
+            lambda: client.upload_media(data, mime_type=mime_type, filename=name, size=len(data)),
         )
+        if file is None:
+            return {"url": str(url)}
         file.url = url
         return {"file": file.serialize()}
 

@@ -5,39 +5,26 @@ device is published, and in an encrypted DM its answers arrive encrypted and dec
 from __future__ import annotations
 
 import asyncio
-import io
 import sqlite3
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from ruamel.yaml import YAML
 
+from devtools.configs import dump_yaml, plugin_config
 from devtools.e2e import BotFactory, MakeE2EEUser
 from devtools.e2ee_user import E2EEUser, Received
 from devtools.fake_openai import FakeOpenAI
 from devtools.maubot_server import MaubotServer
 from devtools.maubot_standalone import DEVICE_ID, BotError, StandaloneBot
 from devtools.synapse import SynapseServer
+from tests.e2e.conftest import PLUGIN_DIR
 
 pytestmark = pytest.mark.e2e
 
-ECHO_AGENT = {
-    "id": "echo",
-    "name": "Echo",
-    "description": "Repeats what you say.",
-    "backend": "echo",
-    "model": "",
-    "system_prompt": "You are a helpful assistant.",
-    "context_tokens": 4096,
-    "temperature": 0.7,
-}
 # Edits as fast as the echo backend streams, so every answer shows streaming edits.
-ECHO_ONLY = {
-    "agents": [ECHO_AGENT],
-    "default_agent": "echo",
-    "streaming": {"enabled": True, "edit_interval_ms": 0},
-}
+# The base config's echo agent.
+ECHO_ONLY = {"streaming": {"enabled": True, "edit_interval_ms": 0}}
 GREETING = "Hi! I'm Surfaces"
 
 
@@ -157,11 +144,8 @@ async def test_full_server_crypto_client_answers_and_is_cross_signed_with_a_reco
     bot = maubot_server.register_bot(device_id=DEVICE_ID)
     assert maubot_server.get_client(bot)["fingerprint"], "maubot did not enable crypto"
     alice = await make_e2ee_user()
-    config = YAML(typ="safe").load((Path(__file__).parents[2] / "base-config.yaml").read_text())
-    config["access"]["admins"] = [alice.user_id]
-    text = io.StringIO()
-    YAML().dump(config, text)
-    maubot_server.create_instance("surfaces", bot, "org.surfaces.bot", config_yaml=text.getvalue())
+    config = dump_yaml(plugin_config({"access": {"admins": [alice.user_id]}}))
+    maubot_server.create_instance("surfaces", bot, "org.surfaces.bot", config_yaml=config)
     dm = await alice.create_encrypted_dm(bot)
 
     asked = await alice.send_text(dm, "!ai status")
@@ -181,7 +165,10 @@ def test_encryption_on_without_crypto_is_refused_naming_the_key(
     synapse: SynapseServer, tmp_path: Path
 ) -> None:
     bot = StandaloneBot(
-        synapse, {**ECHO_ONLY, "spaces": {"encryption": "on"}}, data_dir=tmp_path / "plain"
+        synapse,
+        {**ECHO_ONLY, "spaces": {"encryption": "on"}},
+        data_dir=tmp_path / "plain",
+        repo_root=PLUGIN_DIR,
     )
     try:
         with pytest.raises(BotError):
@@ -369,7 +356,10 @@ async def test_lost_database_rebuilds_the_encrypted_conversation_for_the_next_re
             "backends": [
                 {"id": "fake", "type": "openai", "base_url": fake.base_url, "api_key": "sk-test"}
             ],
-            "agents": [{**ECHO_AGENT, "id": "gpt", "backend": "fake", "model": "fake-model"}],
+            "agents": [
+                {"id": "gpt", "name": "GPT", "backend": "fake", "model": "fake-model",
+                 "system_prompt": "You are a helpful assistant."}
+            ],
             "default_agent": "gpt",
             "streaming": {"enabled": False},
         }

@@ -178,7 +178,7 @@ async def test_catch_up_finds_what_the_owner_sent_after_the_processed_mark(store
     io, settings = io_of(client), settings_of()
     rooms = RoomDirectory(io, stores.rooms, LOG)
     history = History(io, stores, rooms, BackendRegistry(settings, LOG), lambda: settings, LOG)
-    e2ee = E2EE(io, lambda: settings.command_prefix, LOG)
+    e2ee = E2EE(io, lambda: settings, LOG)
     catch_up = CatchUp(io, rooms, history, stores.processed, e2ee, lambda: settings, LOG)
     room = room_in(client)
     answered = client.user_message(room.room_id, ALICE, "answered before the stop")
@@ -204,7 +204,7 @@ async def test_dispatcher_answers_the_owner_in_order_and_reports_catch_up(stores
 
     context = ContextBuilder(io, history, notes, backends, current)
     access = AccessService(io, stores.users, current, LOG)
-    e2ee = E2EE(io, lambda: settings.command_prefix, LOG)
+    e2ee = E2EE(io, current, LOG)
     catch_up = CatchUp(io, rooms, history, stores.processed, e2ee, current, LOG)
     reports: list[tuple[int, int]] = []
     dispatcher = Dispatcher(
