@@ -14,7 +14,10 @@ from typing import Any, Literal
 
 from mautrix.util.config import BaseProxyConfig, ConfigUpdateHelper
 
-BACKEND_TYPES = ("echo", "openai")
+BACKEND_TYPES = ("echo", "openai", "anthropic")
+OPENAI_APIS = ("chat", "responses")
+CONVERSATION_STATES = ("replay", "server")
+ANTHROPIC_BASE_URL = "https://api.anthropic.com/v1"
 ACCESS_MODES = ("open", "allowlist", "approval")
 ENCRYPTION_MODES = ("auto", "on", "off")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -32,6 +35,8 @@ TOP_LEVEL_KEYS = (
     "streaming",
     "reconciliation",
     "limits",
+    "mcp_servers",
+    "tools",
 )
 
 
@@ -57,11 +62,35 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class BackendSpec:
     id: str
-    type: Literal["echo", "openai"]
+    type: Literal["echo", "openai", "anthropic"]
     base_url: str = ""
     api_key: str = field(default="", repr=False)  # never printed
     timeout_s: float = 60.0
     max_retries: int = 2
+    # openai only: chat completions, or the Responses API ...
+    api: Literal["chat", "responses"] = "chat"
+    # ... which either gets the transcript every turn (replay) or continues a conversation the
+    # platform keeps (server: `platform_chat_id` is the platform's conversation id).
+    state: Literal["replay", "server"] = "replay"
+
+
+@dataclass(frozen=True)
+class McpServerSpec:
+    """An MCP server reached over streamable HTTP; only the tools in `allow` are offered."""
+
+    id: str
+    url: str
+    allow: tuple[str, ...]
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # may hold secrets
+    timeout_s: float = 30.0  # per tool call
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.url, self.allow))
+
+
+@dataclass(frozen=True)
+class ToolSettings:
+    max_steps: int = 6  # model calls per turn that may ask for tools; the last one must answer
 
 
 @dataclass(frozen=True)
@@ -74,6 +103,8 @@ class AgentSpec:
     system_prompt: str = ""
     context_tokens: int = 4096
     temperature: float = 0.7
+    max_tokens: int | None = None  # answer cap sent to the provider (Anthropic needs one)
+    tools: tuple[str, ...] = ()  # ids of the MCP servers this agent may use
 
 
 @dataclass(frozen=True)
@@ -137,6 +168,8 @@ class Settings:
     streaming: StreamingSettings
     reconciliation: ReconciliationSettings
     limits: LimitSettings
+    mcp_servers: dict[str, McpServerSpec] = field(default_factory=dict)
+    tools: ToolSettings = ToolSettings()
 
     def agent(self, agent_id: str) -> AgentSpec | None:
         return self.agents.get(agent_id)
@@ -267,8 +300,16 @@ def _parse_backends(data: dict[str, Any]) -> dict[str, BackendSpec]:
                 f"{path}.type", f"unknown backend type {kind!r} (known: {', '.join(BACKEND_TYPES)})"
             )
         base_url = _str(item, "base_url", f"{path}.base_url")
-        if kind == "openai" and not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{path}.base_url", "an openai backend needs an http(s) base_url")
+        if kind == "anthropic" and not base_url:
+            base_url = ANTHROPIC_BASE_URL
+        if kind != "echo" and not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{path}.base_url", f"an {kind} backend needs an http(s) base_url")
+        api = _choice(item, "api", f"{path}.api", OPENAI_APIS, "chat")
+        state = _choice(item, "state", f"{path}.state", CONVERSATION_STATES, "replay")
+        if api != "chat" and kind != "openai":
+            raise ConfigError(f"{path}.api", "only openai backends choose an api")
+        if state == "server" and api != "responses":
+            raise ConfigError(f"{path}.state", "'server' needs `api: responses`")
         backends[backend_id] = BackendSpec(
             id=backend_id,
             type=kind,  # type: ignore[arg-type]
@@ -276,11 +317,52 @@ def _parse_backends(data: dict[str, Any]) -> dict[str, BackendSpec]:
             api_key=_str(item, "api_key", f"{path}.api_key"),
             timeout_s=_number(item, "timeout_s", f"{path}.timeout_s", 60, minimum=1),
             max_retries=_int(item, "max_retries", f"{path}.max_retries", 2),
+            api=api,  # type: ignore[arg-type]
+            state=state,  # type: ignore[arg-type]
         )
     return backends
 
 
-def _parse_agents(data: dict[str, Any], backends: dict[str, BackendSpec]) -> dict[str, AgentSpec]:
+def _choice(
+    data: dict[str, Any], key: str, path: str, choices: tuple[str, ...], default: str
+) -> str:
+    value = _str(data, key, path, default) or default
+    if value not in choices:
+        raise ConfigError(path, f"must be one of {', '.join(choices)}")
+    return value
+
+
+def _parse_mcp_servers(data: dict[str, Any]) -> dict[str, McpServerSpec]:
+    if not data.get("mcp_servers"):
+        return {}
+    servers: dict[str, McpServerSpec] = {}
+    for path, server_id, item in _entries(data, "mcp_servers", "MCP server"):
+        url = _str(item, "url", f"{path}.url")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{path}.url", "must be the server's http(s) URL (streamable HTTP)")
+        headers = item.get("headers") or {}
+        if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise ConfigError(f"{path}.headers", "must map header names to strings")
+        allow = _str_list(item, "allow", f"{path}.allow")
+        if not allow:
+            raise ConfigError(f"{path}.allow", "must list the tool names agents may call")
+        servers[server_id] = McpServerSpec(
+            id=server_id,
+            url=url,
+            allow=allow,
+            headers=dict(headers),
+            timeout_s=_number(item, "timeout_s", f"{path}.timeout_s", 30, minimum=1),
+        )
+    return servers
+
+
+def _parse_agents(
+    data: dict[str, Any],
+    backends: dict[str, BackendSpec],
+    mcp_servers: dict[str, McpServerSpec],
+) -> dict[str, AgentSpec]:
     agents: dict[str, AgentSpec] = {}
     for path, agent_id, item in _entries(data, "agents", "agent"):
         backend = _str(item, "backend", f"{path}.backend")
@@ -289,6 +371,15 @@ def _parse_agents(data: dict[str, Any], backends: dict[str, BackendSpec]) -> dic
                 f"{path}.backend",
                 f"agent {agent_id!r} names backend {backend!r}, which is not in `backends`",
             )
+        tools = _str_list(item, "tools", f"{path}.tools")
+        for i, server in enumerate(tools):
+            if server not in mcp_servers:
+                raise ConfigError(
+                    f"{path}.tools[{i}]", f"{server!r} is not one of the `mcp_servers`"
+                )
+        if tools and backends[backend].type == "echo":
+            raise ConfigError(f"{path}.tools", "the echo backend cannot call tools")
+        max_tokens = item.get("max_tokens")
         agents[agent_id] = AgentSpec(
             id=agent_id,
             name=_str(item, "name", f"{path}.name") or agent_id,
@@ -298,6 +389,10 @@ def _parse_agents(data: dict[str, Any], backends: dict[str, BackendSpec]) -> dic
             system_prompt=_str(item, "system_prompt", f"{path}.system_prompt"),
             context_tokens=_int(item, "context_tokens", f"{path}.context_tokens", 4096, minimum=256),
             temperature=_number(item, "temperature", f"{path}.temperature", 0.7),
+            max_tokens=None
+            if max_tokens is None
+            else _int(item, "max_tokens", f"{path}.max_tokens", 1024, minimum=1),
+            tools=tools,
         )
     return agents
 
@@ -308,7 +403,9 @@ def parse_settings(data: dict[str, Any]) -> Settings:
     if not prefix or any(ch.isspace() for ch in prefix) or prefix.startswith("!"):
         raise ConfigError("command_prefix", "must be one word without spaces or '!', e.g. 'ai'")
     backends = _parse_backends(data)
-    agents = _parse_agents(data, backends)
+    mcp_servers = _parse_mcp_servers(data)
+    agents = _parse_agents(data, backends, mcp_servers)
+    tools = _section(data, "tools")
     default_agent = _str(data, "default_agent", "default_agent")
     if default_agent not in agents:
         raise ConfigError(
@@ -376,4 +473,6 @@ def parse_settings(data: dict[str, Any]) -> Settings:
                 minimum=1,
             ),
         ),
+        mcp_servers=mcp_servers,
+        tools=ToolSettings(max_steps=_int(tools, "max_steps", "tools.max_steps", 6, minimum=1)),
     )

@@ -4,21 +4,46 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
 from ..config import BackendSpec
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool the model asks for: `id` pairs it with its result; `arguments` is a JSON object."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class ChatMessage:
+    """One message of a request. An assistant message may ask for tools (`tool_calls`, with
+    `content` the text said before them); a `tool` message answers the call `tool_call_id`."""
+
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+    tool_name: str = ""  # role "tool": the called tool's name (some APIs want it back)
+    is_error: bool = False  # role "tool": the call failed and `content` says why
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool offered to the model; `parameters` is the JSON Schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -26,6 +51,11 @@ class GenerationRequest:
     model: str
     messages: list[ChatMessage]
     temperature: float = 0.7
+    max_tokens: int | None = None  # the answer's cap; None lets the provider decide (Anthropic needs one)
+    tools: tuple[ToolSpec, ...] = ()
+    # The room's platform_chat_id: a backend that keeps conversations on the platform continues
+    # this one and sends only what it has not seen (the messages after the last assistant one).
+    chat_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -36,10 +66,21 @@ class Usage:
 
 @dataclass(frozen=True)
 class Chunk:
-    """A piece of answer text, or (usually last, with empty text) the usage report."""
+    """A piece of answer text, the tool calls the model asks for (complete, once their arguments
+    have streamed in; the answer then waits for their results), or the usage report."""
 
     text: str = ""
     usage: Usage | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class Features:
+    """What a backend can do; the dispatcher and commands ask this, never the backend's type."""
+
+    streaming: bool = True
+    tools: bool = False
+    server_state: bool = False  # the platform holds the conversation (`platform_chat_id` is its id)
 
 
 class ErrorKind(str, Enum):
@@ -50,6 +91,7 @@ class ErrorKind(str, Enum):
     SERVER = "server"
     MALFORMED = "malformed"
     UNREACHABLE = "unreachable"
+    CHAT_GONE = "chat_gone"  # the platform no longer has the room's conversation
 
 
 # Kinds worth another attempt when nothing was shown to the user yet.
@@ -107,6 +149,8 @@ class BackendError(Exception):
             return (
                 f"{agent} had a problem on the provider's side{status}. {retry} in a little while."
             )
+        if self.kind is ErrorKind.CHAT_GONE:
+            return f"{agent}'s provider no longer has this conversation. {retry}."
         if self.kind is ErrorKind.MALFORMED:
             return f"{agent} sent an answer that could not be read ({self.detail or 'unexpected response'}). {retry}."
         return f"{agent} could not be reached. {retry} later; if it keeps failing, an admin should check the backend's `base_url`."
@@ -124,15 +168,20 @@ def new_chat_id(backend_id: str) -> str:
 class Backend(ABC):
     """An agent provider. `stream` is an async generator; cancel the consuming task to stop it."""
 
+    features = Features()
+
     def __init__(self, spec: BackendSpec) -> None:
         self.spec = spec
 
-    async def create_chat(self) -> str:
+    async def create_chat(self, seed: Sequence[ChatMessage] = ()) -> str:
+        """A new conversation's platform_chat_id. A server-state backend creates it on the
+        platform, holding `seed` (e.g. a summary or the room's history); others need no call."""
         return new_chat_id(self.spec.id)
 
     @abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Yield answer text as it arrives, then at most one usage-only chunk."""
+        """Yield answer text as it arrives, then at most one chunk of tool calls (when the model
+        asks for tools: the dispatcher runs them and asks again) and at most one of usage."""
 
     async def complete(self, request: GenerationRequest) -> str:
         """The whole answer as one string (summaries, non-streamed replies)."""
