@@ -11,6 +11,13 @@ ends cleanly without finish_reason or [DONE]), malformed (an event that is not J
 first), json (ignores stream=true), error_event (an error object inside the 200 stream).
 Options (set_mode keywords or /_control keys): reply, status, message, retry_after, times, delay_s,
 chunk_chars, write_bytes.
+
+Tools, like a model would use them: when the request offers tools and the newest user message
+has a line `call <tool> <json arguments>`, the answer is that tool call (streamed as a real one:
+id and name first, the arguments in pieces, finish_reason "tool_calls"); after the results come
+back it answers in words, quoting them. `loop <tool> <json>` asks for the tool again after every
+result (to test a turn's step bound). Requests whose tool messages do not answer the previous
+assistant message's calls are refused with 400, as the real API does.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import time
 import uuid
@@ -46,11 +54,56 @@ MODES = (
 THINKING = "Let me think about this carefully. The user wants an answer."
 
 ReplyFn = Callable[[list[dict[str, Any]]], str]
+_TOOL_LINE = re.compile(r"^(call|loop) ([A-Za-z0-9_-]+)(?: (\{.*\}))?$", re.MULTILINE)
 
 
 def default_reply(messages: list[dict[str, Any]]) -> str:
+    results = _trailing_tool_results(messages)
+    if results:
+        return "Using the tools: " + "; ".join(str(m.get("content", "")) for m in results)
     last = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
     return f"Fake model says: {last}"
+
+
+def _trailing_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        results.append(message)
+    return list(reversed(results))
+
+
+def tool_requests(messages: list[dict[str, Any]], offered: set[str]) -> list[dict[str, Any]]:
+    """The calls this fake model makes now: `call` lines of the newest user message (once, before
+    any result came back), `loop` lines after every result too. Only offered tools are called."""
+    last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+    if last_user is None or not isinstance(last_user.get("content"), str):
+        return []
+    after_results = messages[-1].get("role") == "tool"
+    calls = []
+    for verb, name, arguments in _TOOL_LINE.findall(last_user["content"]):
+        if name in offered and (verb == "loop" or not after_results):
+            calls.append({"name": name, "arguments": arguments or "{}"})
+    return calls
+
+
+def misplaced_tool_message(messages: list[dict[str, Any]]) -> str | None:
+    """What the real API says when a tool message does not answer a call just made."""
+    open_calls: set[str] = set()
+    for message in messages:
+        if message.get("role") == "assistant":
+            open_calls = {c.get("id") for c in message.get("tool_calls") or []}
+        elif message.get("role") == "tool":
+            if message.get("tool_call_id") not in open_calls:
+                return (
+                    "Invalid parameter: messages with role 'tool' must be a response to a "
+                    "preceeding message with 'tool_calls'."
+                )
+            open_calls.discard(message.get("tool_call_id"))
+        elif open_calls:
+            return "An assistant message with 'tool_calls' must be followed by tool messages."
+    return None
 
 
 def _tokens(text: str) -> int:
@@ -210,6 +263,9 @@ class FakeOpenAI:
         self.received.set()
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return _error(400, "messages: field required", "invalid_request_error")
+        misplaced = misplaced_tool_message(body["messages"])
+        if misplaced is not None:
+            return _error(400, misplaced, "invalid_request_error")
         presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if self.require_key is not None and presented != self.require_key:
             return _error(401, f"Incorrect API key provided: {presented}", "invalid_api_key")
@@ -230,7 +286,14 @@ class FakeOpenAI:
 
     async def _answer(self, request: web.Request, body: dict[str, Any], how: Behaviour) -> Any:
         model = str(body.get("model") or "fake")
-        reply = how.reply if how.reply is not None else self.reply_fn(body["messages"])
+        offered = {t["function"]["name"] for t in body.get("tools") or [] if "function" in t}
+        calls = tool_requests(body["messages"], offered) if offered else []
+        if calls:
+            reply = ""
+        elif how.reply is not None:
+            reply = how.reply
+        else:
+            reply = self.reply_fn(body["messages"])
         if how.mode == "hang":
             await asyncio.Event().wait()  # never answers; ends when the client hangs up
         if how.mode == "status":
@@ -248,8 +311,42 @@ class FakeOpenAI:
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if how.mode == "json" or body.get("stream") is not True:
-            return web.json_response(_completion(model, reply, usage))
+            return web.json_response(_completion(model, reply, usage, calls))
+        if calls:
+            return await self._stream_calls(request, body, model, calls, usage)
         return await self._stream(request, body, how, model, reply, usage)
+
+    async def _stream_calls(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        model: str,
+        calls: list[dict[str, Any]],
+        usage: dict[str, int],
+    ) -> web.StreamResponse:
+        """Tool calls as a real stream sends them: id, type and name, then argument pieces."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        stream = _Events(model)
+        await response.write(stream.event({"role": "assistant", "content": None}))
+        for index, call in enumerate(calls):
+            head = {
+                "index": index,
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": call["name"], "arguments": ""},
+            }
+            await response.write(stream.event({"tool_calls": [head]}))
+            for piece in _split(call["arguments"], 5):
+                part = {"index": index, "function": {"arguments": piece}}
+                await response.write(stream.event({"tool_calls": [part]}))
+        await response.write(stream.event({}, finish_reason="tool_calls"))
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            await response.write(_sse({**stream.envelope(), "choices": [], "usage": usage}))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     async def _stream(
         self,
@@ -342,7 +439,23 @@ def _split(text: str, size: int) -> list[str]:
     return [p for p in pieces if p] or [""]
 
 
-def _completion(model: str, reply: str, usage: dict[str, int]) -> dict[str, Any]:
+def _completion(
+    model: str, reply: str, usage: dict[str, int], calls: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": reply}
+    if calls:
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": c["arguments"]},
+                }
+                for c in calls
+            ],
+        }
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
         "object": "chat.completion",
@@ -351,8 +464,8 @@ def _completion(model: str, reply: str, usage: dict[str, int]) -> dict[str, Any]
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": reply},
-                "finish_reason": "stop",
+                "message": message,
+                "finish_reason": "tool_calls" if calls else "stop",
             }
         ],
         "usage": usage,

@@ -16,7 +16,17 @@ from typing import Any
 import aiohttp
 
 from ..config import BackendSpec
-from .base import Backend, BackendError, Chunk, ErrorKind, GenerationRequest, Usage
+from .base import (
+    Backend,
+    BackendError,
+    ChatMessage,
+    Chunk,
+    ErrorKind,
+    Features,
+    GenerationRequest,
+    ToolCall,
+    Usage,
+)
 from .sse import SSEDecoder
 from .think import ThinkFilter
 
@@ -90,14 +100,57 @@ def _kind_for_stream_error(error: dict[str, Any]) -> ErrorKind:
     return ErrorKind.SERVER
 
 
+class _ToolCallParts:
+    """One tool call as its streamed pieces arrive (id and name first, arguments in fragments)."""
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.name = ""
+        self.arguments = ""
+
+    def add(self, part: dict[str, Any]) -> None:
+        if isinstance(part.get("id"), str):
+            self.id = part["id"]
+        function = part.get("function")
+        if not isinstance(function, dict):
+            return
+        if isinstance(function.get("name"), str):
+            self.name += function["name"]
+        if isinstance(function.get("arguments"), str):
+            self.arguments += function["arguments"]
+
+    def call(self) -> ToolCall:
+        if not self.id or not self.name:
+            raise ValueError("a tool call without its id or name")
+        return ToolCall(self.id, self.name, parse_arguments(self.arguments))
+
+
+def parse_arguments(text: str) -> dict[str, Any]:
+    """A tool call's arguments: a JSON object (an empty string means none)."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ValueError("a tool call's arguments are not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError("a tool call's arguments are not a JSON object")
+    return value
+
+
 class _Answer:
-    """What one response has delivered so far: visible text, usage, and whether it finished."""
+    """What one response has delivered so far: visible text, tool calls, usage, and whether it
+    finished."""
 
     def __init__(self) -> None:
         self.think = ThinkFilter()
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
         self.done = False
+        self._calls: dict[int, _ToolCallParts] = {}
+
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        return tuple(self._calls[index].call() for index in sorted(self._calls))
 
     def apply(self, data: Any, *, streamed: bool) -> str:
         """Take one decoded event (or the whole non-streamed body); return its visible text."""
@@ -121,12 +174,43 @@ class _Answer:
             self.finish_reason = str(choice["finish_reason"])
         # `reasoning_content` / `reasoning` fields sit next to `content` and are simply not read.
         part = choice.get("delta" if streamed else "message") or {}
+        self._add_tool_calls(part.get("tool_calls") if isinstance(part, dict) else None)
         content = part.get("content") if isinstance(part, dict) else None
         if content is None:
             return ""
         if not isinstance(content, str):
             raise ValueError("content is not a string")
         return self.think.feed(content)
+
+    def _add_tool_calls(self, calls: Any) -> None:
+        if calls is None:
+            return
+        if not isinstance(calls, list):
+            raise ValueError("tool_calls is not a list")
+        for position, part in enumerate(calls):
+            if not isinstance(part, dict):
+                raise ValueError("a tool call is not a JSON object")
+            index = part.get("index", position)  # streamed pieces say which call they extend
+            key = index if isinstance(index, int) else position
+            self._calls.setdefault(key, _ToolCallParts()).add(part)
+
+
+def message_json(message: ChatMessage) -> dict[str, Any]:
+    """A chat-completions message: tool requests as `tool_calls`, their results as role `tool`."""
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    body: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        body["content"] = message.content or None
+        body["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+            }
+            for call in message.tool_calls
+        ]
+    return body
 
 
 class _StreamError(Exception):
@@ -141,6 +225,8 @@ def _int_or_none(value: Any) -> int | None:
 
 class OpenAIBackend(Backend):
     """POST {base_url}/chat/completions with stream=true; retries only before any text is out."""
+
+    features = Features(streaming=True, tools=True)
 
     def __init__(
         self,
@@ -236,10 +322,24 @@ class OpenAIBackend(Backend):
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": request.model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": [message_json(m) for m in request.messages],
             "temperature": request.temperature,
             "stream": True,
         }
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        if request.tools:
+            body["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": tool.name,
+                        "description": tool.description,
+                        "parameters": tool.parameters,
+                    },
+                }
+                for tool in request.tools
+            ]
         if self._send_stream_options:
             body["stream_options"] = {"include_usage": True}
         return body
@@ -332,8 +432,17 @@ class OpenAIBackend(Backend):
             yield Chunk(text=tail)
         if not answer.done and answer.finish_reason is None:
             raise self._error(ErrorKind.MALFORMED, "the answer stream ended before it was complete")
+        calls = self._tool_calls(answer)
+        if calls:
+            yield Chunk(tool_calls=calls)
         if answer.usage is not None:
             yield Chunk(usage=answer.usage)
+
+    def _tool_calls(self, answer: _Answer) -> tuple[ToolCall, ...]:
+        try:
+            return answer.tool_calls()
+        except ValueError as e:
+            raise self._error(ErrorKind.MALFORMED, str(e)) from None
 
     def _apply_events(self, answer: _Answer, payloads: list[str]) -> str:
         texts: list[str] = []
@@ -373,9 +482,12 @@ class OpenAIBackend(Backend):
         except ValueError as e:
             raise self._error(ErrorKind.MALFORMED, f"bad JSON answer: {e}") from None
         text += answer.think.flush()
-        if answer.finish_reason is None and not text:
+        calls = self._tool_calls(answer)
+        if answer.finish_reason is None and not text and not calls:
             raise self._error(ErrorKind.MALFORMED, "the JSON answer had no message")
         if text:
             yield Chunk(text=text)
+        if calls:
+            yield Chunk(tool_calls=calls)
         if answer.usage is not None:
             yield Chunk(usage=answer.usage)
