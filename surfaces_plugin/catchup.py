@@ -22,11 +22,23 @@ from .jobs import Job
 from .matrix import GatewayError, MatrixIO
 from .rooms import RoomDirectory, WorkingRoom
 from .store.processed import ProcessedStore
-from .timeline import Interrupted, Scan, is_bot_answer, is_owner_text, read_back, scan_timeline
+from .timeline import (
+    Interrupted,
+    Scan,
+    UnfinishedToolRun,
+    is_bot_answer,
+    is_owner_text,
+    read_back,
+    scan_timeline,
+)
 from .txn import txn_id
 
 MAX_PAGES = 4  # at most 200 events back per room; older ones are past any sane downtime
 COMPACTION_INTERRUPTED = "Compaction was interrupted by a restart."
+TOOLS_INTERRUPTED = (
+    "*interrupted by a restart: this turn is not run again by itself (its tools would be called "
+    "again); send `!{prefix} retry` to run it again*"
+)
 INTERRUPTED_MARK = "\n\n*(interrupted by a restart; send `!{prefix} retry` for a full answer)*"
 
 
@@ -96,6 +108,21 @@ class CatchUp:
                 await self.rooms.touch(room, newest)
         missed = scan.missed + await self._recover(room, scan, is_command)
         missed.sort(key=lambda e: int(e.get("origin_server_ts", 0)))
+        cut_off = {run.marker.answers for run in scan.unfinished_tool_runs}
+        for run in scan.unfinished_tool_runs:
+            await self._end_tool_run(room, run)
+        for event in [e for e in missed if e["event_id"] in cut_off]:
+            missed.remove(event)  # told above; stored so that `!ai retry` finds it
+            await self.history.add_user_turn(
+                room,
+                event["event_id"],
+                event["sender"],
+                event["content"]["body"],
+                int(event.get("origin_server_ts", 0)),
+            )
+            await self.history.mark_processed(
+                room, event["event_id"], int(event.get("origin_server_ts", 0))
+            )
         return [
             Job(
                 room_id=room.room_id,
@@ -125,6 +152,20 @@ class CatchUp:
                 recovered.append(event)
         await self.e2ee.tell_undecryptable(room.room_id, lost, scan.noticed_sessions)
         return recovered
+
+    async def _end_tool_run(self, room: WorkingRoom, run: UnfinishedToolRun) -> None:
+        """Say on the tool notice that a restart cut the turn off (once: the edit sets `done`)."""
+        was = run.marker
+        note = TOOLS_INTERRUPTED.format(prefix=self.settings().command_prefix)
+        body = str(run.content.get("body", "")).rstrip()
+        marker = layout.tools_marker(
+            was.platform_chat_id, was.agent, was.steps, answers=was.answers, done=True
+        )
+        content = replies.notice(f"{body}\n{note}" if body else note, marker)
+        await self.io.edit(room.room_id, run.event_id, content, txn_id(run.event_id, "tools cut"))
+        self.log.info(
+            "Ended the tool run %s in %s (cut off by a restart)", run.event_id, room.room_id
+        )
 
     async def _mark_interrupted(self, room: WorkingRoom, cut: Interrupted) -> None:
         """Say in the answer itself that it was cut off (once: the edit drops `partial`)."""

@@ -29,6 +29,7 @@ from .matrix import MatrixIO
 from .rooms import WorkingRoom
 from .store.messages import Message
 from .timeline import summary_notice_text
+from .tool_runs import ToolRun
 
 SCALE_BOUNDS = (0.5, 2.0)  # how far the backend's counts may correct the token estimate
 
@@ -60,7 +61,16 @@ def system_prompt(room: WorkingRoom, agent: AgentSpec) -> str:
 
 
 def _turn(message: Message) -> Turn:
+    if message.role == "tools":
+        run = ToolRun.loads(message.content)
+        if run is None:  # not a record this version can read; keep the turn count aligned
+            return Turn(ChatMessage("assistant", "(tool calls)"))
+        return Turn(ChatMessage("assistant", run.transcript()), None, tuple(run.messages()))
     return Turn(ChatMessage(role=message.role, content=message.content), message.tokens)
+
+
+def _turns(messages: list[Message]) -> list[Turn]:
+    return [_turn(m) for m in messages]
 
 
 class ContextBuilder:
@@ -107,7 +117,7 @@ class ContextBuilder:
             system_prompt=system_prompt(room, agent),
             memory=await self.notes(room.owner),
             summary=chat.summary if chat is not None else None,
-            turns=[_turn(m) for m in turns],
+            turns=_turns(turns),
             budget=agent.context_tokens,
             scale=self.scale(agent.id),
         )
@@ -144,7 +154,7 @@ class ContextBuilder:
         """
         async with self._compact_locks[room.room_id]:
             chat, history = await self.history.turns(room, upto_seq)
-            turns = [_turn(m) for m in history]
+            turns = _turns(history)
             scale = self.scale(agent.id)
             previous = chat.summary if chat is not None else None
             head = preamble(system_prompt(room, agent), await self.notes(room.owner), previous)

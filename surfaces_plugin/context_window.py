@@ -26,10 +26,15 @@ SUMMARY_HEADING = "Summary of the earlier conversation:"
 
 @dataclass(frozen=True)
 class Turn:
-    """A stored user message or answer; `tokens` is the backend's own count, when it gave one."""
+    """A stored user message or answer; `tokens` is the backend's own count, when it gave one.
+
+    A turn's tool calls are one Turn: `exchange` is what a request carries (the calls and their
+    results, never split apart), `message` the same as plain text (summaries, agents without tools).
+    """
 
     message: ChatMessage
     tokens: int | None = None
+    exchange: tuple[ChatMessage, ...] = ()
 
 
 def message_tokens(message: ChatMessage | Turn, scale: float = 1.0) -> int:
@@ -42,6 +47,12 @@ def message_tokens(message: ChatMessage | Turn, scale: float = 1.0) -> int:
 
 def _message(turn: ChatMessage | Turn) -> ChatMessage:
     return turn.message if isinstance(turn, Turn) else turn
+
+
+def _request_messages(turn: ChatMessage | Turn) -> list[ChatMessage]:
+    if isinstance(turn, Turn) and turn.exchange:
+        return list(turn.exchange)
+    return [_message(turn)]
 
 
 @dataclass(frozen=True)
@@ -82,16 +93,16 @@ def assemble(
     head = preamble(system_prompt, memory, summary)
     messages: list[ChatMessage] = [ChatMessage("system", head)] if head else []
     used = sum(message_tokens(m, scale) for m in messages)
-    kept: list[ChatMessage] = []
+    kept: list[list[ChatMessage]] = []
     for turn in reversed(turns):
         cost = message_tokens(turn, scale)
         if kept and used + cost > budget:
             break
-        kept.append(_message(turn))
+        kept.append(_request_messages(turn))
         used += cost
     kept.reverse()
     return Window(
-        messages=messages + kept,
+        messages=messages + [m for group in kept for m in group],
         tokens=used,
         budget=budget,
         turns_included=len(kept),

@@ -12,13 +12,14 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from contextlib import aclosing
+from dataclasses import replace
 
 from mautrix.types import EventID, MessageEvent
 
 from . import layout, replies
 from .access import AccessService
-from .backends import BackendError, BackendRegistry
-from .catchup import INTERRUPTED_MARK, CatchUp
+from .backends import Backend, BackendError, BackendRegistry, ChatMessage, GenerationRequest, Usage
+from .catchup import INTERRUPTED_MARK, TOOLS_INTERRUPTED, CatchUp
 from .config import AgentSpec, Settings
 from .context_builder import ContextBuilder
 from .context_window import Window
@@ -27,6 +28,7 @@ from .jobs import Job
 from .matrix import MatrixIO
 from .rooms import RoomDirectory, WorkingRoom
 from .streaming import CANCELLED_MARK, StreamedReply, Typing
+from .tool_runs import Outcome, ToolNotice, ToolSource, marker_for, without_tool_messages
 from .txn import content_label
 
 CaughtUp = Callable[[int, int, float], None]  # (messages, rooms, seconds) once catch-up is done
@@ -97,6 +99,7 @@ class Dispatcher:
         settings: Callable[[], Settings],
         log: logging.Logger,
         on_caught_up: CaughtUp,
+        tools: ToolSource | None = None,
     ) -> None:
         self.io = io
         self.rooms = rooms
@@ -108,6 +111,7 @@ class Dispatcher:
         self.settings = settings
         self.log = log
         self.on_caught_up = on_caught_up
+        self.tools = tools
         self._queues: dict[str, deque[Job]] = defaultdict(deque)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._generating: dict[str, asyncio.Task[None]] = {}
@@ -263,21 +267,21 @@ class Dispatcher:
         settings = self.settings()
         agent = self.context.agent_of(room)
         backend = self.backends.for_agent(agent)
-        marker = layout.TurnMarker(room.platform_chat_id, agent.id, answers=job.event_id or None)
+        answers = job.event_id or None
+        marker = layout.TurnMarker(room.platform_chat_id, agent.id, answers=answers)
         stream = StreamedReply(self.io, self.settings, room.room_id, marker, job.txn)
+        notice = ToolNotice(
+            self.io, room.room_id, marker_for(room.platform_chat_id, agent.id, answers), job.txn
+        )
         typing = Typing(self.io, room.room_id, self.log)
         usage = None
         try:
             window = await self._window_within_budget(room, agent, job)
-            request = self.context.request(agent, window)
-            # aclosing: a cancelled answer closes its HTTP response at once, not at GC time.
-            async with aclosing(backend.stream(request)) as chunks:
-                async for chunk in chunks:
-                    usage = chunk.usage or usage
-                    if chunk.text:
-                        await stream.add(chunk.text)
+            request = await self._request(agent, backend, window)
+            usage = await self._run_turn(agent, backend, request, stream, notice)
             await typing.stop()  # the agent is done: no typing notice while the answer is sent
             await stream.finish()
+            await notice.end()
         except asyncio.CancelledError:
             # `!ai cancel`, a redaction, or the plugin stopping: say which in the answer itself.
             if self._redacted.covers(job):  # an answer to a retracted message is not kept
@@ -290,14 +294,20 @@ class Dispatcher:
                 else CANCELLED_MARK
             )
             await asyncio.shield(stream.cancelled(mark))
+            ended = TOOLS_INTERRUPTED.format(prefix=settings.command_prefix)
+            await asyncio.shield(
+                self._end_tools(room, notice, ended if self._stopping else "cancelled")
+            )
             answer_id = stream.first_event_id
             if answer_id:
                 await self.history.add_answer(room, stream.full_text, answer_id, None)
-            if answer_id or not self._stopping:  # unanswered at a stop: caught up later
+            # Unanswered at a stop: caught up later, unless tools ran (they must not run twice).
+            if answer_id or notice.event_id or not self._stopping:
                 await self.history.mark_processed(room, job.event_id, job.ts)
             raise
         except BackendError as e:
             self.log.warning("Agent %s failed in %s: %s", agent.id, room.room_id, e)
+            await self._end_tools(room, notice, "the agent failed")
             await stream.failed(e.user_message(agent.id, settings.command_prefix))
             await self.history.mark_processed(room, job.event_id, job.ts)
             return
@@ -307,11 +317,69 @@ class Dispatcher:
             return
         finally:
             await typing.stop()
+        await self.history.add_tool_run(room, notice.run, notice.event_id)
         if stream.first_event_id:
             await self.history.add_answer(room, stream.full_text, stream.first_event_id, usage)
-        if usage is not None:
+        if usage is not None and not notice.run.steps:  # with tools, the prompt grew as it went
             self.context.calibrate(agent.id, window.tokens, usage.prompt_tokens)
         await self.history.mark_processed(room, job.event_id, job.ts)
+
+    async def _request(
+        self, agent: AgentSpec, backend: Backend, window: Window
+    ) -> GenerationRequest:
+        """The request, with the agent's tools when it has some its backend can call."""
+        request = self.context.request(agent, window)
+        tools = []
+        if agent.tools and self.tools is not None and backend.features.tools:
+            tools = await self.tools.tools_for(agent)
+        if not tools:  # earlier tool exchanges go as text: providers refuse calls without tools
+            return replace(request, messages=without_tool_messages(request.messages))
+        return replace(request, tools=tuple(tools))
+
+    async def _run_turn(
+        self,
+        agent: AgentSpec,
+        backend: Backend,
+        request: GenerationRequest,
+        stream: StreamedReply,
+        notice: ToolNotice,
+    ) -> Usage | None:
+        """Stream the answer; while the model asks for tools, run them and ask again (bounded)."""
+        usage = None
+        messages = list(request.messages)
+        max_steps = self.settings().tools.max_steps
+        for step in range(max_steps + 1):
+            calls: tuple = ()
+            said_before = len(stream.full_text)
+            # aclosing: a cancelled answer closes its HTTP response at once, not at GC time.
+            async with aclosing(backend.stream(replace(request, messages=messages))) as chunks:
+                async for chunk in chunks:
+                    usage = chunk.usage or usage
+                    calls = chunk.tool_calls or calls
+                    if chunk.text:
+                        await stream.add(chunk.text)
+            if not calls:
+                return usage
+            if step == max_steps:
+                await notice.end(f"stopped: more than {max_steps} rounds of tool calls in one turn")
+                await stream.add(
+                    f"\n\n*(stopped: the agent wanted more than {max_steps} rounds of tool calls)*"
+                )
+                return usage
+            await notice.start(calls)
+            assert self.tools is not None  # calls only come when tools were offered
+            results = await asyncio.gather(*(self.tools.call(agent, call) for call in calls))
+            outcomes = [Outcome(c, r.text, r.is_error) for c, r in zip(calls, results, strict=True)]
+            await notice.finish_step(outcomes)
+            said = stream.full_text[said_before:]
+            messages.append(ChatMessage("assistant", said, tool_calls=tuple(calls)))
+            messages += notice.run.messages()[-len(outcomes) :]
+        return usage
+
+    async def _end_tools(self, room: WorkingRoom, notice: ToolNotice, note: str) -> None:
+        """A turn that stopped early still records the calls that ran (they happened)."""
+        await notice.end(note)
+        await self.history.add_tool_run(room, notice.run, notice.event_id)
 
     async def _end_broken_answer(self, room: WorkingRoom, job: Job, stream: StreamedReply) -> None:
         """Clear the answer's `partial` marker and tell the user once, as far as Matrix lets us."""

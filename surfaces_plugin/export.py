@@ -13,6 +13,7 @@ from .matrix import MatrixIO
 from .rooms import WorkingRoom
 from .store.chats import Chat
 from .store.messages import Message
+from .tool_runs import ToolRun
 
 MIME_TYPE = "text/markdown"
 
@@ -59,6 +60,11 @@ def render_markdown(
         ]
     lines += ["", "## Conversation"]
     for message in messages:
+        if message.role == "tools":
+            run = ToolRun.loads(message.content)
+            calls = run.transcript() if run is not None else "(tool calls)"
+            lines += ["", f"### {agent_name} used tools · {_when(message.ts)}", "", calls]
+            continue
         who = f"You ({message.sender})" if message.role == "user" else agent_name
         lines += ["", f"### {who} · {_when(message.ts)}", "", message.content]
     return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ from .store.chats import Chat
 from .store.messages import DuplicateEventError, Message
 from .timeline import ends_conversation, history_from_timeline, read_back
 from .tokens import estimate_tokens
+from .tool_runs import ToolRun
 
 REBUILD_MAX_PAGES = 20  # up to 1000 events back when rebuilding a conversation's history
 # A completion count far above the visible text's estimate includes hidden reasoning.
@@ -117,6 +118,21 @@ class History:
                 event_id=event_id,
                 sender=self.io.bot_id,
                 tokens=tokens,
+            )
+        except DuplicateEventError:
+            pass
+
+    async def add_tool_run(self, room: WorkingRoom, run: ToolRun, event_id: str | None) -> None:
+        """A turn's tool calls and results, stored before its answer (`event_id`: the notice)."""
+        if not run.steps:
+            return
+        try:
+            await self.messages.append(
+                room.platform_chat_id,
+                "tools",
+                run.dumps(),
+                event_id=event_id,
+                sender=self.io.bot_id,
             )
         except DuplicateEventError:
             pass
@@ -218,7 +234,11 @@ class History:
         for turn in turns:
             try:
                 seqs[turn.event_id] = await self.messages.append(
-                    pcid, turn.role, turn.content, event_id=turn.event_id, sender=turn.sender,
+                    pcid,
+                    turn.role,
+                    turn.content,
+                    event_id=turn.event_id,
+                    sender=turn.sender,
                     ts=turn.ts,
                 )
             except DuplicateEventError:

@@ -31,6 +31,7 @@ TURN_KEY = f"{NAMESPACE}.turn"
 RESET_KEY = f"{NAMESPACE}.reset"
 SUMMARY_KEY = f"{NAMESPACE}.summary"
 COMPACTING_KEY = f"{NAMESPACE}.compacting"
+TOOLS_KEY = f"{NAMESPACE}.tools"
 
 BINDING = EventType.find(BINDING_TYPE, EventType.Class.STATE)
 MEMORY = EventType.find(MEMORY_TYPE, EventType.Class.STATE)
@@ -532,6 +533,58 @@ def parse_turn_marker(content: object) -> TurnMarker | None:
         answers=answers if _nonempty_str(answers) else None,
         partial=body.get("partial") is True,
         continues=continues if _nonempty_str(continues) else None,
+    )
+
+
+@dataclass(frozen=True)
+class ToolsMarker:
+    """A turn's tool notice: its calls and results (`steps`, see tool_runs.ToolRun); `done` is
+    false until the run ended, so a run a crash cut off is recognisable."""
+
+    platform_chat_id: str
+    agent: str
+    steps: list[Any]
+    answers: str | None = None
+    done: bool = False
+
+
+def tools_marker(
+    platform_chat_id: str,
+    agent: str,
+    steps: list[Any],
+    *,
+    answers: str | None = None,
+    done: bool = False,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "platform_chat_id": platform_chat_id,
+        "agent": agent,
+        "steps": steps,
+        "done": done,
+    }
+    if answers:
+        body["answers"] = answers
+    return {TOOLS_KEY: body}
+
+
+def parse_tools_marker(content: object) -> ToolsMarker | None:
+    body = _marker_body(content, TOOLS_KEY)
+    if body is None:
+        return None
+    pcid, agent, steps, answers = (
+        body.get("platform_chat_id"),
+        body.get("agent"),
+        body.get("steps"),
+        body.get("answers"),
+    )
+    if not _nonempty_str(pcid) or not _nonempty_str(agent) or not isinstance(steps, list):
+        return None
+    return ToolsMarker(
+        platform_chat_id=pcid,
+        agent=agent,
+        steps=steps,
+        answers=answers if _nonempty_str(answers) else None,
+        done=body.get("done") is True,
     )
 
 

@@ -8,6 +8,7 @@ the parses are pure functions of event dicts, newest first as /messages returns 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -145,7 +146,7 @@ def is_bot_answer(event: Event, bot_id: str) -> bool:
 
 @dataclass(frozen=True)
 class TimelineTurn:
-    role: str  # "user" | "assistant"
+    role: str  # "user" | "assistant" | "tools" (content: the tool run's JSON record)
     content: str
     event_id: str
     sender: str
@@ -207,6 +208,16 @@ def history_from_timeline(
         if sender == bot_id and event.get("type") == "m.room.message":
             if note_edit(latest, event, bot_id):
                 continue
+            tools = layout.parse_tools_marker(latest.get(event["event_id"], content))
+            if tools is not None:
+                if (
+                    tools.done
+                    and tools.platform_chat_id == platform_chat_id
+                    and tools.answers not in retracted
+                ):
+                    record = json.dumps(tools.steps)
+                    turns.append(TimelineTurn("tools", record, event["event_id"], sender, ts))
+                continue  # a run a crash cut off is not history: catch-up tells the room
             marker = layout.parse_summary_marker(content)
             if marker is not None and marker.platform_chat_id == platform_chat_id:
                 if summary is None:
@@ -256,6 +267,15 @@ class Interrupted:
 
 
 @dataclass(frozen=True)
+class UnfinishedToolRun:
+    """A turn's tool notice a crash left running (`done` never set): its latest content."""
+
+    event_id: str
+    content: dict[str, Any]
+    marker: layout.ToolsMarker
+
+
+@dataclass(frozen=True)
 class Scan:
     missed: list[Event]  # oldest first
     interrupted: Interrupted | None = None
@@ -263,6 +283,7 @@ class Scan:
     unfinished_compactions: tuple[str, ...] = ()  # "Compacting…" notices no edit ever ended
     undecryptable: tuple[Event, ...] = ()  # owner messages the bot has no key for, oldest first
     noticed_sessions: frozenset[str] = frozenset()  # sessions the bot already said it cannot read
+    unfinished_tool_runs: tuple[UnfinishedToolRun, ...] = ()
 
 
 def scan_timeline(
@@ -285,6 +306,7 @@ def scan_timeline(
     unfinished: list[str] = []
     undecryptable: list[Event] = []
     noticed: set[str] = set()
+    tool_runs: list[UnfinishedToolRun] = []
     for event in events_newest_first:
         if not isinstance(event, dict):
             continue
@@ -302,6 +324,13 @@ def scan_timeline(
         ):
             unfinished.append(str(event.get("event_id")))
             continue
+        if event.get("sender") == bot_id and _well_formed(event):
+            current = latest.get(event["event_id"], _content(event))
+            tools = layout.parse_tools_marker(current)
+            if tools is not None:
+                if not tools.done:
+                    tool_runs.append(UnfinishedToolRun(event["event_id"], current, tools))
+                continue
         if answered is None and is_bot_answer(event, bot_id):
             current = latest.get(str(event.get("event_id")), event.get("content"))
             marker = layout.parse_turn_marker(current)
@@ -333,4 +362,5 @@ def scan_timeline(
         unfinished_compactions=tuple(unfinished),
         undecryptable=tuple(undecryptable),
         noticed_sessions=frozenset(noticed),
+        unfinished_tool_runs=tuple(tool_runs),
     )

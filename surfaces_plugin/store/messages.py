@@ -14,8 +14,9 @@ from mautrix.util.async_db import Connection, Scheme
 from ..clock import now_ms
 from .base import Repository, storable
 
-MessageRole = Literal["user", "assistant"]
-ROLES: tuple[str, ...] = ("user", "assistant")
+# "tools": a turn's tool calls and their results (JSON, see tool_runs.ToolRun), before its answer.
+MessageRole = Literal["user", "assistant", "tools"]
+ROLES: tuple[str, ...] = ("user", "assistant", "tools")
 
 
 class DuplicateEventError(Exception):
@@ -151,7 +152,7 @@ class MessageStore(Repository):
     ) -> int:
         """Delete the user message `event_id` and its answers; returns how many rows went.
 
-        Its answers are the assistant messages after it up to the chat's next user message
+        Its answers are the assistant (and tool) messages after it up to the chat's next user message
         (retries included): a room stores a message, then its answer, one message at a time.
         """
         async with self._acquire(conn) as c, c.transaction():
@@ -169,7 +170,7 @@ class MessageStore(Repository):
             )
             rows = await c.fetch(
                 """DELETE FROM messages WHERE platform_chat_id=$1 AND seq >= $2 AND seq < $3
-                AND (seq = $2 OR role = 'assistant') RETURNING seq""",
+                AND (seq = $2 OR role IN ('assistant', 'tools')) RETURNING seq""",
                 platform_chat_id,
                 int(seq),
                 int(next_user) if next_user is not None else _NO_SEQ_AFTER,

@@ -7,7 +7,7 @@ composite keys instead of AUTOINCREMENT/SERIAL.
 
 from __future__ import annotations
 
-from mautrix.util.async_db import Connection, UpgradeTable
+from mautrix.util.async_db import Connection, Scheme, UpgradeTable
 
 upgrade_table = UpgradeTable()
 
@@ -117,3 +117,34 @@ async def upgrade_v2(conn: Connection) -> None:
     # kept in memory; neither table was ever read.
     await conn.execute("DROP TABLE IF EXISTS onboarding_journal")
     await conn.execute("DROP TABLE IF EXISTS state_kv")
+
+
+@upgrade_table.register(description="messages: a 'tools' row holds a turn's tool calls and results")
+async def upgrade_v3(conn: Connection) -> None:
+    if conn.scheme == Scheme.POSTGRES:
+        await conn.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS messages_role_check")
+        await conn.execute(
+            "ALTER TABLE messages ADD CONSTRAINT messages_role_check "
+            "CHECK (role IN ('user', 'assistant', 'summary', 'tools'))"
+        )
+        return
+    # SQLite cannot change a CHECK constraint: copy the rows into a table that has the new one.
+    await conn.execute(
+        """CREATE TABLE messages_v3 (
+            platform_chat_id TEXT NOT NULL,
+            seq              INTEGER NOT NULL,
+            role             TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'summary', 'tools')),
+            content          TEXT NOT NULL,
+            event_id         TEXT UNIQUE,
+            sender           TEXT,
+            ts               BIGINT NOT NULL,
+            tokens           INTEGER,
+            PRIMARY KEY (platform_chat_id, seq)
+        )"""
+    )
+    await conn.execute(
+        "INSERT INTO messages_v3 (platform_chat_id, seq, role, content, event_id, sender, ts, tokens)"
+        " SELECT platform_chat_id, seq, role, content, event_id, sender, ts, tokens FROM messages"
+    )
+    await conn.execute("DROP TABLE messages")
+    await conn.execute("ALTER TABLE messages_v3 RENAME TO messages")
