@@ -90,7 +90,7 @@ class McpServerSpec:
 
 @dataclass(frozen=True)
 class ToolSettings:
-    max_steps: int = 6  # model calls per turn that may ask for tools; the last one must answer
+    max_steps: int = 6  # rounds of tool calls in one turn; a model asking for more is stopped
 
 
 @dataclass(frozen=True)
