@@ -27,6 +27,7 @@ from .jobs import Job
 from .matrix import MatrixIO
 from .rooms import RoomDirectory, WorkingRoom
 from .streaming import CANCELLED_MARK, StreamedReply, Typing
+from .toolbox import ToolBox
 from .txn import content_label
 
 CaughtUp = Callable[[int, int, float], None]  # (messages, rooms, seconds) once catch-up is done
@@ -97,6 +98,7 @@ class Dispatcher:
         settings: Callable[[], Settings],
         log: logging.Logger,
         on_caught_up: CaughtUp,
+        tools: ToolBox,
     ) -> None:
         self.io = io
         self.rooms = rooms
@@ -108,6 +110,7 @@ class Dispatcher:
         self.settings = settings
         self.log = log
         self.on_caught_up = on_caught_up
+        self.tools = tools  # the agents' MCP tools: offered to the model, run for its calls
         self._queues: dict[str, deque[Job]] = defaultdict(deque)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._generating: dict[str, asyncio.Task[None]] = {}
