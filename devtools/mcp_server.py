@@ -15,18 +15,22 @@ import json
 import socket
 import threading
 import time
+import warnings
 from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.shared.exceptions import MCPDeprecationWarning
 
 NOW_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # what `now` answers for UTC
 ZONES = ("UTC", "Europe/Berlin", "America/New_York", "Asia/Tokyo")
 
 Scope = dict[str, Any]
+# Log notifications are deprecated from protocol 2026-07-28 on; servers of 2025-06-18 send them.
+warnings.filterwarnings("ignore", category=MCPDeprecationWarning)
 
 
 def build_server(seen: list[str]) -> MCPServer:
@@ -57,8 +61,10 @@ def build_server(seen: list[str]) -> MCPServer:
         raise ToolError(reason)  # a deliberate failure: its text reaches the client
 
     @server.tool()
-    async def slow(seconds: float) -> str:
+    async def slow(seconds: float, ctx: Context) -> str:
         """Waits `seconds`, then says so."""
+        # A notification on the call's stream before its result, as busy servers send.
+        await ctx.info(f"waiting {seconds:g} s")
         seen.append("slow started")
         try:
             await asyncio.sleep(seconds)
