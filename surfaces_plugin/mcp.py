@@ -270,7 +270,7 @@ class McpClient:
                     "id": message["id"],
                     "error": {"code": _METHOD_NOT_FOUND, "message": "not supported by this client"},
                 }
-            self._spawn(self._send(reply))
+            self._spawn(self._answer_server(reply))
         return None  # notifications (progress, logging) are not shown anywhere
 
     async def _notify(self, method: str, params: dict[str, Any] | None = None) -> None:
@@ -283,6 +283,12 @@ class McpClient:
         """A notification or a reply to the server: it answers 202 with no body."""
         async with self._post(message):
             pass
+
+    async def _answer_server(self, reply: dict[str, Any]) -> None:
+        try:
+            await self._send(reply)
+        except McpError as e:
+            self.log.debug("MCP server %s: reply to its request not delivered: %s", self.spec.id, e)
 
     async def _notify_cancelled(self, request_id: int) -> None:
         try:
