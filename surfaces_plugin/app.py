@@ -40,6 +40,7 @@ from .reconcile.runner import Reconciler
 from .rooms import RoomDirectory
 from .store import Stores
 from .timeline import has_text
+from .toolbox import ToolBox
 
 _ROUTED_MSGTYPES = (MessageType.TEXT, MessageType.EMOTE)
 Incoming = MessageEvent | RedactionEvent  # what the ready gate holds, in arrival order
@@ -100,6 +101,7 @@ class Surfaces:
         self.stores = stores = Stores(database)
         current = self.current_settings
         self.backends = backends = BackendRegistry(settings, log=log.getChild("backends"))
+        self.tools = tools = ToolBox(current, log.getChild("tools"))
         self.rooms = rooms = RoomDirectory(io, stores.rooms, log)
         self.access = access = AccessService(io, stores.users, current, log)
         self.memory = memory = MemoryService(io, stores.memory, stores.users, current, log)
@@ -113,7 +115,7 @@ class Surfaces:
         catch_up = CatchUp(io, rooms, history, stores.processed, e2ee, current, log)
         self.dispatcher = Dispatcher(
             io, rooms, history, context, access, backends, catch_up, current, log,
-            on_caught_up=reconciler.note_catch_up,
+            on_caught_up=reconciler.note_catch_up, tools=tools,
         )
         self.onboarding = onboarding
         commands = CommandTree(log.getChild("commands"))
@@ -128,6 +130,8 @@ class Surfaces:
             onboarding=onboarding,
             access=access,
             dispatcher=self.dispatcher,
+            backends=backends,
+            tools=tools,
             reconciler=reconciler,
             commands=commands,
             status=self.status_text,
@@ -168,11 +172,13 @@ class Surfaces:
         await self.dispatcher.stop()
         await self.io.cancel_tasks()
         await self.backends.close()
+        await self.tools.close()
 
     def apply_settings(self, settings: Settings) -> None:
         changed = settings.describe_changes(self.settings)
         self.settings = settings
         self.backends.apply(settings)
+        self.tools.apply(settings)
         self.reconciler.schedule_periodic()
         self.log.info("Config updated live; changed: %s", ", ".join(changed) or "nothing")
 

@@ -111,7 +111,7 @@ class Dispatcher:
         self.settings = settings
         self.log = log
         self.on_caught_up = on_caught_up
-        self.tools = tools
+        self.tools = tools  # the agents' MCP tools: offered to the model, run for its calls
         self._queues: dict[str, deque[Job]] = defaultdict(deque)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._generating: dict[str, asyncio.Task[None]] = {}

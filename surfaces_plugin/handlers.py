@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from mautrix.types import EventID, MessageEvent, RoomID, UserID
 
 from .access import AccessService
-from .backends import BackendError
+from .backends import BackendError, BackendRegistry
 from .commands import CommandSpec, CommandTree
 from .config import Settings
 from .context_builder import ContextBuilder
@@ -23,6 +23,7 @@ from .names import clean_name
 from .onboarding import Onboarding
 from .reconcile.runner import Reconciler
 from .rooms import RoomDirectory, WorkingRoom
+from .toolbox import ToolBox
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Services:
     onboarding: Onboarding
     access: AccessService
     dispatcher: Dispatcher
+    backends: BackendRegistry
+    tools: ToolBox
     reconciler: Reconciler
     commands: CommandTree
     status: Callable[[], Awaitable[str]]
@@ -139,6 +142,22 @@ async def cmd_agents(req: Request, args: str) -> None:
         default = " (default)" if agent.id == req.settings.default_agent else ""
         lines.append(f"- `{agent.id}`{default}: **{agent.name}**, {agent.description}".rstrip(", "))
     await req.reply("\n".join(lines))
+
+
+async def cmd_tools(req: Request, args: str) -> None:
+    room = await req.my_room()
+    agent = req.settings.agent_or_default(room.agent)
+    if not agent.tools:
+        await req.reply(f"The agent `{agent.id}` has no tools.")
+        return
+    if not req.services.backends.for_agent(agent).features.tools:
+        await req.reply(
+            f"The agent `{agent.id}` has tools configured, but its backend `{agent.backend}` "
+            "cannot call tools."
+        )
+        return
+    lines = await req.services.tools.describe(agent)
+    await req.reply("\n".join([f"**Tools of `{agent.id}`**", "", *lines]))
 
 
 def _unknown_agent(req: Request, agent_id: str) -> UsageError:
@@ -359,6 +378,7 @@ def register_commands(tree: CommandTree) -> None:
         CommandSpec("rooms", "", "your working rooms with links", cmd_rooms),
         CommandSpec("agents", "", "the agents you can talk to", cmd_agents),
         CommandSpec("agent", "<id>", "switches this room's agent", cmd_agent, "working_room"),
+        CommandSpec("tools", "", "the tools this room's agent can call", cmd_tools, "working_room"),
         CommandSpec("reset", "", "starts a fresh conversation in this room", cmd_reset, "working_room"),
         CommandSpec(
             "context", "", "messages and tokens in context vs the budget", cmd_context, "working_room"

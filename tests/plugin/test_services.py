@@ -27,6 +27,7 @@ from surfaces_plugin.onboarding import Onboarding
 from surfaces_plugin.reconcile.runner import Reconciler
 from surfaces_plugin.rooms import RoomDirectory, WorkingRoom
 from surfaces_plugin.store import Stores
+from surfaces_plugin.toolbox import ToolBox
 
 from .conftest import config_with
 from .fakes import FakeClient
@@ -210,6 +211,7 @@ async def test_dispatcher_answers_the_owner_in_order_and_reports_catch_up(stores
     dispatcher = Dispatcher(
         io, rooms, history, context, access, backends, catch_up, current, LOG,
         on_caught_up=lambda messages, n_rooms, seconds: reports.append((messages, n_rooms)),
+        tools=ToolBox(current, LOG),
     )
     room = room_in(client)
     await rooms.remember(room)

@@ -88,3 +88,53 @@ def test_spaces_encryption_on_without_crypto_is_refused_naming_the_key() -> None
     with pytest.raises(ConfigError) as info:
         parse_settings(with_(spaces={**BASE["spaces"], "encryption": "maybe"}))
     assert info.value.key == "spaces.encryption"
+
+
+LLM = {"id": "llm", "type": "openai", "base_url": "http://127.0.0.1:11434/v1"}
+CLOCK = {
+    "id": "clock",
+    "url": "http://127.0.0.1:8000/mcp",
+    "allow": ["now"],
+    "headers": {"Authorization": "Bearer mcp-secret-42"},
+    "timeout_s": 5,
+}
+
+
+def with_tools(agent_tools, backend=LLM, **server_changes):
+    """A config whose one agent `a` on `backend` uses the MCP servers `agent_tools`."""
+    return with_(
+        backends=[backend],
+        agents=[{"id": "a", "backend": backend["id"], "tools": agent_tools}],
+        default_agent="a",
+        mcp_servers=[{**CLOCK, **server_changes}],
+    )
+
+
+def test_mcp_servers_and_agent_tools_are_read() -> None:
+    settings = parse_settings(with_tools(["clock"]))
+    clock = settings.mcp_servers["clock"]
+    assert (clock.url, clock.allow, clock.timeout_s) == ("http://127.0.0.1:8000/mcp", ("now",), 5)
+    assert clock.headers == {"Authorization": "Bearer mcp-secret-42"}
+    assert "mcp-secret-42" not in repr(clock) and "mcp-secret-42" not in repr(settings)
+    assert settings.agents["a"].tools == ("clock",)
+    assert parse_settings(BASE).mcp_servers == {}
+
+
+@pytest.mark.parametrize(
+    ("config", "key", "words"),
+    [
+        (with_tools(["clock", "weather"]), "agents[0].tools[1]", "'weather' is not one of the `mcp_servers`"),
+        (with_tools(["clock"], backend={"id": "e", "type": "echo"}), "agents[0].tools", "echo backend cannot call tools"),
+        (with_tools([], headers={"Authorization": 42}), "mcp_servers[0].headers", "must map header names to strings"),
+        (with_tools([], headers=["Authorization"]), "mcp_servers[0].headers", "must map header names to strings"),
+        (with_tools([], url="stdio:clock"), "mcp_servers[0].url", "http(s) URL"),
+        (with_tools([], allow=[]), "mcp_servers[0].allow", "must list the tool names"),
+        (with_tools([], timeout_s=0), "mcp_servers[0].timeout_s", "at least 1"),
+    ],
+)
+def test_invalid_mcp_config_names_the_key(config, key, words) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_settings(config)
+    assert raised.value.key == key
+    assert words in str(raised.value)
+    assert "mcp-secret-42" not in str(raised.value)
