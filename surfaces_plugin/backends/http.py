@@ -22,6 +22,7 @@ import aiohttp
 
 from ..config import BackendSpec
 from .base import Backend, BackendError, Chunk, ErrorKind, GenerationRequest
+from .sse import SSEDecoder
 
 _ERROR_BODY_LIMIT = 4096
 _DETAIL_LIMIT = 200
@@ -65,6 +66,14 @@ def provider_message(body: bytes, content_type: str) -> str:
         if isinstance(value, str) and value.strip():
             return one_line(value)
     return ""
+
+
+async def event_payloads(response: aiohttp.ClientResponse) -> AsyncIterator[list[str]]:
+    """The `data` payloads of an event stream: a batch per network read, then what was left."""
+    decoder = SSEDecoder()
+    async for raw in response.content.iter_any():
+        yield decoder.feed(raw)
+    yield decoder.finish()
 
 
 def kind_for_status(status: int) -> ErrorKind:
