@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import re
-import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -35,6 +33,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from aiohttp import web
+
+from devtools.loopback import LoopbackServer
 
 MODES = (
     "normal",
@@ -133,7 +133,9 @@ class Behaviour:
         return cls(mode=mode, **options)
 
 
-class FakeOpenAI:
+class FakeOpenAI(LoopbackServer):
+    url_path = "/v1"
+
     def __init__(
         self,
         *,
@@ -142,21 +144,12 @@ class FakeOpenAI:
         reply_fn: ReplyFn = default_reply,
         require_key: str | None = None,
     ) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(host=host, port=port)
         self.reply_fn = reply_fn
         self.require_key = require_key  # when set, other keys get a 401 that echoes them back
         self.behaviour = Behaviour()
         self.requests: list[dict[str, Any]] = []
-        self.disconnects = 0
-        self.disconnected = asyncio.Event()  # set at every client disconnect seen mid-answer
         self.received = asyncio.Event()  # set at every chat request
-        self._runner: web.AppRunner | None = None
-        self._stopping = False
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
 
     @property
     def bodies(self) -> list[dict[str, Any]]:
@@ -172,8 +165,7 @@ class FakeOpenAI:
         self.disconnected.clear()
         self.received.clear()
 
-    async def start(self) -> str:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
@@ -181,32 +173,6 @@ class FakeOpenAI:
         app.router.add_get("/_requests", self._get_requests)
         app.router.add_delete("/_requests", self._clear_requests)
         app.router.add_get("/_state", self._state)
-        # handler_cancellation: a client hanging up cancels the handler, so we can count it.
-        # shutdown_timeout: a hanging answer must not hold up stop() for the default minute.
-        self._runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server  # the bound port, when 0 asked the OS to pick one
-        if server is not None and server.sockets:  # type: ignore[union-attr]
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self.base_url
-
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> FakeOpenAI:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     # ---- control endpoints (for a fake running in another process)
 
     async def _control(self, request: web.Request) -> web.Response:
@@ -273,16 +239,11 @@ class FakeOpenAI:
         try:
             return await self._answer(request, body, how)
         except asyncio.CancelledError:
-            self._saw_disconnect()
+            self.saw_disconnect()
             raise
         except ConnectionError:
-            self._saw_disconnect()
+            self.saw_disconnect()
             raise
-
-    def _saw_disconnect(self) -> None:
-        if not self._stopping:
-            self.disconnects += 1
-            self.disconnected.set()
 
     async def _answer(self, request: web.Request, body: dict[str, Any], how: Behaviour) -> Any:
         model = str(body.get("model") or "fake")
@@ -479,20 +440,6 @@ def _error(
     return web.json_response(body, status=status, headers=headers)
 
 
-async def _serve(host: str, port: int, mode: str, reply: str | None) -> None:
-    fake = FakeOpenAI(host=host, port=port)
-    fake.set_mode(mode, reply=reply)
-    await fake.start()
-    print(f"fake_openai listening on {fake.base_url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await fake.stop()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -500,7 +447,9 @@ def main() -> None:
     parser.add_argument("--mode", default="normal", choices=MODES)
     parser.add_argument("--reply", default=None, help="a fixed answer instead of the computed one")
     args = parser.parse_args()
-    asyncio.run(_serve(args.host, args.port, args.mode, args.reply))
+    fake = FakeOpenAI(host=args.host, port=args.port)
+    fake.set_mode(args.mode, reply=args.reply)
+    asyncio.run(fake.serve_until_signalled("fake_openai"))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from .backends.openai import provider_message
+from .backends.http import provider_message
 from .backends.sse import SSEDecoder
 from .config import McpServerSpec
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .anthropic import AnthropicBackend
 from .base import (
     Backend,
     BackendError,
@@ -20,6 +21,7 @@ from .openai import OpenAIBackend
 from .registry import BackendRegistry, build_backend
 
 __all__ = [
+    "AnthropicBackend",
     "Backend",
     "BackendError",
     "BackendRegistry",

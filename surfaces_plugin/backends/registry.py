@@ -8,6 +8,7 @@ import logging
 import aiohttp
 
 from ..config import AgentSpec, BackendSpec, Settings
+from .anthropic import AnthropicBackend
 from .base import Backend
 from .echo import EchoBackend
 from .openai import OpenAIBackend
@@ -19,6 +20,8 @@ def build_backend(spec: BackendSpec, http: aiohttp.ClientSession | None = None) 
         return EchoBackend(spec)
     if spec.type == "openai":
         return OpenAIBackend(spec, http)
+    if spec.type == "anthropic":
+        return AnthropicBackend(spec, http)
     raise ValueError(f"unknown backend type {spec.type!r}")
 
 

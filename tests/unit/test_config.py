@@ -138,3 +138,28 @@ def test_invalid_mcp_config_names_the_key(config, key, words) -> None:
     assert raised.value.key == key
     assert words in str(raised.value)
     assert "mcp-secret-42" not in str(raised.value)
+
+
+def anthropic(**fields):
+    return with_(backends=[{"id": "echo", "type": "echo"}, {"id": "claude", "type": "anthropic", **fields}])
+
+
+def test_anthropic_backend_defaults_to_the_public_api() -> None:
+    spec = parse_settings(anthropic(api_key="sk-ant-SECRET")).backends["claude"]
+    assert (spec.type, spec.base_url, spec.api_key) == ("anthropic", "https://api.anthropic.com/v1", "sk-ant-SECRET")
+    assert (spec.timeout_s, spec.max_retries) == (60, 2)
+
+
+def test_anthropic_backend_takes_another_base_url() -> None:
+    spec = parse_settings(anthropic(base_url="http://127.0.0.1:8080/v1/")).backends["claude"]
+    assert spec.base_url == "http://127.0.0.1:8080/v1"
+
+
+@pytest.mark.parametrize(
+    ("fields", "key"),
+    [({"base_url": "api.anthropic.com"}, "backends[1].base_url"), ({"api": "responses"}, "backends[1].api")],
+)
+def test_anthropic_backend_refuses_what_it_cannot_use(fields, key) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(anthropic(**fields))
+    assert info.value.key == key
