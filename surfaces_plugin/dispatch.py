@@ -17,7 +17,7 @@ from mautrix.types import EventID, MessageEvent
 
 from . import layout, replies
 from .access import AccessService
-from .backends import BackendError, BackendRegistry
+from .backends import BackendError, BackendRegistry, ErrorKind
 from .catchup import INTERRUPTED_MARK, CatchUp
 from .config import AgentSpec, Settings
 from .context_builder import ContextBuilder
@@ -269,7 +269,7 @@ class Dispatcher:
         usage = None
         try:
             window = await self._window_within_budget(room, agent, job)
-            request = self.context.request(agent, window)
+            request = self.context.request(agent, window, room)
             # aclosing: a cancelled answer closes its HTTP response at once, not at GC time.
             async with aclosing(backend.stream(request)) as chunks:
                 async for chunk in chunks:
@@ -297,6 +297,11 @@ class Dispatcher:
                 await self.history.mark_processed(room, job.event_id, job.ts)
             raise
         except BackendError as e:
+            if e.kind is ErrorKind.CHAT_GONE and not stream.first_event_id:
+                renewed = await self.context.continue_lost_chat(room, agent, job)
+                if renewed is not None:  # answered again in the new conversation
+                    await self._generate(renewed, job)
+                    return
             self.log.warning("Agent %s failed in %s: %s", agent.id, room.room_id, e)
             await stream.failed(e.user_message(agent.id, settings.command_prefix))
             await self.history.mark_processed(room, job.event_id, job.ts)

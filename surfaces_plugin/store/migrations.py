@@ -117,3 +117,9 @@ async def upgrade_v2(conn: Connection) -> None:
     # kept in memory; neither table was ever read.
     await conn.execute("DROP TABLE IF EXISTS onboarding_journal")
     await conn.execute("DROP TABLE IF EXISTS state_kv")
+
+
+@upgrade_table.register(description="chats.prompt_tokens: the provider's last reported prompt")
+async def upgrade_v3(conn: Connection) -> None:
+    # A conversation the provider holds is measured there; `!ai context` shows its last count.
+    await conn.execute("ALTER TABLE chats ADD COLUMN prompt_tokens INTEGER")
