@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .. import layout
 from ..backends import BackendError
+from ..history import not_created
 from ..layout import Binding
 from .model import Action, RoomRecord, SetState
 from .plan import Plan
@@ -45,7 +46,7 @@ async def obtain_chat_ids(plan: Plan, create: CreateChat, log: logging.Logger) -
             platform_id = await create(room_id, record.binding)
         except BackendError as e:
             log.warning("Reconciliation: no conversation for %s from the platform: %s", room_id, e)
-            result.failed.append(f"{room_id}: the platform did not create a conversation ({e})")
+            result.failed.append(f"{room_id}: {not_created(record.binding.agent, e)}")
             chosen[room_id] = None
             continue
         if platform_id is not None:
