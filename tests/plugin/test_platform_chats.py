@@ -245,3 +245,17 @@ async def test_compaction_starts_a_conversation_holding_the_summary(make_surface
     assert "- the provider's last count: none reported yet" in h.last_reply(room)
     await h.say(room, ALICE, "next")
     assert h.last_reply(room) == f"conv_2 holds {len(seed) + 2} messages (1 new)"
+
+
+async def test_automatic_compaction_answers_in_the_new_conversation(make_surfaces) -> None:
+    h, backend, room = await onboarded(make_surfaces, agents=agents(context_tokens=256))
+    for i in range(5):
+        await h.say(room, ALICE, f"m{i} " + " ".join(["word"] * 60))
+    assert any(b.startswith("**Summary of the earlier conversation**") for b in h.client.bodies(room))
+    newest = f"conv_{len(backend.seeds)}"
+    assert newest != "conv_1" and bound_chat_id(h, room) == newest
+    # The answer after the compaction came from the new, smaller conversation and is kept there.
+    assert h.last_reply(room).startswith(f"{newest} holds ")
+    stored = await h.app.stores.messages.history(newest)
+    assert stored[-1].content == h.last_reply(room)
+    assert stored[-2].content.startswith("m4 ")
