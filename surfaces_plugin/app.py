@@ -109,7 +109,7 @@ class Surfaces:
         context = ContextBuilder(io, history, memory.notes, backends, current)
         onboarding = Onboarding(io, stores, rooms, history, backends, access, current, log)
         self.reconciler = reconciler = Reconciler(
-            io, stores, rooms, current, log, finish_onboarding=onboarding.finish
+            io, stores, rooms, current, log, finish_onboarding=onboarding.finish, backends=backends
         )
         self.e2ee = e2ee = E2EE(io, current, log.getChild("e2ee"))
         catch_up = CatchUp(io, rooms, history, stores.processed, e2ee, current, log)

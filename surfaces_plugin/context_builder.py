@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from . import layout
-from .backends import BackendRegistry, ChatMessage, GenerationRequest
+from .backends import BackendError, BackendRegistry, ChatMessage, GenerationRequest
 from .compaction import summarise
 from .config import AgentSpec, Settings
 from .context_window import (
@@ -20,11 +20,13 @@ from .context_window import (
     Window,
     assemble,
     compaction_split,
+    conversation_seed,
     keep_tokens_after_compaction,
     message_tokens,
     preamble,
 )
 from .history import History
+from .jobs import Job
 from .matrix import MatrixIO
 from .rooms import WorkingRoom
 from .store.messages import Message
@@ -53,6 +55,8 @@ class ContextReport:
     override: bool
     stored_messages: int
     summary_covers: int
+    held_by_provider: bool = False  # the platform keeps the conversation (server state)
+    provider_prompt_tokens: int | None = None  # the prompt of its last answer, as it reported
 
 
 def system_prompt(room: WorkingRoom, agent: AgentSpec) -> str:
@@ -89,6 +93,9 @@ class ContextBuilder:
         self.settings = settings
         self._scale: dict[str, float] = {}  # agent id → correction learnt from reported usage
         self._compact_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # (room, conversation) pairs already renewed after the provider lost them, and the
+        # (room, message, attempt) answers that renewed one: each happens once.
+        self._renewed: set[tuple[str, ...]] = set()
 
     def agent_of(self, room: WorkingRoom) -> AgentSpec:
         return self.settings().agent_or_default(room.agent)
@@ -122,13 +129,26 @@ class ContextBuilder:
             scale=self.scale(agent.id),
         )
 
-    @staticmethod
-    def request(agent: AgentSpec, window: Window) -> GenerationRequest:
+    def request(
+        self, agent: AgentSpec, window: Window, room: WorkingRoom | None = None
+    ) -> GenerationRequest:
+        """`room` names the conversation a server-state backend continues (as it is now: a
+        compaction may just have renewed it)."""
+        chat_id = self.history.rooms.current(room).platform_chat_id if room is not None else ""
         return GenerationRequest(
-            model=agent.model, messages=window.messages, temperature=agent.temperature
+            model=agent.model,
+            messages=window.messages,
+            temperature=agent.temperature,
+            max_tokens=agent.max_tokens,
+            chat_id=chat_id,
         )
 
+    def holds_state(self, agent: AgentSpec) -> bool:
+        """The agent's provider keeps the conversation (`platform_chat_id` is its id)."""
+        return self.backends.for_agent(agent).features.server_state
+
     async def report(self, room: WorkingRoom) -> ContextReport:
+        room = self.history.rooms.current(room)
         agent = self.agent_of(room)
         window = await self.window(room, agent)
         chat = await self.history.chat(room)
@@ -141,6 +161,8 @@ class ContextBuilder:
             override=room.system_prompt is not None,
             stored_messages=await self.history.count(room.platform_chat_id),
             summary_covers=covers,
+            held_by_provider=self.holds_state(agent),
+            provider_prompt_tokens=chat.prompt_tokens if chat is not None else None,
         )
 
     # compaction
@@ -153,6 +175,7 @@ class ContextBuilder:
         Raises BackendError when the backend fails (nothing is written then).
         """
         async with self._compact_locks[room.room_id]:
+            room = self.history.rooms.current(room)
             chat, history = await self.history.turns(room, upto_seq)
             turns = _turns(history)
             scale = self.scale(agent.id)
@@ -164,16 +187,63 @@ class ContextBuilder:
             split = compaction_split(turns, keep, scale)
             if split == 0:
                 return None
-            summary = await summarise(
-                self.backends.for_agent(agent), agent, previous, turns[:split], scale
-            )
+            backend = self.backends.for_agent(agent)
+            summary = await summarise(backend, agent, previous, turns[:split], scale)
             last = history[split - 1]
             covered = await self.history.count(room.platform_chat_id, last.seq)
+            renewed = None
+            if backend.features.server_state:
+                # The provider's copy only shrinks in a new conversation holding the summary
+                # and the kept turns; created before anything is written, so a refusal
+                # leaves the room as it was.
+                kept = assemble(
+                    system_prompt=system_prompt(room, agent),
+                    memory=await self.notes(room.owner),
+                    summary=summary,
+                    turns=turns[split:],
+                    budget=agent.context_tokens,
+                    scale=scale,
+                )
+                renewed = await backend.create_chat(conversation_seed(kept.messages))
             # Matrix first: the visible notice is what a rebuild finds again.
             await self.io.send_notice(
                 room.room_id,
                 summary_notice_text(summary, covered),
-                layout.summary_marker(room.platform_chat_id, last.event_id),
+                layout.summary_marker(renewed or room.platform_chat_id, last.event_id),
             )
             await self.history.set_summary(room, summary, last.seq)
+            if renewed is not None:
+                await self.history.switch_chat(room, renewed)
             return Compaction(summary, summarised=split, covered=covered, kept=len(turns) - split)
+
+    # a conversation the provider lost
+
+    async def continue_lost_chat(
+        self, room: WorkingRoom, agent: AgentSpec, job: Job
+    ) -> WorkingRoom | None:
+        """The provider no longer has the room's conversation: once per room and lost id (and
+        once per answer), say so and go on in a new one seeded with the room's window.
+
+        Returns the room with its new conversation, or None when this was done already or the
+        provider refused a new one (the caller then shows its error as usual).
+        """
+        room = self.history.rooms.current(room)
+        lost = (room.room_id, room.platform_chat_id)
+        answer = (room.room_id, job.event_id, job.attempt)
+        if lost in self._renewed or answer in self._renewed:
+            return None
+        self._renewed |= {lost, answer}
+        window = await self.window(room, agent, upto_seq=job.upto_seq)
+        try:
+            renewed = await self.history.replace_chat(room, conversation_seed(window.messages))
+        except BackendError as e:  # `!ai retry` may try again
+            self.io.log.warning("No new conversation for %s after a loss: %s", room.room_id, e)
+            self._renewed -= {lost, answer}
+            return None
+        await self.io.send_notice(
+            room.room_id,
+            f"The provider of `{agent.id}` no longer had this conversation. It goes on in a "
+            "new one that starts from this room's history (what fits the context budget).",
+            txn=job.txn(f"conversation lost {lost[1]}"),
+        )
+        return renewed

@@ -112,6 +112,17 @@ def assemble(
     )
 
 
+def conversation_seed(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """What a new platform-held conversation starts with: the request up to its last answer.
+
+    A server-state backend sends what follows the last answer into the conversation (all of it
+    when nothing was answered yet), so a seed holding those messages too would show the model
+    the pending question twice.
+    """
+    answered = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
+    return list(messages[: answered + 1])
+
+
 def compaction_split(
     turns: Sequence[ChatMessage | Turn], keep_tokens: float, scale: float = 1.0
 ) -> int:

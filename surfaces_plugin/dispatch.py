@@ -18,7 +18,15 @@ from mautrix.types import EventID, MessageEvent
 
 from . import layout, replies
 from .access import AccessService
-from .backends import Backend, BackendError, BackendRegistry, ChatMessage, GenerationRequest, Usage
+from .backends import (
+    Backend,
+    BackendError,
+    BackendRegistry,
+    ChatMessage,
+    ErrorKind,
+    GenerationRequest,
+    Usage,
+)
 from .catchup import INTERRUPTED_MARK, TOOLS_INTERRUPTED, CatchUp
 from .config import AgentSpec, Settings
 from .context_builder import ContextBuilder
@@ -277,7 +285,7 @@ class Dispatcher:
         usage = None
         try:
             window = await self._window_within_budget(room, agent, job)
-            request = await self._request(agent, backend, window)
+            request = await self._request(agent, backend, window, room)
             usage = await self._run_turn(agent, backend, request, stream, notice)
             await typing.stop()  # the agent is done: no typing notice while the answer is sent
             await stream.finish()
@@ -306,6 +314,12 @@ class Dispatcher:
                 await self.history.mark_processed(room, job.event_id, job.ts)
             raise
         except BackendError as e:
+            # Once nothing was shown (no text, no tool call): answered again in a new conversation.
+            if e.kind is ErrorKind.CHAT_GONE and not stream.first_event_id and not notice.event_id:
+                renewed = await self.context.continue_lost_chat(room, agent, job)
+                if renewed is not None:
+                    await self._generate(renewed, job)
+                    return
             self.log.warning("Agent %s failed in %s: %s", agent.id, room.room_id, e)
             await self._end_tools(room, notice, "the agent failed")
             await stream.failed(e.user_message(agent.id, settings.command_prefix))
@@ -325,10 +339,10 @@ class Dispatcher:
         await self.history.mark_processed(room, job.event_id, job.ts)
 
     async def _request(
-        self, agent: AgentSpec, backend: Backend, window: Window
+        self, agent: AgentSpec, backend: Backend, window: Window, room: WorkingRoom
     ) -> GenerationRequest:
         """The request, with the agent's tools when it has some its backend can call."""
-        request = self.context.request(agent, window)
+        request = self.context.request(agent, window, room)
         tools = []
         if agent.tools and self.tools is not None and backend.features.tools:
             tools = await self.tools.tools_for(agent)

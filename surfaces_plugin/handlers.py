@@ -207,6 +207,14 @@ async def cmd_context(req: Request, args: str) -> None:
         f"- memory notes: {w.memory_notes}",
         f"- stored messages in this conversation: {report.stored_messages}",
     ]
+    if report.held_by_provider:
+        reported = report.provider_prompt_tokens
+        lines += [
+            "- held by the provider: yes, it keeps this conversation (the tokens above are the "
+            "local estimate)",
+            "- the provider's last count: "
+            + (f"{reported} prompt tokens" if reported else "none reported yet"),
+        ]
     if w.turns_omitted:
         lines += ["", f"Older turns do not fit; `!{prefix} compact` summarises them."]
     await req.reply("\n".join(lines))

@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from . import layout
-from .backends import BackendRegistry, Usage
+from .backends import BackendError, BackendRegistry, ChatMessage, Usage
 from .clock import now_ms
 from .commands import split_command
 from .config import Settings
+from .context_window import preamble
+from .errors import Refusal
 from .matrix import GatewayError, MatrixIO
 from .rooms import RoomDirectory, WorkingRoom
 from .store import Stores
@@ -30,6 +32,16 @@ REBUILD_MAX_PAGES = 20  # up to 1000 events back when rebuilding a conversation'
 PLAUSIBLE_COMPLETION_FACTOR = 2.5
 
 
+def not_created(agent_id: str, error: BackendError) -> str:
+    """One line on why the provider did not open a new conversation (no secrets: see BackendError)."""
+    status = f", HTTP {error.status}" if error.status else ""
+    said = f": {error.detail}" if error.detail else ""
+    return (
+        f"The provider of `{agent_id}` did not create a new conversation "
+        f"({error.kind.value}{status}{said})."
+    )
+
+
 class History:
     def __init__(
         self,
@@ -41,6 +53,7 @@ class History:
         log: logging.Logger,
     ) -> None:
         self.io = io
+        self.stores = stores
         self.messages = stores.messages
         self.chats = stores.chats
         self.processed = stores.processed
@@ -64,7 +77,14 @@ class History:
         settings = self.settings()
         agent = settings.agent_or_default(room.agent)
         old_id = room.platform_chat_id
-        new_id = await self.backends.for_agent(agent).create_chat()
+        try:
+            new_id = await self.backends.for_agent(agent).create_chat()
+        except BackendError as e:  # nothing changed: the current conversation goes on
+            self.log.warning("No new conversation for %s from %s: %s", room.room_id, agent.id, e)
+            raise Refusal(
+                f"{not_created(agent.id, e)} This conversation stays current; "
+                f"send `!{settings.command_prefix} reset` again later."
+            ) from e
         updated = await self.rooms.update_binding(room, platform_chat_id=new_id)
         if await self.chats.get(old_id) is not None:
             await self.chats.set_archived(old_id)
@@ -82,6 +102,29 @@ class History:
         )
         return updated
 
+    async def replace_chat(self, room: WorkingRoom, seed: Sequence[ChatMessage]) -> WorkingRoom:
+        """The room's conversation goes on in a new platform conversation holding `seed`.
+
+        Raises BackendError when the platform refuses (then nothing changed).
+        """
+        room = self.rooms.current(room)
+        agent = self.settings().agent_or_default(room.agent)
+        new_id = await self.backends.for_agent(agent).create_chat(seed)
+        return await self.switch_chat(room, new_id)
+
+    async def switch_chat(self, room: WorkingRoom, new_id: str) -> WorkingRoom:
+        """Bind the room to `new_id` (Matrix first) and move the conversation's turns there, so
+        `!ai context` and the export still show them; unlike a reset, nothing is archived."""
+        room = self.rooms.current(room)
+        old_id = room.platform_chat_id
+        updated = await self.rooms.update_binding(room, platform_chat_id=new_id)
+        if await self.chats.get(old_id) is None:
+            await self.start_chat(updated)
+        await self.stores.move_chat(old_id, new_id)
+        self._checked.add(new_id)  # its history is the moved one: nothing to rebuild
+        self.log.info("Conversation %s of %s goes on as %s", old_id, room.room_id, new_id)
+        return updated
+
     # turns and what was answered
 
     async def is_answered(self, room: WorkingRoom, event_id: str, ts: int) -> bool:
@@ -95,6 +138,7 @@ class History:
     async def add_user_turn(
         self, room: WorkingRoom, event_id: str, sender: str, body: str, ts: int
     ) -> None:
+        room = self.rooms.current(room)
         await self.ensure(room, until_event_id=event_id)
         try:
             await self.messages.append(
@@ -107,6 +151,7 @@ class History:
     async def add_answer(
         self, room: WorkingRoom, text: str, event_id: str, usage: Usage | None
     ) -> None:
+        room = self.rooms.current(room)
         tokens = usage.completion_tokens if usage is not None else None
         if tokens is not None and tokens > estimate_tokens(text) * PLAUSIBLE_COMPLETION_FACTOR + 16:
             tokens = None  # the count includes reasoning that is not sent back
@@ -121,6 +166,8 @@ class History:
             )
         except DuplicateEventError:
             pass
+        if usage is not None and usage.prompt_tokens:
+            await self.chats.set_prompt_tokens(room.platform_chat_id, usage.prompt_tokens)
 
     async def add_tool_run(self, room: WorkingRoom, run: ToolRun, event_id: str | None) -> None:
         """A turn's tool calls and results, stored before its answer (`event_id`: the notice)."""
@@ -142,6 +189,7 @@ class History:
 
         A summary written before the redaction stays as it is (it is the agent's own words).
         """
+        room = self.rooms.current(room)
         # Its answers go too: they usually quote the retracted text.
         removed = await self.messages.delete_user_turn(room.platform_chat_id, event_id)
         if removed:
@@ -149,12 +197,14 @@ class History:
         return removed
 
     async def last_user_turn(self, room: WorkingRoom) -> Message | None:
+        room = self.rooms.current(room)
         return await self.messages.last_user_message(room.platform_chat_id)
 
     async def turns(
         self, room: WorkingRoom, upto_seq: int | None = None
     ) -> tuple[Chat | None, list[Message]]:
         """The chat row and its turns after the summary (up to `upto_seq`, for a retry)."""
+        room = self.rooms.current(room)
         await self.ensure(room)
         chat = await self.chats.get(room.platform_chat_id)
         after = chat.summary_upto_seq if chat is not None and chat.summary else None
@@ -162,10 +212,12 @@ class History:
         return chat, [m for m in history if upto_seq is None or m.seq <= upto_seq]
 
     async def chat(self, room: WorkingRoom) -> Chat | None:
+        room = self.rooms.current(room)
         return await self.chats.get(room.platform_chat_id)
 
     async def all_turns(self, room: WorkingRoom) -> tuple[Chat | None, list[Message]]:
         """Every stored turn of the current chat, the summarised ones too (for an export)."""
+        room = self.rooms.current(room)
         await self.ensure(room)
         chat = await self.chats.get(room.platform_chat_id)
         return chat, await self.messages.history(room.platform_chat_id)
@@ -178,6 +230,7 @@ class History:
         return total - await self.messages.count(platform_chat_id, after_seq=upto_seq)
 
     async def set_summary(self, room: WorkingRoom, summary: str, upto_seq: int) -> None:
+        room = self.rooms.current(room)
         if await self.chats.get(room.platform_chat_id) is None:
             await self.start_chat(room)
         await self.chats.set_summary(room.platform_chat_id, summary, upto_seq)
@@ -190,6 +243,7 @@ class History:
         `until_event_id` (the message being answered) drops what the owner sent after it: those
         messages are stored when their own turn comes. Returns the number of messages stored.
         """
+        room = self.rooms.current(room)
         pcid = room.platform_chat_id
         if pcid in self._checked:
             return 0
@@ -252,3 +306,15 @@ class History:
                 "Rebuilt %d messages of %s in %s from the timeline", len(seqs), pcid, room.room_id
             )
         return len(seqs)
+
+
+async def stored_seed(stores: Stores, platform_chat_id: str, room_id: str) -> list[ChatMessage]:
+    """The cached conversation as messages (its summary first) to seed a platform conversation;
+    empty when the cache does not hold it for this room."""
+    chat = await stores.chats.get(platform_chat_id)
+    if chat is None or chat.room_id != room_id:
+        return []
+    after = chat.summary_upto_seq if chat.summary else None
+    turns = await stores.messages.history(platform_chat_id, after_seq=after)
+    seed = [ChatMessage("system", preamble("", (), chat.summary))] if chat.summary else []
+    return seed + [ChatMessage(m.role, m.content) for m in turns]

@@ -16,11 +16,11 @@ from mautrix.types import EventType, RoomID, StateEvent, UserID
 
 from . import layout
 from .access import AccessService
-from .backends import BackendRegistry
+from .backends import BackendError, BackendRegistry
 from .clock import now_ms
 from .config import Settings, encrypt_new_rooms
 from .errors import Refusal
-from .history import History
+from .history import History, not_created
 from .matrix import GatewayError, MatrixIO, PermissionDenied
 from .names import clean_name
 from .rooms import RoomDirectory, WorkingRoom
@@ -160,6 +160,15 @@ class Onboarding:
     ) -> WorkingRoom:
         agent = self.settings().agent(agent_id)
         assert agent is not None
+        # The conversation first: a provider that refuses leaves no room without one behind.
+        try:
+            platform_chat_id = await self.backends.for_agent(agent).create_chat()
+        except BackendError as e:
+            self.log.warning("No conversation for a new room of %s from %s: %s", owner, agent.id, e)
+            raise Refusal(
+                f"{not_created(agent.id, e)} No working room was created; send the command "
+                "again later."
+            ) from e
         # Creation time orders the Space, as reconciliation orders the rooms it re-links.
         created = now_ms()
         binding = layout.Binding(
@@ -168,7 +177,7 @@ class Onboarding:
             agent=agent.id,
             # Every room name passes here (`!ai new` titles, the configured first title).
             title=clean_name(title) or f"Chat with {agent.name}",
-            platform_chat_id=await self.backends.for_agent(agent).create_chat(),
+            platform_chat_id=platform_chat_id,
         )
         request = layout.working_room_create_request(
             owner=owner,
@@ -257,7 +266,11 @@ class Onboarding:
             return
         await self.users.set_dm_room(inviter, evt.room_id)
         if settings.onboarding.auto_start and self.access.has_access(inviter):
-            await io.send_notice(evt.room_id, await self.start(inviter))
+            try:
+                reply = await self.start(inviter)
+            except Refusal as e:  # e.g. the agent's provider refused a conversation: say so
+                reply = str(e)
+            await io.send_notice(evt.room_id, reply)
             return
         await io.send_notice(
             evt.room_id,

@@ -97,6 +97,10 @@ class RoomDirectory:
         room = self._rooms.get(room_id)
         return room if room is not None and not room.archived else None
 
+    def current(self, room: WorkingRoom) -> WorkingRoom:
+        """The room as it is now: a conversation renewed meanwhile has a new platform_chat_id."""
+        return self._rooms.get(room.room_id, room)
+
     def all_rooms(self) -> list[WorkingRoom]:
         return list(self._rooms.values())
 

@@ -109,6 +109,9 @@ class Plan:
     rooms: Mapping[str, RoomRecord]  # desired cache; rows not here are marked missing
     users: Mapping[str, UserRecord]
     report: Report
+    # Rooms whose binding gets an id minted by this plan (room id → that id). Applying asks the
+    # room's backend for a real one when the platform holds conversations (`reconcile/chat_ids`).
+    fresh_chat_ids: Mapping[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------
@@ -253,6 +256,7 @@ class _Planner:
         self.bot = snapshot.bot_id
         self.cache = cache
         self.new_chat_id = new_chat_id
+        self.fresh_chat_ids: dict[str, str] = {}
         self.out = _Out()
         self.rooms: dict[str, _Room] = {}
         self.foreign: set[str] = set()
@@ -610,10 +614,14 @@ class _Planner:
             if room.binding.platform_chat_id is not None or not room.writable:
                 continue
             cached = self._cached_chat_id(room)
-            pcid = cached if cached and cached not in taken else self.new_chat_id(room.room_id)
+            pcid = cached if cached and cached not in taken else self._fresh_chat_id(room)
             taken.add(pcid)
             room.binding = replace(room.binding, platform_chat_id=pcid)
             self.out.note("backfilled", room.room_id)
+
+    def _fresh_chat_id(self, room: _Room) -> str:
+        pcid = self.fresh_chat_ids[room.room_id] = self.new_chat_id(room.room_id)
+        return pcid
 
     def _cached_chat_id(self, room: _Room) -> str | None:
         """The id the DB knows for this conversation (newest room of an upgrade chain first)."""
@@ -644,7 +652,7 @@ class _Planner:
                 self._ignore(room.room_id, f"shares platform_chat_id {pcid}; cannot rewrite")
                 continue
             assert room.binding is not None
-            room.binding = replace(room.binding, platform_chat_id=self.new_chat_id(room.room_id))
+            room.binding = replace(room.binding, platform_chat_id=self._fresh_chat_id(room))
             renewed.append(room.room_id)
         self.out.note("duplicates_resolved", (pcid, group[0].room_id, tuple(renewed)))
 
@@ -841,7 +849,13 @@ class _Planner:
             missing=tuple(missing),
             **{k: tuple(sorted(v) if k in _SORTED_KEYS else v) for k, v in r.items()},
         )
-        return Plan(writes=self.out.writes(), rooms=rooms, users=self._users(), report=report)
+        return Plan(
+            writes=self.out.writes(),
+            rooms=rooms,
+            users=self._users(),
+            report=report,
+            fresh_chat_ids=self.fresh_chat_ids,
+        )
 
 
 _SORTED_KEYS = frozenset({"adopted", "degraded", "lost"})

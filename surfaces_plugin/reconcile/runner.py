@@ -12,20 +12,24 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .. import layout
-from ..backends import new_chat_id
+from ..backends import BackendRegistry, ChatMessage, new_chat_id
 from ..config import Settings
+from ..history import stored_seed
 from ..matrix import MatrixIO
 from ..rooms import RoomDirectory
 from ..store import Stores
 from .apply import rebuild_cache, write_plan
+from .chat_ids import obtain_chat_ids
 from .gcfreeze import plan_with_gc_frozen
 from .inventory import read_cache, read_room, read_snapshot
-from .model import Snapshot
+from .model import CacheView, Snapshot
 from .plan import NewChatId, Plan, Report
 
 # Creates a user's first working room in their Space; True when it did.
 FinishOnboarding = Callable[[str], Awaitable[bool]]
 MAX_DIRTY_ROUNDS = 3  # rooms that keep changing are left to the next run
+# What the planner gets for a room whose backend issues ids: never written (apply swaps it).
+PENDING_CHAT_ID = "pending-{room_id}"
 
 
 @dataclass
@@ -57,8 +61,10 @@ class Reconciler:
         settings: Callable[[], Settings],
         log: logging.Logger,
         finish_onboarding: FinishOnboarding,
+        backends: BackendRegistry,
     ) -> None:
         self.io = io
+        self.backends = backends
         self.stores = stores
         self.rooms = rooms
         self.settings = settings
@@ -106,13 +112,23 @@ class Reconciler:
 
     async def _plan_and_apply(self, snapshot: Snapshot, report: RunReport) -> Plan:
         # GC frozen for the call: a full GC pass over the fresh snapshot is ~1 s at 50,000 rooms.
-        result = plan_with_gc_frozen(
-            snapshot, await read_cache(self.stores), self._chat_id_factory(snapshot)
-        )
-        if report.dry_run:
+        cache = await read_cache(self.stores)
+        result = plan_with_gc_frozen(snapshot, cache, self._chat_id_factory(snapshot))
+        if report.dry_run:  # platform conversations are created only when applying
             report.counts["writes planned"] = len(result.writes)
             await self.rooms.load_from_cache()
             return result
+        issued = await obtain_chat_ids(
+            result, lambda room_id, binding: self._create_chat(cache, room_id, binding), self.log
+        )
+        result = issued.plan
+        if issued.created or issued.failed:
+            report.counts["platform conversations created"] = len(issued.created) + (
+                report.counts.get("platform conversations created", 0)
+            )
+        if issued.failed:
+            report.counts["rooms left without a conversation"] = len(issued.failed)
+            report.ignored += issued.failed
         applied = await write_plan(self.io, result)
         report.writes += applied.writes
         report.ignored += [f"write failed: {item}" for item in applied.failed]
@@ -136,7 +152,8 @@ class Reconciler:
             self._dirty.add(room_id)
 
     def _chat_id_factory(self, snapshot: Snapshot) -> NewChatId:
-        """Fresh platform_chat_ids named after the room's backend, as `Backend.create_chat` names them."""
+        """Fresh platform_chat_ids named after the room's backend, as `Backend.create_chat` names
+        them; a placeholder when the platform issues them (swapped before anything is written)."""
         settings = self.settings()
 
         def for_room(room_id: str) -> str:
@@ -144,9 +161,28 @@ class Reconciler:
             event = room.get(layout.BINDING_TYPE) if room else None
             binding = layout.parse_binding(event.content) if event else None
             agent = settings.agent(binding.agent) if binding else None
-            return new_chat_id(agent.backend if agent else "chat")
+            if agent is None:
+                return new_chat_id("chat")
+            if self.backends.for_agent(agent).features.server_state:
+                return PENDING_CHAT_ID.format(room_id=room_id)
+            return new_chat_id(agent.backend)
 
         return for_room
+
+    async def _create_chat(self, cache: CacheView, room_id: str, binding: layout.Binding) -> str | None:
+        """The platform's id for a room that needs one; None when its backend holds nothing."""
+        agent = self.settings().agent(binding.agent)
+        if agent is None:
+            return None
+        backend = self.backends.for_agent(agent)
+        if not backend.features.server_state:
+            return None
+        seed: list[ChatMessage] = []
+        row = cache.rooms.get(room_id)
+        cached_id = row.binding.platform_chat_id if row and row.binding else None
+        if cached_id:  # the room's earlier conversation, as far as the cache holds it
+            seed = await stored_seed(self.stores, cached_id, room_id)
+        return await backend.create_chat(seed)
 
     def note_catch_up(self, messages: int, rooms: int, seconds: float) -> None:
         """Catch-up runs after the start-up reconciliation; its result joins that report."""

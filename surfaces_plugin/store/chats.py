@@ -21,6 +21,8 @@ class Chat:
     summary: str | None = None
     summary_upto_seq: int | None = None  # the summary replaces messages with seq <= this
     missing: bool = False
+    # What the provider last reported the prompt cost (a conversation it holds grows there).
+    prompt_tokens: int | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Chat:
@@ -33,6 +35,7 @@ class Chat:
             summary=row["summary"],
             summary_upto_seq=row["summary_upto_seq"],
             missing=bool(row["missing"]),
+            prompt_tokens=row["prompt_tokens"],
         )
 
     def values(self) -> tuple[Any, ...]:
@@ -45,18 +48,20 @@ class Chat:
             storable(self.summary),
             self.summary_upto_seq,
             bool(self.missing),
+            None if self.prompt_tokens is None else int(self.prompt_tokens),
         )
 
 
 _COLUMNS = (
-    "platform_chat_id, room_id, agent, created_ms, archived, summary, summary_upto_seq, missing"
+    "platform_chat_id, room_id, agent, created_ms, archived, summary, summary_upto_seq, missing, "
+    "prompt_tokens"
 )
 
 
 class ChatStore(Repository):
     # The summary lives only here: a rebuilt row (summary None) must not erase it.
     _upsert = f"""
-        INSERT INTO chats ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        INSERT INTO chats ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
         ON CONFLICT (platform_chat_id) DO UPDATE SET
             room_id=excluded.room_id, agent=excluded.agent,
             -- a rebuild from Matrix does not know when the chat began: 0 keeps the stored time
@@ -66,7 +71,8 @@ class ChatStore(Repository):
             summary=COALESCE(excluded.summary, chats.summary),
             summary_upto_seq=CASE WHEN excluded.summary IS NULL
                 THEN chats.summary_upto_seq ELSE excluded.summary_upto_seq END,
-            missing=excluded.missing
+            missing=excluded.missing,
+            prompt_tokens=COALESCE(excluded.prompt_tokens, chats.prompt_tokens)
     """
 
     async def get(self, platform_chat_id: str, *, conn: Connection | None = None) -> Chat | None:
@@ -124,6 +130,26 @@ class ChatStore(Repository):
                 platform_chat_id,
                 storable(summary),
                 None if upto_seq is None else int(upto_seq),
+            )
+
+    async def set_prompt_tokens(
+        self, platform_chat_id: str, tokens: int, *, conn: Connection | None = None
+    ) -> None:
+        async with self._acquire(conn) as c:
+            await c.execute(
+                "UPDATE chats SET prompt_tokens=$2 WHERE platform_chat_id=$1",
+                platform_chat_id,
+                int(tokens),
+            )
+
+    async def rekey(self, old: str, new: str, *, conn: Connection | None = None) -> None:
+        """The conversation `old` goes on as `new` (same room, summary and start time); the
+        provider's last prompt count belonged to the old conversation and is dropped."""
+        async with self._acquire(conn) as c:
+            await c.execute(
+                "UPDATE chats SET platform_chat_id=$2, prompt_tokens=NULL WHERE platform_chat_id=$1",
+                old,
+                new,
             )
 
     async def mark_missing_except(

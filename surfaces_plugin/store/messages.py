@@ -147,6 +147,13 @@ class MessageStore(Repository):
             )
         return Message.from_row(row) if row else None
 
+    async def rekey(self, old: str, new: str, *, conn: Connection | None = None) -> None:
+        """Move every message of chat `old` to chat `new` (which has none), seqs unchanged."""
+        async with self._acquire(conn) as c:
+            await c.execute(
+                "UPDATE messages SET platform_chat_id=$2 WHERE platform_chat_id=$1", old, new
+            )
+
     async def delete_user_turn(
         self, platform_chat_id: str, event_id: str, *, conn: Connection | None = None
     ) -> int:

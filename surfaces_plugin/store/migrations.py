@@ -119,8 +119,14 @@ async def upgrade_v2(conn: Connection) -> None:
     await conn.execute("DROP TABLE IF EXISTS state_kv")
 
 
-@upgrade_table.register(description="messages: a 'tools' row holds a turn's tool calls and results")
+@upgrade_table.register(description="chats.prompt_tokens: the provider's last reported prompt")
 async def upgrade_v3(conn: Connection) -> None:
+    # A conversation the provider holds is measured there; `!ai context` shows its last count.
+    await conn.execute("ALTER TABLE chats ADD COLUMN prompt_tokens INTEGER")
+
+
+@upgrade_table.register(description="messages: a 'tools' row holds a turn's tool calls and results")
+async def upgrade_v4(conn: Connection) -> None:
     if conn.scheme == Scheme.POSTGRES:
         await conn.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS messages_role_check")
         await conn.execute(
@@ -130,7 +136,7 @@ async def upgrade_v3(conn: Connection) -> None:
         return
     # SQLite cannot change a CHECK constraint: copy the rows into a table that has the new one.
     await conn.execute(
-        """CREATE TABLE messages_v3 (
+        """CREATE TABLE messages_v4 (
             platform_chat_id TEXT NOT NULL,
             seq              INTEGER NOT NULL,
             role             TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'summary', 'tools')),
@@ -143,8 +149,8 @@ async def upgrade_v3(conn: Connection) -> None:
         )"""
     )
     await conn.execute(
-        "INSERT INTO messages_v3 (platform_chat_id, seq, role, content, event_id, sender, ts, tokens)"
+        "INSERT INTO messages_v4 (platform_chat_id, seq, role, content, event_id, sender, ts, tokens)"
         " SELECT platform_chat_id, seq, role, content, event_id, sender, ts, tokens FROM messages"
     )
     await conn.execute("DROP TABLE messages")
-    await conn.execute("ALTER TABLE messages_v3 RENAME TO messages")
+    await conn.execute("ALTER TABLE messages_v4 RENAME TO messages")

@@ -25,6 +25,12 @@ class Stores:
         self.memory = MemoryStore(db)
         self.processed = ProcessedStore(db)
 
+    async def move_chat(self, old_id: str, new_id: str) -> None:
+        """Chat `old_id` (its row and messages) goes on under `new_id`, in one transaction."""
+        async with self.db.acquire() as conn, conn.transaction():
+            await self.chats.rekey(old_id, new_id, conn=conn)
+            await self.messages.rekey(old_id, new_id, conn=conn)
+
     async def replace_topology(
         self,
         users: Iterable[User],

@@ -29,6 +29,16 @@ from mautrix.types import (
     UserID,
 )
 
+from surfaces_plugin.backends import (
+    Backend,
+    BackendError,
+    ChatMessage,
+    Chunk,
+    ErrorKind,
+    Features,
+    GenerationRequest,
+    Usage,
+)
 from surfaces_plugin.layout import creators_have_infinite_power
 from surfaces_plugin.reconcile.model import RoomSnapshot, StateEntry
 from surfaces_plugin.reconcile.plan import state_level, user_level
@@ -460,3 +470,52 @@ class FakeClient:
 
     def rate_limit_next(self, name: str, times: int = 1) -> None:
         self.fail_next[name] += [MLimitExceeded(429, "slow down") for _ in range(times)]
+
+
+class ConversationsBackend(Backend):
+    """A provider that keeps conversations itself, as the Conversations API does.
+
+    `create_chat(seed)` opens `conv_1`, `conv_2`… holding the seed (recorded in `seeds`). A
+    request names its conversation (`chat_id`): the messages after its last answer are added
+    there, and the answer says what the conversation holds, e.g. `conv_1 holds 3 messages (1
+    new)`; the answer is kept too, and the usage reports one prompt token per word held. A
+    request without a conversation (a summary) gets `summary of <n> messages`. Tests make it
+    fail: `refuse_creates` refusals of `create_chat`, and conversations in `lost` are gone.
+    """
+
+    features = Features(streaming=True, server_state=True)
+
+    def __init__(self, spec) -> None:
+        super().__init__(spec)
+        self.conversations: dict[str, list[ChatMessage]] = {}
+        self.seeds: list[list[ChatMessage]] = []
+        self.refuse_creates = 0
+        self.lost: set[str] = set()
+        self.lose_new_ones = False  # every conversation is gone as soon as it was created
+
+    async def create_chat(self, seed=()) -> str:
+        if self.refuse_creates:
+            self.refuse_creates -= 1
+            raise BackendError(ErrorKind.SERVER, "conversation store unavailable", status=503)
+        chat_id = f"conv_{len(self.seeds) + 1}"
+        self.seeds.append(list(seed))
+        self.conversations[chat_id] = list(seed)
+        if self.lose_new_ones:
+            self.lost.add(chat_id)
+        return chat_id
+
+    async def stream(self, request: GenerationRequest):
+        if not request.chat_id:
+            yield Chunk(f"summary of {len(request.messages)} messages")
+            return
+        held = self.conversations.get(request.chat_id)
+        if held is None or request.chat_id in self.lost:
+            raise BackendError(ErrorKind.CHAT_GONE, f"conversation {request.chat_id} not found", status=404)
+        answered = max((i for i, m in enumerate(request.messages) if m.role == "assistant"), default=-1)
+        new = request.messages[answered + 1 :]
+        held.extend(new)
+        answer = f"{request.chat_id} holds {len(held) + 1} messages ({len(new)} new)"
+        yield Chunk(answer)
+        held.append(ChatMessage("assistant", answer))
+        words = sum(len(m.content.split()) for m in held)
+        yield Chunk(usage=Usage(prompt_tokens=words, completion_tokens=len(answer.split())))

@@ -244,7 +244,9 @@ async def test_reconciler_rebuilds_the_directory_from_matrix(stores: Stores) -> 
     await stores.db.execute("DELETE FROM rooms")  # the cache is lost
 
     fresh = RoomDirectory(io, stores.rooms, LOG)
-    reconciler = Reconciler(io, stores, fresh, current, LOG, finish_onboarding=onboarding.finish)
+    reconciler = Reconciler(
+        io, stores, fresh, current, LOG, finish_onboarding=onboarding.finish, backends=backends
+    )
     report = await reconciler.run(reason="test")
     assert report.writes == 0
     [rebuilt] = fresh.all_rooms()

@@ -17,6 +17,7 @@ from surfaces_plugin.context_window import (
     assemble,
     chunk_turns,
     compaction_split,
+    conversation_seed,
     message_tokens,
     truncate_to_tokens,
 )
@@ -174,3 +175,13 @@ def test_estimate_over_all_samples_is_close_in_total() -> None:
     total = sum(s["tokens"] for s in samples)
     estimated = sum(heuristic_tokens(s["text"]) for s in samples)
     assert abs(estimated - total) / total <= 0.10
+
+
+def test_a_conversation_seed_stops_at_the_last_answer() -> None:
+    system = ChatMessage("system", "Be brief.")
+    asked, answered = ChatMessage("user", "one"), ChatMessage("assistant", "re: one")
+    pending = ChatMessage("user", "two")
+    # The pending question goes in the next request; seeding it too would send it twice.
+    assert conversation_seed([system, asked, answered, pending]) == [system, asked, answered]
+    assert conversation_seed([system, asked, answered]) == [system, asked, answered]
+    assert conversation_seed([system, pending]) == []

@@ -629,6 +629,21 @@ def test_backfill_reuses_the_id_the_cache_already_had() -> None:
     assert p.rooms["!old"].binding.platform_chat_id == "kept"
 
 
+def test_the_plan_marks_every_room_whose_id_it_minted() -> None:
+    w = healthy_world()
+    w.working("!old", "!sa", pcid=None, ts=6)
+    w.working("!kept", "!sa", pcid=None, ts=7)
+    w.working("!dup", "!sa", pcid="same", ts=9)
+    w.working("!first", "!sa", pcid="same", ts=8)
+    cache = CacheView(rooms={"!kept": RoomRecord("!kept", "working", ALICE, binding=cached_binding("kept"))})
+    p, after = converge(w.snapshot(), cache)
+    # Applying asks a server-state backend for exactly these; reused and healthy ids stay.
+    assert p.fresh_chat_ids == {"!old": chat_id("!old"), "!dup": chat_id("!dup")}
+    assert plan(after, cache_of(p), chat_id).fresh_chat_ids == {}
+    assert p.rooms["!kept"].binding.platform_chat_id == "kept"
+    assert p.rooms["!first"].binding.platform_chat_id == "same"
+
+
 def test_dangling_links_are_removed_but_unreadable_rooms_keep_theirs() -> None:
     w = healthy_world()
     w.link("!sa", "!vanished")
