@@ -18,6 +18,7 @@ from .base import (
 from .echo import EchoBackend
 from .openai import OpenAIBackend
 from .registry import BackendRegistry, build_backend
+from .responses import ResponsesBackend
 
 __all__ = [
     "Backend",
@@ -30,6 +31,7 @@ __all__ = [
     "Features",
     "GenerationRequest",
     "OpenAIBackend",
+    "ResponsesBackend",
     "ToolCall",
     "ToolSpec",
     "Usage",

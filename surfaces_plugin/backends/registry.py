@@ -11,12 +11,15 @@ from ..config import AgentSpec, BackendSpec, Settings
 from .base import Backend
 from .echo import EchoBackend
 from .openai import OpenAIBackend
+from .responses import ResponsesBackend
 
 
 def build_backend(spec: BackendSpec, http: aiohttp.ClientSession | None = None) -> Backend:
     """`http` is shared (the plugin's session) when given; otherwise the backend makes its own."""
     if spec.type == "echo":
         return EchoBackend(spec)
+    if spec.type == "openai" and spec.api == "responses":
+        return ResponsesBackend(spec, http)
     if spec.type == "openai":
         return OpenAIBackend(spec, http)
     raise ValueError(f"unknown backend type {spec.type!r}")
