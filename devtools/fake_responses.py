@@ -55,10 +55,11 @@ def item_text(item: dict[str, Any]) -> str:
 @dataclass
 class Turn:
     """One scripted response. Without `status`/`fail`, the model says `text` (None: the answer
-    function decides) and then asks for `calls` [(name, arguments)]."""
+    function decides) and then asks for `calls` [(name, arguments)]; arguments given as a string
+    are sent as they are (a model can produce broken JSON)."""
 
     text: str | None = None
-    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    calls: list[tuple[str, dict[str, Any] | str]] = field(default_factory=list)
     status: int | None = None  # answer with this HTTP error instead
     message: str = "the fake server was told to fail"
     code: str | None = None  # the error's `code`
@@ -68,6 +69,7 @@ class Turn:
     # without a terminal event), "hang" (no headers ever), "hang_mid" (stalls after some text).
     fail: str | None = None
     reasoning: bool = False  # a reasoning item with a streamed summary comes first
+    ignore_stream: bool = False  # answer in JSON even to stream=true (as some proxies do)
     delay_s: float = 0.0  # pause between events
 
 
@@ -87,7 +89,9 @@ class FakeResponses:
         self.requests: list[dict[str, Any]] = []  # {method, path, authorization, body}
         self.conversations: dict[str, dict[str, Any]] = {}
         self.disconnected = asyncio.Event()  # a client hung up mid-answer
-        self.received = asyncio.Event()  # a response request arrived
+        self.received = asyncio.Event()  # a request arrived
+        # While set to an unset Event, creating a conversation waits for it (a slow platform).
+        self.conversation_gate: asyncio.Event | None = None
         self._script: deque[Turn] = deque()
         self._runner: web.AppRunner | None = None
 
@@ -157,6 +161,7 @@ class FakeResponses:
                 "body": body,
             }
         )
+        self.received.set()
         presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if self.require_key is not None and presented != self.require_key:
             message = f"Incorrect API key provided: {presented}."
@@ -174,6 +179,12 @@ class FakeResponses:
         body, refused = await self._admit(request)
         if refused is not None:
             return refused
+        if self.conversation_gate is not None:
+            try:
+                await self.conversation_gate.wait()
+            except asyncio.CancelledError:
+                self.disconnected.set()
+                raise
         raw_items = body.get("items") or []
         if len(raw_items) > MAX_ITEMS_PER_CALL:
             return _too_many_items(len(raw_items))
@@ -244,7 +255,6 @@ class FakeResponses:
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         body, refused = await self._admit(request)
-        self.received.set()
         if refused is not None:
             return refused
         turn = self._script.popleft() if self._script else Turn()
@@ -302,7 +312,7 @@ class FakeResponses:
             if conversation is not None:
                 conversation["items"] += new_items + output
 
-        if body.get("stream") is not True:
+        if body.get("stream") is not True or turn.ignore_stream:
             commit()
             return web.json_response(
                 {**response, "status": "completed", "output": output, "usage": usage}
@@ -503,7 +513,7 @@ def _output_items(text: str, turn: Turn) -> list[dict[str, Any]]:
                 "id": f"fc_{uuid.uuid4().hex}",
                 "call_id": f"call_{uuid.uuid4().hex[:24]}",
                 "name": name,
-                "arguments": json.dumps(arguments),
+                "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments),
                 "status": "completed",
             }
         )
