@@ -12,7 +12,6 @@ messages out of the conversation (they come back as instructions on every turn).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -232,17 +231,12 @@ class ResponsesBackend(HttpBackend):
         conversation_id = created.get("id")
         if not isinstance(conversation_id, str) or not conversation_id:
             raise self._error(ErrorKind.MALFORMED, "the new conversation has no id")
-        try:
-            for start in range(ITEMS_PER_CALL, len(items), ITEMS_PER_CALL):
-                await self._call_json(
-                    f"{self.base_url}/conversations/{conversation_id}/items",
-                    {"items": items[start : start + ITEMS_PER_CALL]},
-                )
-        except BaseException:
-            # A conversation missing part of its seed must not be used; try not to leave it.
-            with contextlib.suppress(BackendError, asyncio.TimeoutError, aiohttp.ClientError):
-                await self._delete(f"{self.base_url}/conversations/{conversation_id}")
-            raise
+        # The rest of a long seed in further calls (a failure leaves an unused conversation).
+        for start in range(ITEMS_PER_CALL, len(items), ITEMS_PER_CALL):
+            await self._call_json(
+                f"{self.base_url}/conversations/{conversation_id}/items",
+                {"items": items[start : start + ITEMS_PER_CALL]},
+            )
         return conversation_id
 
     async def _call_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -290,12 +284,6 @@ class ResponsesBackend(HttpBackend):
         if not isinstance(data, dict):
             raise self._error(ErrorKind.MALFORMED, "the answer was not a JSON object")
         return data
-
-    async def _delete(self, url: str) -> None:
-        async with self._session().delete(
-            url, headers=self._headers(), timeout=self._timeout()
-        ) as response:
-            response.release()
 
     def _error_for_body(self, response: aiohttp.ClientResponse, body: bytes) -> BackendError:
         error = super()._error_for_body(response, body)
