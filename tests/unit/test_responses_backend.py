@@ -92,6 +92,7 @@ def text_of(chunks: list[Chunk]) -> str:
 async def failure(backend: ResponsesBackend, req: GenerationRequest) -> BackendError:
     with pytest.raises(BackendError) as caught:
         await collect(backend, req)
+    await backend.close()
     error = caught.value
     assert KEY not in str(error) and KEY not in error.user_message("gpt")
     return error
@@ -258,6 +259,7 @@ async def test_create_chat_failures_have_the_usual_kinds(fake) -> None:
     backend = make("http://127.0.0.1:1/v1", state="server", max_retries=0)
     with pytest.raises(BackendError) as caught:
         await backend.create_chat()
+    await backend.close()
     assert caught.value.kind is ErrorKind.UNREACHABLE
     async with FakeResponses(require_key="sk-right-one-000000") as guarded:
         backend = make(guarded, state="server")
@@ -404,9 +406,11 @@ async def test_an_error_event_is_reported(fake) -> None:
 async def test_an_error_after_text_is_not_retried(fake) -> None:
     fake.script(Turn(text="one two three four five", fail="cut"))
     shown: list[str] = []
+    backend = make(fake)
     with pytest.raises(BackendError) as caught:
-        async for chunk in make(fake).stream(request(HISTORY)):
+        async for chunk in backend.stream(request(HISTORY)):
             shown.append(chunk.text)
+    await backend.close()
     assert "".join(shown) == "one two " and len(fake.bodies) == 1
     assert caught.value.kind is ErrorKind.SERVER
 
