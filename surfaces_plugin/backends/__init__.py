@@ -19,6 +19,7 @@ from .base import (
 from .echo import EchoBackend
 from .openai import OpenAIBackend
 from .registry import BackendRegistry, build_backend
+from .responses import ResponsesBackend
 
 __all__ = [
     "AnthropicBackend",
@@ -32,6 +33,7 @@ __all__ = [
     "Features",
     "GenerationRequest",
     "OpenAIBackend",
+    "ResponsesBackend",
     "ToolCall",
     "ToolSpec",
     "Usage",

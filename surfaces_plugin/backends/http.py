@@ -1,7 +1,8 @@
 """What every streamed HTTP provider shares: session, retries, timeouts, error mapping, redaction.
 
 A subclass says where to POST (`url`), what to send (`_headers`, `_body`) and how to read the
-answer (`_read_events` for `text/event-stream`, optionally `_read_json`).
+answer (`_read_events` for `text/event-stream`, optionally `_read_json`). One POST per attempt;
+retries only before any text; the response is closed on every way out, cancellation included.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..config import BackendSpec
 from .base import Backend, BackendError, Chunk, ErrorKind, GenerationRequest
 from .sse import SSEDecoder
 
-_ERROR_BODY_LIMIT = 4096
+ERROR_BODY_LIMIT = 4096
 _DETAIL_LIMIT = 200
 # Things that look like credentials, in case a provider echoes one back in an error message.
 _SECRET_LIKE = re.compile(r"(sk-|Bearer\s+)[A-Za-z0-9._~+/=-]{6,}", re.IGNORECASE)
@@ -68,14 +69,6 @@ def provider_message(body: bytes, content_type: str) -> str:
     return ""
 
 
-async def event_payloads(response: aiohttp.ClientResponse) -> AsyncIterator[list[str]]:
-    """The `data` payloads of an event stream: a batch per network read, then what was left."""
-    decoder = SSEDecoder()
-    async for raw in response.content.iter_any():
-        yield decoder.feed(raw)
-    yield decoder.finish()
-
-
 def kind_for_status(status: int) -> ErrorKind:
     if status in (401, 403):
         return ErrorKind.AUTH
@@ -90,8 +83,44 @@ def kind_for_status(status: int) -> ErrorKind:
     return ErrorKind.MALFORMED  # 1xx/3xx/other 2xx surprises: not an answer
 
 
+async def event_payloads(response: aiohttp.ClientResponse) -> AsyncIterator[list[str]]:
+    """The `data` payloads of an event stream: a batch per network read, then what was left."""
+    decoder = SSEDecoder()
+    async for raw in response.content.iter_any():
+        yield decoder.feed(raw)
+    yield decoder.finish()
+
+
+def kind_for_stream_error(error: dict[str, Any]) -> ErrorKind:
+    """An error sent inside a 200 stream; providers only label it with a type/code string."""
+    label = f"{error.get('type', '')} {error.get('code', '')}".lower()
+    if "rate" in label or "quota" in label:
+        return ErrorKind.RATE_LIMITED
+    if "auth" in label or "api_key" in label or "permission" in label:
+        return ErrorKind.AUTH
+    if "invalid" in label or "context_length" in label:
+        return ErrorKind.BAD_REQUEST
+    return ErrorKind.SERVER
+
+
+def int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+async def read_error_body(response: aiohttp.ClientResponse) -> bytes:
+    """At most ERROR_BODY_LIMIT bytes of a failed response: enough for any provider message."""
+    body = b""
+    while len(body) < ERROR_BODY_LIMIT:
+        part = await response.content.read(ERROR_BODY_LIMIT - len(body))
+        if not part:
+            break
+        body += part
+    return body
+
+
 class HttpBackend(Backend):
-    """One POST per attempt, streamed; retries only before any text is out."""
+    """POST `url` with `_body(request)`; subclasses read the answer (`_read_events` for
+    text/event-stream, `_read_json` for a server that ignored streaming)."""
 
     def __init__(
         self,
@@ -114,26 +143,22 @@ class HttpBackend(Backend):
     @property
     @abstractmethod
     def url(self) -> str:
-        """Where each attempt is POSTed."""
-
-    @abstractmethod
-    def _headers(self) -> dict[str, str]:
-        """Request headers, credentials included (they never reach an error text)."""
+        """Where a generation request is POSTed."""
 
     @abstractmethod
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
-        """The JSON request body."""
+        """The JSON body of one attempt (rebuilt for each, so an adapted retry can differ)."""
 
     @abstractmethod
     def _read_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
-        """Chunks from a `text/event-stream` answer; raises BackendError if it is incomplete."""
+        """Chunks from a text/event-stream answer."""
 
     def _read_json(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
         """Chunks from a whole `application/json` answer (a server that ignored stream=true)."""
         raise self._error(ErrorKind.MALFORMED, f"unexpected content type {response.content_type}")
 
     def _adapt_to(self, error: BackendError) -> bool:
-        """Change the next request so it avoids `error` and resend at once (True), or not."""
+        """True when the request was changed to avoid `error` and should go again at once."""
         return False
 
     async def close(self) -> None:
@@ -192,15 +217,24 @@ class HttpBackend(Backend):
             self._own_http = aiohttp.ClientSession()  # created lazily: needs a running loop
         return self._own_http
 
-    async def _attempt(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """One HTTP request. The response is closed on every way out, including cancellation."""
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "text/event-stream, application/json"}
+        if self.spec.api_key:
+            headers["Authorization"] = f"Bearer {self.spec.api_key}"
+        return headers
+
+    def _timeout(self) -> aiohttp.ClientTimeout:
         limit = self.spec.timeout_s
         # sock_read bounds every wait for bytes (headers and each piece of the stream), so a
         # stalled provider times out even mid-answer; there is no cap on a steadily flowing one.
-        timeout = aiohttp.ClientTimeout(total=None, connect=limit, sock_read=limit)
+        return aiohttp.ClientTimeout(total=None, connect=limit, sock_read=limit)
+
+    async def _post(self, url: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """Send one request; failures to get a response become BackendErrors."""
+        limit = self.spec.timeout_s
         try:
-            response = await self._session().post(
-                self.url, json=self._body(request), headers=self._headers(), timeout=timeout
+            return await self._session().post(
+                url, json=body, headers=self._headers(), timeout=self._timeout()
             )
         except asyncio.TimeoutError:
             raise self._error(ErrorKind.TIMEOUT, f"no response within {limit:g} s") from None
@@ -210,6 +244,11 @@ class HttpBackend(Backend):
             raise self._error(ErrorKind.SERVER, "the server closed the connection") from None
         except (aiohttp.ClientError, ValueError) as e:
             raise self._error(ErrorKind.UNREACHABLE, f"{type(e).__name__}: {e}") from None
+
+    async def _attempt(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """One HTTP request. The response is closed on every way out, including cancellation."""
+        limit = self.spec.timeout_s
+        response = await self._post(self.url, self._body(request))
         complete = False
         try:
             if not 200 <= response.status < 300:
@@ -238,15 +277,29 @@ class HttpBackend(Backend):
                 response.close()  # drop the connection: the server sees the disconnect and stops
 
     async def _status_error(self, response: aiohttp.ClientResponse) -> BackendError:
-        body = b""
-        while len(body) < _ERROR_BODY_LIMIT:
-            part = await response.content.read(_ERROR_BODY_LIMIT - len(body))
-            if not part:
-                break
-            body += part
+        return self._error_for_body(response, await read_error_body(response))
+
+    def _error_for_body(self, response: aiohttp.ClientResponse, body: bytes) -> BackendError:
+        """The BackendError for a non-2xx response whose (start of the) body is `body`."""
         kind = kind_for_status(response.status)
         retry_after = None
         if kind is ErrorKind.RATE_LIMITED:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
         detail = provider_message(body, response.content_type) or response.reason or ""
         return self._error(kind, detail, status=response.status, retry_after=retry_after)
+
+    def _stream_error(self, error: dict[str, Any]) -> BackendError:
+        message = error.get("message")
+        detail = one_line(message) if isinstance(message, str) else "error event in the stream"
+        return self._error(kind_for_stream_error(error), detail)
+
+    def _decode(self, payload: str) -> list[Any]:
+        try:
+            return [json.loads(payload)]
+        except ValueError:
+            pass
+        # Servers that omit the blank line between events get their data lines joined: split back.
+        try:
+            return [json.loads(line) for line in payload.split("\n") if line.strip()]
+        except ValueError:
+            raise self._error(ErrorKind.MALFORMED, "an event was not valid JSON") from None

@@ -19,23 +19,11 @@ from .base import (
     ToolCall,
     Usage,
 )
-from .http import HttpBackend, one_line, parse_retry_after
+from .http import HttpBackend, int_or_none, parse_retry_after
 from .sse import SSEDecoder
 from .think import ThinkFilter
 
 __all__ = ["OpenAIBackend", "parse_retry_after"]
-
-
-def _kind_for_stream_error(error: dict[str, Any]) -> ErrorKind:
-    """An error sent inside a 200 stream; providers only label it with a type/code string."""
-    label = f"{error.get('type', '')} {error.get('code', '')}".lower()
-    if "rate" in label or "quota" in label:
-        return ErrorKind.RATE_LIMITED
-    if "auth" in label or "api_key" in label or "permission" in label:
-        return ErrorKind.AUTH
-    if "invalid" in label or "context_length" in label:
-        return ErrorKind.BAD_REQUEST
-    return ErrorKind.SERVER
 
 
 class _ToolCallParts:
@@ -99,8 +87,8 @@ class _Answer:
         usage = data.get("usage")
         if isinstance(usage, dict):
             self.usage = Usage(
-                prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
-                completion_tokens=_int_or_none(usage.get("completion_tokens")),
+                prompt_tokens=int_or_none(usage.get("prompt_tokens")),
+                completion_tokens=int_or_none(usage.get("completion_tokens")),
             )
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -155,10 +143,6 @@ class _StreamError(Exception):
     def __init__(self, error: Any) -> None:
         super().__init__("error event")
         self.error = error if isinstance(error, dict) else {"message": str(error)}
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class OpenAIBackend(HttpBackend):
@@ -219,11 +203,6 @@ class OpenAIBackend(HttpBackend):
             headers["Authorization"] = f"Bearer {self.spec.api_key}"
         return headers
 
-    def _stream_error(self, error: dict[str, Any]) -> BackendError:
-        message = error.get("message")
-        detail = one_line(message) if isinstance(message, str) else "error event in the stream"
-        return self._error(_kind_for_stream_error(error), detail)
-
     async def _read_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
         decoder = SSEDecoder()
         answer = _Answer()
@@ -270,17 +249,6 @@ class OpenAIBackend(HttpBackend):
                 except ValueError as e:
                     raise self._error(ErrorKind.MALFORMED, str(e)) from None
         return "".join(texts)
-
-    def _decode(self, payload: str) -> list[Any]:
-        try:
-            return [json.loads(payload)]
-        except ValueError:
-            pass
-        # Servers that omit the blank line between events get their data lines joined: split back.
-        try:
-            return [json.loads(line) for line in payload.split("\n") if line.strip()]
-        except ValueError:
-            raise self._error(ErrorKind.MALFORMED, "an event was not valid JSON") from None
 
     async def _read_json(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
         """A server that ignored stream=true: the whole answer in one JSON body."""

@@ -12,12 +12,15 @@ from .anthropic import AnthropicBackend
 from .base import Backend
 from .echo import EchoBackend
 from .openai import OpenAIBackend
+from .responses import ResponsesBackend
 
 
 def build_backend(spec: BackendSpec, http: aiohttp.ClientSession | None = None) -> Backend:
     """`http` is shared (the plugin's session) when given; otherwise the backend makes its own."""
     if spec.type == "echo":
         return EchoBackend(spec)
+    if spec.type == "openai" and spec.api == "responses":
+        return ResponsesBackend(spec, http)
     if spec.type == "openai":
         return OpenAIBackend(spec, http)
     if spec.type == "anthropic":

@@ -163,3 +163,45 @@ def test_anthropic_backend_refuses_what_it_cannot_use(fields, key) -> None:
     with pytest.raises(ConfigError) as info:
         parse_settings(anthropic(**fields))
     assert info.value.key == key
+
+
+def _openai(**fields):
+    backend = {"id": "o", "type": "openai", "base_url": "http://x/v1", **fields}
+    return {"backends": [{"id": "echo", "type": "echo"}, backend]}
+
+
+def test_openai_backends_default_to_chat_completions_replayed() -> None:
+    spec = parse_settings(with_(**_openai())).backends["o"]
+    assert (spec.api, spec.state) == ("chat", "replay")
+
+
+@pytest.mark.parametrize("state", ["replay", "server"])
+def test_responses_api_takes_either_state(state) -> None:
+    spec = parse_settings(with_(**_openai(api="responses", state=state))).backends["o"]
+    assert (spec.api, spec.state) == ("responses", state)
+
+
+@pytest.mark.parametrize(
+    ("fields", "key", "words"),
+    [
+        ({"api": "assistants"}, "backends[1].api", "must be one of chat, responses"),
+        (
+            {"api": "responses", "state": "cloud"},
+            "backends[1].state",
+            "must be one of replay, server",
+        ),
+        ({"state": "server"}, "backends[1].state", "needs `api: responses`"),
+        ({"api": 3}, "backends[1].api", "must be a string"),
+    ],
+)
+def test_invalid_api_or_state_names_the_key(fields, key, words) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(with_(**_openai(**fields)))
+    assert info.value.key == key and words in str(info.value)
+
+
+def test_only_openai_backends_choose_an_api() -> None:
+    data = with_(backends=[{"id": "echo", "type": "echo", "api": "responses"}])
+    with pytest.raises(ConfigError) as info:
+        parse_settings(data)
+    assert info.value.key == "backends[0].api" and "only openai" in str(info.value)
