@@ -285,6 +285,9 @@ class Dispatcher:
         usage = None
         try:
             window = await self._window_within_budget(room, agent, job)
+            chat_id = self.rooms.current(room).platform_chat_id  # compaction may have renewed it
+            stream.turn = replace(marker, platform_chat_id=chat_id)
+            notice.marker = marker_for(chat_id, agent.id, answers)
             request = await self._request(agent, backend, window, room)
             usage = await self._run_turn(agent, backend, request, stream, notice)
             await typing.stop()  # the agent is done: no typing notice while the answer is sent

@@ -259,3 +259,9 @@ async def test_automatic_compaction_answers_in_the_new_conversation(make_surface
     stored = await h.app.stores.messages.history(newest)
     assert stored[-1].content == h.last_reply(room)
     assert stored[-2].content.startswith("m4 ")
+    # Each answer's turn marker names the conversation it was kept in, the one answered right
+    # after the compaction too (so a rebuild from Matrix finds it there).
+    events = h.client.messages(room)
+    summary = max(i for i, e in enumerate(events) if layout.SUMMARY_KEY in e["content"])
+    after = next(e for e in events[summary:] if layout.TURN_KEY in e["content"])
+    assert layout.parse_turn_marker(after["content"]).platform_chat_id == newest
