@@ -218,6 +218,20 @@ class ContextBuilder:
 
     # a conversation the provider lost
 
+    async def switch_agent(self, room: WorkingRoom, agent: AgentSpec) -> WorkingRoom:
+        """The room talks to `agent` from now on, its conversation kept. A provider that holds
+        conversations gets one seeded with the room's history (what fits the agent's budget).
+
+        Raises BackendError when that provider refuses (then nothing changed).
+        """
+        room = self.history.rooms.current(room)
+        backend = self.backends.for_agent(agent)
+        if backend.features.server_state and self.agent_of(room).backend != agent.backend:
+            window = await self.window(room, agent)
+            new_id = await backend.create_chat(conversation_seed(window.messages))
+            return await self.history.switch_chat(room, new_id, agent=agent.id)
+        return await self.history.rooms.update_binding(room, agent=agent.id)
+
     async def continue_lost_chat(
         self, room: WorkingRoom, agent: AgentSpec, job: Job
     ) -> WorkingRoom | None:

@@ -16,7 +16,7 @@ from .dispatch import Dispatcher
 from .e2ee import E2EE
 from .errors import Refusal, UsageError
 from .export import export_conversation
-from .history import History
+from .history import History, not_created
 from .matrix import MatrixIO
 from .memory import MemoryService
 from .names import clean_name
@@ -88,7 +88,9 @@ MAX_SYSTEM_PROMPT_CHARS = 4000
 
 
 async def cmd_help(req: Request, args: str) -> None:
-    await req.reply(req.services.commands.help_text(req.settings.command_prefix, is_admin=req.is_admin))
+    await req.reply(
+        req.services.commands.help_text(req.settings.command_prefix, is_admin=req.is_admin)
+    )
 
 
 async def cmd_start(req: Request, args: str) -> None:
@@ -125,7 +127,9 @@ async def cmd_rooms(req: Request, args: str) -> None:
     rooms = req.services.rooms.rooms_of(req.sender)
     prefix = req.settings.command_prefix
     if not rooms:
-        await req.reply(f"You have no working rooms yet. Send `!{prefix} start` to create your Space.")
+        await req.reply(
+            f"You have no working rooms yet. Send `!{prefix} start` to create your Space."
+        )
         return
     lines = [f"**Your working rooms** ({len(rooms)})", ""]
     for room in rooms:
@@ -175,7 +179,13 @@ async def cmd_agent(req: Request, args: str) -> None:
     if room.agent == agent_id:
         await req.reply(f"This room already talks to `{agent_id}`.")
         return
-    await req.services.rooms.update_binding(room, agent=agent_id)
+    agent = req.settings.agent(agent_id)
+    assert agent is not None
+    try:
+        await req.services.context.switch_agent(room, agent)
+    except BackendError as e:
+        await req.reply(f"This room still talks to `{room.agent}`: {not_created(agent_id, e)}")
+        return
     await req.reply(f"This room now talks to `{agent_id}`. The conversation so far is kept.")
 
 
@@ -266,7 +276,9 @@ async def cmd_system(req: Request, args: str) -> None:
             await req.reply(f"This room has no override; it already uses `{agent.id}`'s default.")
             return
         await rooms.update_binding(room, system_prompt=None)
-        await req.reply(f"Override cleared: this room uses `{agent.id}`'s default system prompt again.")
+        await req.reply(
+            f"Override cleared: this room uses `{agent.id}`'s default system prompt again."
+        )
         return
     if len(args) > MAX_SYSTEM_PROMPT_CHARS:
         raise UsageError(
@@ -387,15 +399,25 @@ def register_commands(tree: CommandTree) -> None:
         CommandSpec("agents", "", "the agents you can talk to", cmd_agents),
         CommandSpec("agent", "<id>", "switches this room's agent", cmd_agent, "working_room"),
         CommandSpec("tools", "", "the tools this room's agent can call", cmd_tools, "working_room"),
-        CommandSpec("reset", "", "starts a fresh conversation in this room", cmd_reset, "working_room"),
         CommandSpec(
-            "context", "", "messages and tokens in context vs the budget", cmd_context, "working_room"
+            "reset", "", "starts a fresh conversation in this room", cmd_reset, "working_room"
+        ),
+        CommandSpec(
+            "context",
+            "",
+            "messages and tokens in context vs the budget",
+            cmd_context,
+            "working_room",
         ),
         CommandSpec(
             "compact", "", "summarises older history into one message", cmd_compact, "working_room"
         ),
         CommandSpec(
-            "system", "[text | -]", "shows or sets this room's system prompt", cmd_system, "working_room"
+            "system",
+            "[text | -]",
+            "shows or sets this room's system prompt",
+            cmd_system,
+            "working_room",
         ),
         CommandSpec(
             "memory",
@@ -409,12 +431,24 @@ def register_commands(tree: CommandTree) -> None:
             "export", "", "uploads the conversation as a Markdown file", cmd_export, "working_room"
         ),
         CommandSpec(
-            "encrypt", "", "turns on end-to-end encryption here (for good)", cmd_encrypt, "working_room"
+            "encrypt",
+            "",
+            "turns on end-to-end encryption here (for good)",
+            cmd_encrypt,
+            "working_room",
         ),
-        CommandSpec("archive", "", "removes this room from your Space", cmd_archive, "working_room"),
-        CommandSpec("status", "", "users, rooms, backends, last reconciliation", cmd_status, admin=True),
         CommandSpec(
-            "admin", "approve|block|unblock <@user>", "changes a user's access", cmd_admin, admin=True
+            "archive", "", "removes this room from your Space", cmd_archive, "working_room"
+        ),
+        CommandSpec(
+            "status", "", "users, rooms, backends, last reconciliation", cmd_status, admin=True
+        ),
+        CommandSpec(
+            "admin",
+            "approve|block|unblock <@user>",
+            "changes a user's access",
+            cmd_admin,
+            admin=True,
         ),
         CommandSpec("reconcile", "", "reconciles with Matrix now", cmd_reconcile, admin=True),
     ):

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import layout
 from .backends import BackendError, BackendRegistry, ChatMessage, Usage
@@ -112,12 +113,15 @@ class History:
         new_id = await self.backends.for_agent(agent).create_chat(seed)
         return await self.switch_chat(room, new_id)
 
-    async def switch_chat(self, room: WorkingRoom, new_id: str) -> WorkingRoom:
-        """Bind the room to `new_id` (Matrix first) and move the conversation's turns there, so
-        `!ai context` and the export still show them; unlike a reset, nothing is archived."""
+    async def switch_chat(
+        self, room: WorkingRoom, new_id: str, **binding_changes: Any
+    ) -> WorkingRoom:
+        """Bind the room to `new_id` (Matrix first, in one state event with `binding_changes`)
+        and move the conversation's turns there, so `!ai context` and the export still show
+        them; unlike a reset, nothing is archived."""
         room = self.rooms.current(room)
         old_id = room.platform_chat_id
-        updated = await self.rooms.update_binding(room, platform_chat_id=new_id)
+        updated = await self.rooms.update_binding(room, platform_chat_id=new_id, **binding_changes)
         if await self.chats.get(old_id) is None:
             await self.start_chat(updated)
         await self.stores.move_chat(old_id, new_id)

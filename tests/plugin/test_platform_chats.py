@@ -265,3 +265,49 @@ async def test_automatic_compaction_answers_in_the_new_conversation(make_surface
     summary = max(i for i, e in enumerate(events) if layout.SUMMARY_KEY in e["content"])
     after = next(e for e in events[summary:] if layout.TURN_KEY in e["content"])
     assert layout.parse_turn_marker(after["content"]).platform_chat_id == newest
+
+
+# switching a room's agent to one whose provider keeps conversations
+
+TWO_BACKENDS = [{"id": "echo", "type": "echo"}, {"id": "conv", "type": "echo"}]
+
+
+async def room_switching_to_a_keeper(make_surfaces):
+    """A room on the local echo agent; agent `keeper`'s provider keeps conversations."""
+    keeper = {**agents()[0], "id": "keeper", "name": "Keeper", "backend": "conv"}
+    h = await make_surfaces(
+        streaming={"enabled": False}, backends=TWO_BACKENDS, agents=[*agents(), keeper]
+    )
+    backend = ConversationsBackend(h.app.settings.backends["conv"])
+    h.app.backends.put(backend)
+    dm = h.dm(ALICE)
+    await h.say(dm, ALICE, "!ai start")
+    [room] = h.app.rooms.all_rooms()
+    await h.say(room.room_id, ALICE, "hello there")
+    return h, backend, room.room_id
+
+
+async def test_switching_to_an_agent_whose_provider_keeps_conversations_seeds_one(
+    make_surfaces,
+) -> None:
+    h, backend, room = await room_switching_to_a_keeper(make_surfaces)
+    await h.say(room, ALICE, "!ai agent keeper")
+    assert h.last_reply(room) == "This room now talks to `keeper`. The conversation so far is kept."
+    assert bound_chat_id(h, room) == "conv_1"
+    assert [m.content for m in backend.seeds[0] if m.role != "system"] == [
+        "hello there",
+        "echo: hello there",
+    ]
+    await h.say(room, ALICE, "and now?")  # continues there: no "conversation lost" notice
+    assert h.last_reply(room) == "conv_1 holds 5 messages (1 new)"  # seed: system + 2 turns
+    assert not any("no longer had" in b for b in h.client.bodies(room))
+
+
+async def test_a_refused_switch_keeps_the_room_as_it_was(make_surfaces) -> None:
+    h, backend, room = await room_switching_to_a_keeper(make_surfaces)
+    before = bound_chat_id(h, room)
+    backend.refuse_creates = 1
+    await h.say(room, ALICE, "!ai agent keeper")
+    assert h.last_reply(room).startswith("This room still talks to `echo`: The provider of `keeper`")
+    assert "503" in h.last_reply(room)
+    assert bound_chat_id(h, room) == before and h.app.rooms.room(room).agent == "echo"
