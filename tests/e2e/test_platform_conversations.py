@@ -20,6 +20,7 @@ import pytest
 
 from devtools.e2e import BotFactory, MakeUser
 from devtools.fake_responses import FakeResponses, item_text
+from devtools.matrix_user import create_content
 from devtools.maubot_standalone import StandaloneBot
 from devtools.synapse import SynapseServer
 from devtools.threaded import Threaded
@@ -48,6 +49,7 @@ def platform_answer(items: list[dict[str, Any]]) -> str:
 def bot_config(base_url: str) -> dict[str, Any]:
     return {
         "backends": [
+            {"id": "echo", "type": "echo"},
             {
                 "id": "platform",
                 "type": "openai",
@@ -69,7 +71,8 @@ def bot_config(base_url: str) -> dict[str, Any]:
                 "system_prompt": SYSTEM_PROMPT,
                 "context_tokens": 4096,
                 "temperature": 0.5,
-            }
+            },
+            {"id": "echo", "name": "Echo", "description": "Repeats you.", "backend": "echo"},
         ],
         "default_agent": AGENT,
         "streaming": {"enabled": False},
@@ -236,6 +239,37 @@ async def test_reset_binds_a_new_platform_conversation(
     assert body["conversation"] == new
     assert only_new(body, "Which number?")
     assert len(held(platform, old)) == 2, "the old conversation was continued after the reset"
+
+
+async def test_a_room_switched_to_the_platform_agent_goes_on_in_a_platform_conversation(
+    bot: StandaloneBot, make_user: MakeUser, platform: Platform
+) -> None:
+    s = await onboard(bot, make_user)
+    replies = await s.alice.command(s.dm, "!ai new echo Echoes", s.bot.user_id, quiet=0.2)
+    assert any(r.startswith("New working room [Echoes]") for r in replies), replies
+    room = await s.alice.wait_for_invite(
+        lambda rid, st: rid != s.room and create_content(st).get(layout.KIND_KEY) == "working"
+    )
+    await s.alice.join(room)
+    s = Setup(s.alice, s.bot, s.dm, s.space, room)
+    assert s.alice.latest_text(room, await say(s, "I like tea.")) == "echo: I like tea."
+    local = await pcid(s)
+    assert not local.startswith("conv_")  # echo's own id: the platform has never seen it
+
+    await s.alice.command(room, f"!ai agent {AGENT}", s.bot.user_id, quiet=0.2)
+    created = conversations_created(platform)
+    mark = len(bodies(platform))
+    text = s.alice.latest_text(room, await say(s, "What do I like?"))
+    conversation = await pcid(s)
+    assert conversation.startswith("conv_"), conversation
+    assert conversations_created(platform) == created + 1
+    # The platform did not know echo's id (404), so the conversation went on in a new platform
+    # conversation seeded with the room's turns; the question was asked again there.
+    asked = bodies(platform)[mark:]
+    assert [b["conversation"] for b in asked] == [local, conversation], asked
+    assert only_new(asked[-1], "What do I like?")
+    assert text == "The platform holds 3 items; you said: What do I like?"
+    assert held(platform, conversation)[:2] == [("user", "I like tea."), ("assistant", "echo: I like tea.")]
 
 
 # ---------------------------------------------------------------------------------------------
