@@ -7,9 +7,7 @@ agent was asked is read from the bodies the fake recorded, what the user sees fr
 
 from __future__ import annotations
 
-import asyncio
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +19,7 @@ from devtools.fake_openai import FakeOpenAI
 from devtools.matrix_user import Event, MatrixUser, create_content, is_message
 from devtools.maubot_standalone import StandaloneBot
 from devtools.synapse import SynapseServer
+from devtools.threaded import Threaded
 from surfaces_plugin import layout
 from surfaces_plugin.backends import ChatMessage
 from surfaces_plugin.context_window import SUMMARY_HEADING, message_tokens
@@ -86,7 +85,7 @@ def system_text(body: dict[str, Any]) -> str:
     return first["content"] if first["role"] == "system" else ""
 
 
-def bot_config(fake: ThreadedFake, *, streaming: bool = False) -> dict[str, Any]:
+def bot_config(fake: FakeOpenAI, *, streaming: bool = False) -> dict[str, Any]:
     return {
         "backends": [
             {
@@ -116,47 +115,16 @@ def bot_config(fake: ThreadedFake, *, streaming: bool = False) -> dict[str, Any]
     }
 
 
-class ThreadedFake:
-    """A FakeOpenAI serving from its own thread and event loop, so one server outlives the
-    per-test event loops and the module's tests share it (and one bot)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self.loop.run_forever, name="fake-openai", daemon=True
-        )
-        self.thread.start()
-        self.server = FakeOpenAI(reply_fn=reply_fn)
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
-
-    @property
-    def base_url(self) -> str:
-        return self.server.base_url
-
-    @property
-    def bodies(self) -> list[dict[str, Any]]:
-        """Every chat request body so far (all tests of the module), oldest first."""
-        return self.server.bodies
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
-def fake() -> Iterator[ThreadedFake]:
-    server = ThreadedFake()
-    try:
-        yield server
-    finally:
-        server.close()
+def fake() -> Iterator[FakeOpenAI]:
+    """One server in its own thread for the module: it outlives each test's event loop."""
+    with Threaded(lambda: FakeOpenAI(reply_fn=reply_fn), name="fake-openai") as threaded:
+        yield threaded.server
 
 
 @pytest.fixture(scope="module")
 def module_bot(
-    synapse: SynapseServer, fake: ThreadedFake, tmp_path_factory: pytest.TempPathFactory
+    synapse: SynapseServer, fake: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[StandaloneBot]:
     """One bot whose agent uses the fake with the smallest budget; each test has its own user."""
     data_dir = tmp_path_factory.mktemp("context-bot")
@@ -266,7 +234,7 @@ async def binding(s: Setup, room: str | None = None) -> dict[str, Any]:
 
 
 async def test_long_conversation_is_compacted_automatically_and_fits_the_budget(
-    bot: StandaloneBot, make_user: MakeUser, fake: ThreadedFake
+    bot: StandaloneBot, make_user: MakeUser, fake: FakeOpenAI
 ) -> None:
     s = await onboard(bot, make_user)
     mark = len(fake.bodies)  # the shared fake's requests from before this test are not ours
@@ -326,7 +294,7 @@ async def test_long_conversation_is_compacted_automatically_and_fits_the_budget(
 
 
 async def test_reset_starts_a_new_conversation_without_the_old_turns(
-    bot: StandaloneBot, make_user: MakeUser, fake: ThreadedFake
+    bot: StandaloneBot, make_user: MakeUser, fake: FakeOpenAI
 ) -> None:
     s = await onboard(bot, make_user)
     await say(s, "My favourite colour is teal.")
@@ -362,7 +330,7 @@ async def test_reset_starts_a_new_conversation_without_the_old_turns(
 
 
 async def test_memory_note_reaches_another_room_of_the_same_user(
-    bot: StandaloneBot, make_user: MakeUser, fake: ThreadedFake
+    bot: StandaloneBot, make_user: MakeUser, fake: FakeOpenAI
 ) -> None:
     s = await onboard(bot, make_user)
     note = "I am vegetarian and live in Porto."
@@ -391,7 +359,7 @@ async def test_memory_note_reaches_another_room_of_the_same_user(
 
 
 async def test_history_is_rebuilt_from_the_timeline_after_the_database_is_lost(
-    bot_factory: BotFactory, make_user: MakeUser, fake: ThreadedFake
+    bot_factory: BotFactory, make_user: MakeUser, fake: FakeOpenAI
 ) -> None:
     bot = bot_factory(bot_config(fake, streaming=True))  # its own bot: its database is wiped
     s = await onboard(bot, make_user)
@@ -425,7 +393,7 @@ async def test_history_is_rebuilt_from_the_timeline_after_the_database_is_lost(
 
 
 async def test_export_uploads_a_markdown_file_with_the_turns(
-    bot: StandaloneBot, make_user: MakeUser, fake: ThreadedFake
+    bot: StandaloneBot, make_user: MakeUser, fake: FakeOpenAI
 ) -> None:
     s = await onboard(bot, make_user)
     await say(s, "The capital of Iceland is Reykjavik.")

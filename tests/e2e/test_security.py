@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 
 from devtools.e2e import BotFactory, MakeUser
+from devtools.fake_anthropic import FakeAnthropic
 from devtools.fake_openai import FakeOpenAI
-from devtools.matrix_user import MatrixUser, is_message
+from devtools.fake_responses import FakeResponses
+from devtools.matrix_user import MatrixUser, create_content, is_message
 from devtools.maubot_standalone import StandaloneBot
+from devtools.mcp_server import McpTestServer
 from devtools.synapse import SynapseServer
 
 from .invariants import TURN, BotView, check_answers, onboard
@@ -189,39 +193,134 @@ async def test_blocked_user_gets_one_refusal_and_nothing_else(
     assert set(alice.invites) == invites_before  # no Space or room was made while blocked
 
 
+# Secrets of the other providers and of an MCP server (each distinctive, so a leak is found).
+ANTHROPIC_KEY = "sk-ant-surfaces-K3Y-d0-not-leak"
+RESPONSES_KEY = "sk-resp-surfaces-K3Y-d0-not-leak"
+RESPONSES_WRONG_KEY = "sk-resp-wrong-K3Y-d0-not-leak"
+MCP_TOKEN = "mcp-surfaces-T0KEN-d0-not-leak"
+MCP_WRONG_TOKEN = "mcp-wrong-T0KEN-d0-not-leak"
+
+
+def secrets_config(
+    openai_url: str, anthropic_url: str, responses_url: str, mcp_url: str
+) -> dict[str, Any]:
+    """`gpt` (chat completions) and `claude` (Anthropic) hold keys their servers refuse;
+    `platform` (Responses, server state) holds the right key, `platform-bad` a refused one; the
+    MCP server `clock` gets the right token, `locked` a refused one."""
+    config = fake_backend_config(openai_url)
+    agent = {k: v for k, v in config["agents"][1].items() if k not in ("id", "backend", "name")}
+    responses = {"type": "openai", "api": "responses", "state": "server", "base_url": responses_url}
+    config["backends"] += [
+        {
+            "id": "anthropic",
+            "type": "anthropic",
+            "base_url": anthropic_url,
+            "api_key": ANTHROPIC_KEY,
+            "max_retries": 0,
+        },
+        {"id": "platform", **responses, "api_key": RESPONSES_KEY, "max_retries": 0},
+        {"id": "platform-bad", **responses, "api_key": RESPONSES_WRONG_KEY, "max_retries": 0},
+    ]
+    config["agents"][1]["tools"] = ["clock", "locked"]
+    config["agents"] += [
+        {**agent, "id": "claude", "name": "Claude", "backend": "anthropic"},
+        {**agent, "id": "platform", "name": "Platform", "backend": "platform"},
+        {**agent, "id": "platform-bad", "name": "Platform (bad key)", "backend": "platform-bad"},
+    ]
+    config["mcp_servers"] = [
+        {
+            "id": "clock",
+            "url": mcp_url,
+            "allow": ["now", "add"],
+            "headers": {"Authorization": f"Bearer {MCP_TOKEN}"},
+        },
+        {
+            "id": "locked",
+            "url": mcp_url,
+            "allow": ["now"],
+            "headers": {"Authorization": f"Bearer {MCP_WRONG_TOKEN}"},
+        },
+    ]
+    return config
+
+
 async def test_secrets_never_reach_logs_or_rooms(
     bot_factory: BotFactory, make_user: MakeUser, synapse: SynapseServer
 ) -> None:
-    """The provider rejects the key and echoes it back in its error (as real ones do): neither
-    the key nor the bot's access token shows up in the bot's log or in any room."""
+    """Providers reject keys and echo them back in their errors (as real ones do), an MCP server
+    refuses a token and echoes it: no API key, MCP header value or the bot's access token shows
+    up in the bot's logs, in any room or in room state; working keys and tokens neither."""
     admin = await make_user()
-    async with FakeOpenAI(require_key="sk-the-right-one") as fake:
-        config = fake_backend_config(fake.base_url)
-        config["access"] = {"admins": [admin.user_id]}
-        bot = bot_factory(config)
-        dm, _space, room = await onboard(admin, bot)
-        sent = await admin.send_text(room, "hello")
-        notice = await admin.wait_for_notice(room, "API key", bot.user_id, 15, after=sent)
-        assert "`gpt`" in admin.latest_text(room, notice)
-        assert any(API_KEY in str(r["authorization"]) for r in fake.requests)  # really sent
-        await ask(admin, dm, "!ai status", "Surfaces status", bot)
-        await ask(admin, dm, "!ai agents", "Agents", bot)
-        await ask(admin, dm, "!ai reconcile", "Reconciliation", bot)
-        bot.restart()
-        await ask(admin, dm, "!ai status", "Surfaces status", bot)
+    secrets = (
+        API_KEY,
+        ANTHROPIC_KEY,
+        RESPONSES_KEY,
+        RESPONSES_WRONG_KEY,
+        MCP_TOKEN,
+        MCP_WRONG_TOKEN,
+    )
+    async with (
+        FakeOpenAI(require_key="sk-the-right-one") as openai,
+        FakeAnthropic(require_key="sk-ant-the-right-one") as anthropic,
+        FakeResponses(require_key=RESPONSES_KEY) as platform,
+    ):
+        with McpTestServer(token=MCP_TOKEN) as mcp:
+            config = secrets_config(openai.base_url, anthropic.base_url, platform.base_url, mcp.url)
+            config["access"] = {"admins": [admin.user_id]}
+            bot = bot_factory(config)
+            dm, _space, room = await onboard(admin, bot)
+            sent = await admin.send_text(room, "hello")
+            notice = await admin.wait_for_notice(room, "API key", bot.user_id, 15, after=sent)
+            assert "`gpt`" in admin.latest_text(room, notice)
+            assert any(API_KEY in str(r["authorization"]) for r in openai.requests)  # really sent
+            # One MCP server lists its tools with the right token; the other one refuses its own.
+            tools = await ask(admin, room, "!ai tools", "Tools of `gpt`", bot)
+            assert "`now` (clock)" in tools and "`add` (clock)" in tools, tools
+            assert "`locked` failed: refused our credentials (HTTP 401)" in tools, tools
+
+            await ask(admin, room, "!ai agent claude", "now talks to `claude`", bot)
+            sent = await admin.send_text(room, "hello claude")
+            notice = await admin.wait_for_notice(room, "`claude`", bot.user_id, 15, after=sent)
+            assert "API key" in admin.latest_text(room, notice)
+            assert any(r["headers"].get("x-api-key") == ANTHROPIC_KEY for r in anthropic.requests)
+
+            # A platform that refuses the key creates no conversation, so no room…
+            refused = await ask(
+                admin, dm, "!ai new platform-bad Refused", "did not create a new conversation", bot
+            )
+            assert "HTTP 401" in refused, refused
+            assert any(RESPONSES_WRONG_KEY in str(r["authorization"]) for r in platform.requests)
+            # …and with the right key it keeps the new room's conversation.
+            await ask(admin, dm, "!ai new platform Kept", "New working room", bot)
+            kept = await admin.wait_for_invite(
+                lambda _, st: create_content(st).get("org.surfaces.kind") == "working"
+            )
+            await admin.join(kept)
+            assert await answer_of(admin, kept, bot, "hi platform") == (
+                "Fake model says: hi platform"
+            )
+
+            await ask(admin, dm, "!ai status", "Surfaces status", bot)
+            await ask(admin, dm, "!ai agents", "Agents", bot)
+            await ask(admin, dm, "!ai reconcile", "Reconciliation", bot)
+            await asyncio.to_thread(bot.restart)
+            await ask(admin, dm, "!ai status", "Surfaces status", bot)
 
     # The operator sees which agent failed where and why, with the key masked…
     log = bot.log_text()
     assert f"Agent gpt failed in {room}: auth: Incorrect API key provided: ***" in log, log
-    for output in (log, bot.stdout_text()):  # …and neither secret is in the log or stdout/stderr
-        assert API_KEY not in output
-        assert bot.access_token not in output
+    assert "Leaving out the tools of MCP server locked" in log, log
+    outputs = {path.name: path.read_text(errors="replace") for path in bot.data_dir.glob("*.log")}
+    assert {bot.log_path.name, "stdout.log"} <= set(outputs), sorted(outputs)
+    for name, output in outputs.items():  # …and no secret is in any log or stdout/stderr
+        for secret in (*secrets, bot.access_token):
+            assert secret not in output, (name, secret)
     view = BotView(synapse, bot)
     for room_id in await view.joined_rooms():
         everything = json.dumps(await view.timeline(room_id)) + json.dumps(
             await view.state(room_id)
         )
-        assert API_KEY not in everything, room_id
-        assert bot.access_token not in everything, room_id
+        for secret in (*secrets, bot.access_token):
+            assert secret not in everything, (room_id, secret)
     assert check_answers(await view.timeline(room), admin.user_id, bot.user_id).twice == []
     assert not [e for e in admin.messages(room, bot.user_id) if is_message(e, msgtype="m.text")]
