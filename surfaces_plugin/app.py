@@ -305,7 +305,8 @@ class Surfaces:
     async def _catch_up_dms(self) -> None:
         """Commands sent while the bot was down in its DMs (working rooms are caught up by the
         dispatcher); the DMs are the ones the users invited the bot to, from the cache."""
-        users = await self.stores.users.list_all()
+        # Users without a Space are "missing" to reconciliation, but their DM is still known.
+        users = await self.stores.users.list_all(include_missing=True)
         dms = {u.dm_room_id for u in users if u.dm_room_id and self.rooms.room(u.dm_room_id) is None}
         slots = asyncio.Semaphore(self.settings.reconciliation.concurrency)
 

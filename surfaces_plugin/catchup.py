@@ -21,7 +21,7 @@ from .config import Settings
 from .e2ee import E2EE, session_of
 from .history import History
 from .jobs import Job
-from .matrix import GatewayError, MatrixIO
+from .matrix import GatewayError, MatrixIO, NotFound, PermissionDenied
 from .rooms import RoomDirectory, WorkingRoom
 from .store.processed import ProcessedStore
 from .timeline import Interrupted, Scan, is_bot_answer, is_owner_text, read_back, scan_timeline
@@ -82,6 +82,9 @@ class CatchUp:
 
         try:
             events = await read_back(self.io, room_id, stop=reached_window, max_pages=MAX_PAGES)
+        except (PermissionDenied, NotFound) as e:  # a DM the user or the bot has left
+            self.log.debug("No catch-up of commands in %s: %s", room_id, e)
+            return 0
         except GatewayError as e:
             self.log.warning("Catch-up of commands skipped %s: %s", room_id, e)
             return 0
