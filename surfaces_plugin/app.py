@@ -29,7 +29,7 @@ from mautrix.util.async_db import Database
 from .access import AccessService
 from .backends import BackendRegistry
 from .catchup import CatchUp
-from .clock import utc_text
+from .clock import now_ms, utc_text
 from .commands import CommandTree, split_command
 from .config import Settings
 from .context_builder import ContextBuilder
@@ -140,6 +140,9 @@ class Surfaces:
             status=self.status_text,
         )
         self.gate = ReadyGate()
+        # A command sent before this moment arrived while the bot was down, however maubot
+        # delivers it (a dropped first sync, a later one, or catch-up): it is answered as late.
+        self.started_ms = now_ms()
         self._invites_seen: set[str] = set()
         self._routed = RecentIds()
 
@@ -239,7 +242,8 @@ class Surfaces:
         parsed = split_command(evt.content.body, self.settings.command_prefix)
         if parsed is not None:
             sub, args = parsed
-            self.io.spawn(self._run_command(evt, sub, args), name=f"command {sub}")
+            late = utc_text(evt.timestamp) if evt.timestamp < self.started_ms else None
+            self.io.spawn(self._run_command(evt, sub, args, late), name=f"command {sub}")
             return
         self.dispatcher.submit(evt)
 

@@ -179,3 +179,20 @@ async def test_late_commands_get_the_live_refusals_once(make_surfaces) -> None:
     h3 = await restart(make_surfaces, h2, access=access)
     await h3.say(room, ALICE, "hi")
     assert h3.client.bodies(room) == [*shown, "echo: hi"]
+
+
+async def test_a_command_from_before_the_start_delivered_live_is_late_too(make_surfaces) -> None:
+    """maubot may deliver what was sent while the bot was down in a later sync: the command is
+    still one that arrived while it was down (told once, not run), whichever path sees it."""
+    h, room, _ = await onboarded(make_surfaces)
+    await h.app.stop()
+    evt = h.client.user_message(room, ALICE, "!ai archive")
+    await asyncio.sleep(0.002)  # the restart begins a millisecond later
+    h2 = await make_surfaces(h.client, settle=False)
+    await h2.app.on_message(evt)  # delivered live, racing catch-up
+    await h2.settle()
+    [told] = for_command(h2, room, evt.event_id)
+    assert told["content"]["body"].startswith(f"`!ai archive` {NOT_RUN}")
+    assert not h2.app.rooms.room(room).archived
+    await h2.say(room, ALICE, "!ai archive")  # sent now: run
+    assert h2.last_reply(room).startswith("This room is archived")
