@@ -242,8 +242,7 @@ class Surfaces:
         parsed = split_command(evt.content.body, self.settings.command_prefix)
         if parsed is not None:
             sub, args = parsed
-            late = utc_text(evt.timestamp) if evt.timestamp < self.started_ms else None
-            self.io.spawn(self._run_command(evt, sub, args, late), name=f"command {sub}")
+            self.io.spawn(self._run_command(evt, sub, args), name=f"command {sub}")
             return
         self.dispatcher.submit(evt)
 
@@ -280,9 +279,9 @@ class Surfaces:
             return
         self._route(evt)
 
-    async def _run_command(
-        self, evt: MessageEvent, sub: str, args: str, late_sent: str | None = None
-    ) -> None:
+    async def _run_command(self, evt: MessageEvent, sub: str, args: str) -> None:
+        """Live or caught up alike: a command sent before this start is answered as late."""
+        late_sent = utc_text(evt.timestamp) if evt.timestamp < self.started_ms else None
         request = Request(evt, self.services, self.settings, late_sent=late_sent)
         admit = self.access.admit
         if sub not in ("help", "") and not await admit(evt.sender, evt.room_id, request.reply):
@@ -291,7 +290,8 @@ class Surfaces:
 
     async def replay_commands(self, room_id: str, events: Sequence[dict[str, Any]]) -> None:
         """Commands that arrived while the bot was down (catch-up), oldest first: each gets what
-        it would have live (refusals included), or is told it was not run (`CommandSpec.replay`)."""
+        it would have live (refusals included), or is told it was not run (`CommandSpec.replay`).
+        One sent during this start (read back before maubot delivered it) is run as live."""
         for raw in events:
             try:
                 evt = MessageEvent.deserialize({**raw, "room_id": room_id})
@@ -302,7 +302,7 @@ class Surfaces:
             if parsed is None or not self._routed.add(evt.event_id):
                 continue  # also delivered live: answered there
             try:
-                await self._run_command(evt, *parsed, late_sent=utc_text(evt.timestamp))
+                await self._run_command(evt, *parsed)
             except GatewayError as e:  # unanswered: the next start's catch-up tries again
                 self.log.warning("Could not answer the caught-up command %s: %s", evt.event_id, e)
 

@@ -24,6 +24,7 @@ NOT_RUN = "arrived while I was offline or restarting"
 async def restart(make_surfaces, h, **overrides):
     """Stop this Surfaces and start another on the same homeserver and database."""
     await h.app.stop()
+    await asyncio.sleep(0.002)  # starts in a later millisecond than anything sent while down
     overrides.setdefault("streaming", {"edit_interval_ms": 0})
     return await make_surfaces(h.client, **overrides)
 
