@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from . import layout
@@ -64,12 +65,15 @@ class AccessService:
     def pending(self) -> list[str]:
         return sorted(self._pending)
 
-    async def admit(self, user: str, room_id: str) -> bool:
-        """True when the user may run a command; otherwise one short refusal is sent."""
+    async def admit(self, user: str, room_id: str, reply: Reply | None = None) -> bool:
+        """True when the user may run a command; otherwise one short refusal is sent (through
+        `reply`, the command's, when given)."""
+        if reply is None:
+            reply = partial(self.io.send_notice, room_id)
         if self.has_access(user):
             return True
         if self.decisions.state_of(user) == "blocked":
-            await self.io.send_notice(room_id, "Sorry, you are blocked from using this bot.")
+            await reply("Sorry, you are blocked from using this bot.")
             return False
         if self.settings().access.mode == "approval":
             first_time = user not in self._pending
@@ -78,13 +82,12 @@ class AccessService:
             await self.users.set_dm_room(user, room_id)
             if first_time:
                 self.log.info("Access requested by %s", user)
-            await self.io.send_notice(
-                room_id,
+            await reply(
                 "Your request to use this bot is waiting for an admin's approval. "
-                "I'll tell you here when you're approved.",
+                "I'll tell you here when you're approved."
             )
             return False
-        await self.io.send_notice(room_id, "Sorry, this bot is not open to you.")
+        await reply("Sorry, this bot is not open to you.")
         return False
 
     async def decide(self, by: str, action: str, target: str, reply: Reply) -> None:

@@ -7,8 +7,11 @@ and are routed afterwards in arrival order, so nothing is lost or answered twice
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
+from collections.abc import Sequence
+from typing import Any
 
 from mautrix.client import Client, SyncStream
 from mautrix.types import (
@@ -26,6 +29,7 @@ from mautrix.util.async_db import Database
 from .access import AccessService
 from .backends import BackendRegistry
 from .catchup import CatchUp
+from .clock import now_ms, utc_text
 from .commands import CommandTree, split_command
 from .config import Settings
 from .context_builder import ContextBuilder
@@ -33,7 +37,7 @@ from .dispatch import Dispatcher
 from .e2ee import E2EE
 from .handlers import Request, Services, register_commands
 from .history import History
-from .matrix import Gateway, MatrixIO
+from .matrix import Gateway, GatewayError, MatrixIO
 from .memory import MemoryService
 from .onboarding import Onboarding
 from .reconcile.runner import Reconciler
@@ -112,7 +116,10 @@ class Surfaces:
             io, stores, rooms, current, log, finish_onboarding=onboarding.finish, backends=backends
         )
         self.e2ee = e2ee = E2EE(io, current, log.getChild("e2ee"))
-        catch_up = CatchUp(io, rooms, history, stores.processed, e2ee, current, log)
+        self.catch_up = catch_up = CatchUp(
+            io, rooms, history, stores.processed, e2ee, current, log,
+            replay_commands=self.replay_commands,
+        )
         self.dispatcher = Dispatcher(
             io, rooms, history, context, access, backends, catch_up, current, log,
             on_caught_up=reconciler.note_catch_up, tools=tools,
@@ -137,6 +144,9 @@ class Surfaces:
             status=self.status_text,
         )
         self.gate = ReadyGate()
+        # A command sent before this moment arrived while the bot was down, however maubot
+        # delivers it (a dropped first sync, a later one, or catch-up): it is answered as late.
+        self.started_ms = now_ms()
         self._invites_seen: set[str] = set()
         self._routed = RecentIds()
 
@@ -159,6 +169,7 @@ class Surfaces:
             await self.rooms.load_from_cache()
         # Missed messages first (oldest first); those also seen live are deduplicated by event id.
         self.dispatcher.start_catch_up([r for r in self.rooms.all_rooms() if not r.archived])
+        self.io.spawn(self._catch_up_dms(), name="catch-up of DMs")
         self.open_gate()
         self.reconciler.schedule_periodic()
 
@@ -275,10 +286,47 @@ class Surfaces:
         self._route(evt)
 
     async def _run_command(self, evt: MessageEvent, sub: str, args: str) -> None:
-        if sub not in ("help", "") and not await self.access.admit(evt.sender, evt.room_id):
+        """Live or caught up alike: a command sent before this start is answered as late."""
+        late_sent = utc_text(evt.timestamp) if evt.timestamp < self.started_ms else None
+        request = Request(evt, self.services, self.settings, late_sent=late_sent)
+        admit = self.access.admit
+        if sub not in ("help", "") and not await admit(evt.sender, evt.room_id, request.reply):
             return
-        request = Request(evt, self.services, self.settings)
         await self.services.commands.run(request, sub, args)
+
+    async def replay_commands(self, room_id: str, events: Sequence[dict[str, Any]]) -> None:
+        """Commands that arrived while the bot was down (catch-up), oldest first: each gets what
+        it would have live (refusals included), or is told it was not run (`CommandSpec.replay`).
+        One sent during this start (read back before maubot delivered it) is run as live."""
+        for raw in events:
+            try:
+                evt = MessageEvent.deserialize({**raw, "room_id": room_id})
+            except Exception as e:  # read back from any server: never trusted to parse
+                self.log.warning("Skipped a caught-up command in %s: %s", room_id, e)
+                continue
+            parsed = split_command(str(evt.content.body), self.settings.command_prefix)
+            if parsed is None or not self._routed.add(evt.event_id):
+                continue  # also delivered live: answered there
+            try:
+                await self._run_command(evt, *parsed)
+            except GatewayError as e:  # unanswered: the next start's catch-up tries again
+                self.log.warning("Could not answer the caught-up command %s: %s", evt.event_id, e)
+
+    async def _catch_up_dms(self) -> None:
+        """Commands sent while the bot was down in its DMs (working rooms are caught up by the
+        dispatcher); the DMs are the ones the users invited the bot to, from the cache."""
+        # Users without a Space are "missing" to reconciliation, but their DM is still known.
+        users = await self.stores.users.list_all(include_missing=True)
+        dms = {u.dm_room_id for u in users if u.dm_room_id and self.rooms.room(u.dm_room_id) is None}
+        slots = asyncio.Semaphore(self.settings.reconciliation.concurrency)
+
+        async def one(room_id: str) -> int:
+            async with slots:
+                return await self.catch_up.commands_in(room_id)
+
+        counts = await asyncio.gather(*(one(room_id) for room_id in sorted(dms)))
+        if any(counts):
+            self.log.info("Caught up %d commands in %d DMs", sum(counts), len(dms))
 
     def on_layout_state(self, evt: StateEvent) -> None:
         """Someone else changed a room's state: a reconciliation reading it now reads it again."""

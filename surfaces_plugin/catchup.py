@@ -3,14 +3,16 @@
 A message is missed when the owner sent it after the room's processed mark and after the
 message the bot's newest answer answers (answers go in order), within
 `reconciliation.catch_up_minutes`. A streamed answer the crash cut off (still `partial`) is
-edited to say so, and not answered again.
+edited to say so, and not answered again. `!ai` commands in the same stretch (and in the DMs
+with the bot) that nothing the bot sent names as handled go to `replay_commands`, before the
+room's messages are answered: a later scan then still reaches them, so each is answered once.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from . import layout, replies
@@ -19,7 +21,7 @@ from .config import Settings
 from .e2ee import E2EE, session_of
 from .history import History
 from .jobs import Job
-from .matrix import GatewayError, MatrixIO
+from .matrix import GatewayError, MatrixIO, NotFound, PermissionDenied
 from .rooms import RoomDirectory, WorkingRoom
 from .store.processed import ProcessedStore
 from .timeline import (
@@ -40,6 +42,8 @@ TOOLS_INTERRUPTED = (
     "again); send `!{prefix} retry` to run it again*"
 )
 INTERRUPTED_MARK = "\n\n*(interrupted by a restart; send `!{prefix} retry` for a full answer)*"
+# Answers commands (raw events, oldest first) that arrived in a room while the bot was down.
+ReplayCommands = Callable[[str, Sequence[dict[str, Any]]], Awaitable[None]]
 
 
 class CatchUp:
@@ -52,7 +56,10 @@ class CatchUp:
         e2ee: E2EE,
         settings: Callable[[], Settings],
         log: logging.Logger,
+        *,
+        replay_commands: ReplayCommands,
     ) -> None:
+        self.replay_commands = replay_commands
         self.io = io
         self.rooms = rooms
         self.history = history
@@ -73,6 +80,33 @@ class CatchUp:
             self.log.warning("Catch-up skipped %s: %s", room.room_id, e)
             return []
 
+    async def commands_in(self, room_id: str) -> int:
+        """Answer the commands sent while the bot was down in a room that is not a working room
+        (a DM with the bot); returns how many there were (0 when unreadable)."""
+        minutes = self.settings().reconciliation.catch_up_minutes
+        if minutes <= 0:
+            return 0
+        window_start = int((time.time() - minutes * 60) * 1000)
+
+        def reached_window(chunk: list[dict[str, Any]]) -> bool:
+            oldest = chunk[-1].get("origin_server_ts", 0)
+            return isinstance(oldest, int) and oldest <= window_start
+
+        try:
+            events = await read_back(self.io, room_id, stop=reached_window, max_pages=MAX_PAGES)
+        except (PermissionDenied, NotFound) as e:  # a DM the user or the bot has left
+            self.log.debug("No catch-up of commands in %s: %s", room_id, e)
+            return 0
+        except GatewayError as e:
+            self.log.warning("Catch-up of commands skipped %s: %s", room_id, e)
+            return 0
+        scan = scan_timeline(events, "", self.io.bot_id, window_start, self._is_command)
+        await self.replay_commands(room_id, scan.commands)
+        return len(scan.commands)
+
+    def _is_command(self, body: str) -> bool:
+        return split_command(body, self.settings().command_prefix) is not None
+
     async def _missed(self, room: WorkingRoom, window_start: int) -> list[Job]:
         bot = self.io.bot_id
         mark = await self.processed.get(room.room_id)
@@ -90,11 +124,7 @@ class CatchUp:
             return any(is_bot_answer(e, bot) for e in chunk)
 
         events = await read_back(self.io, room.room_id, stop=reached_known, max_pages=MAX_PAGES)
-        prefix = self.settings().command_prefix
-
-        def is_command(body: str) -> bool:
-            return split_command(body, prefix) is not None
-
+        is_command = self._is_command
         scan = scan_timeline(events, room.owner, bot, after_ts, is_command)
         if scan.interrupted is not None:
             await self._mark_interrupted(room, scan.interrupted)
@@ -106,23 +136,19 @@ class CatchUp:
             newest = events[0].get("origin_server_ts")
             if isinstance(newest, int):
                 await self.rooms.touch(room, newest)
-        missed = scan.missed + await self._recover(room, scan, is_command)
-        missed.sort(key=lambda e: int(e.get("origin_server_ts", 0)))
+        recovered, commands = await self._recover(room, scan, is_command)
+        # Before the messages are answered: a crash in between must not hide them from a scan.
+        await self.replay_commands(room.room_id, sorted([*scan.commands, *commands], key=_ts))
+        missed = sorted(scan.missed + recovered, key=_ts)
         cut_off = {run.marker.answers for run in scan.unfinished_tool_runs}
         for run in scan.unfinished_tool_runs:
             await self._end_tool_run(room, run)
         for event in [e for e in missed if e["event_id"] in cut_off]:
             missed.remove(event)  # told above; stored so that `!ai retry` finds it
             await self.history.add_user_turn(
-                room,
-                event["event_id"],
-                event["sender"],
-                event["content"]["body"],
-                int(event.get("origin_server_ts", 0)),
+                room, event["event_id"], event["sender"], event["content"]["body"], _ts(event)
             )
-            await self.history.mark_processed(
-                room, event["event_id"], int(event.get("origin_server_ts", 0))
-            )
+            await self.history.mark_processed(room, event["event_id"], _ts(event))
         return [
             Job(
                 room_id=room.room_id,
@@ -137,9 +163,11 @@ class CatchUp:
 
     async def _recover(
         self, room: WorkingRoom, scan: Scan, is_command: Callable[[str], bool]
-    ) -> list[dict[str, Any]]:
-        """Missed messages the bot had no key for: those whose key comes now, the rest told once."""
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Missed messages and commands the bot had no key for: (messages, commands) whose key
+        comes now; the rest are told once."""
         recovered: list[dict[str, Any]] = []
+        commands: list[dict[str, Any]] = []
         lost: list[dict[str, Any]] = []
         missing: set[str] = set()  # sessions whose key did not come: ask once per session
         for raw in scan.undecryptable:
@@ -148,10 +176,11 @@ class CatchUp:
             if event is None:
                 missing.add(session)
                 lost.append(raw)
-            elif is_owner_text(event, room.owner) and not is_command(event["content"]["body"]):
-                recovered.append(event)
+            elif is_owner_text(event, room.owner):
+                body = event["content"]["body"]
+                (commands if is_command(body) else recovered).append(event)
         await self.e2ee.tell_undecryptable(room.room_id, lost, scan.noticed_sessions)
-        return recovered
+        return recovered, commands
 
     async def _end_tool_run(self, room: WorkingRoom, run: UnfinishedToolRun) -> None:
         """Say on the tool notice that a restart cut the turn off (once: the edit sets `done`)."""
@@ -181,3 +210,8 @@ class CatchUp:
         if cut.marker.platform_chat_id == room.platform_chat_id:
             await self.history.ensure(room)  # after a lost cache: rebuild before adding
             await self.history.add_answer(room, text, cut.event_id, None)
+
+
+def _ts(event: dict[str, Any]) -> int:
+    ts = event.get("origin_server_ts")
+    return ts if isinstance(ts, int) else 0

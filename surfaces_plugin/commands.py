@@ -17,10 +17,17 @@ from .matrix import GatewayError
 if TYPE_CHECKING:
     from .handlers import Request
 
-__all__ = ["CommandSpec", "CommandTree", "Refusal", "UsageError", "split_command"]
+__all__ = [
+    "CommandSpec", "CommandTree", "Refusal", "Replay", "UsageError", "not_run_text", "split_command"
+]
 
 Handler = Callable[["Request", str], Awaitable[None]]
 Where = Literal["anywhere", "working_room"]
+# What a command sent while the bot was down gets after the restart (catch-up): "run" it late
+# (it only shows something), "tell" the sender it was not run (its effect depends on when it
+# runs, or changes state), or "run_to_show": run it when it has no arguments (then it only
+# shows), tell otherwise.
+Replay = Literal["run", "tell", "run_to_show"]
 
 
 @dataclass(frozen=True)
@@ -31,9 +38,26 @@ class CommandSpec:
     handler: Handler
     where: Where = "anywhere"
     admin: bool = False
+    replay: Replay = "tell"
 
     def usage(self, prefix: str) -> str:
         return f"!{prefix} {self.name} {self.args}".rstrip()
+
+    def runs_late(self, args: str) -> bool:
+        """Run when it arrived while the bot was down (else the sender is told it was not)."""
+        return self.replay == "run" or (self.replay == "run_to_show" and not args)
+
+
+def not_run_text(prefix: str, sub: str, args: str, sent: str) -> str:
+    """The one notice for a state-changing command that arrived while the bot was down."""
+    shown = f"{sub} {args}".strip().replace("`", "'")
+    if len(shown) > 60:
+        shown = shown[:59] + "…"
+    return (
+        f"`!{prefix} {shown}` arrived while I was offline or restarting (sent at {sent}) and "
+        "was not run: running it late could do something you no longer want. "
+        "Send it again if you still want it."
+    )
 
 
 def split_command(body: str, prefix: str) -> tuple[str, str] | None:
@@ -67,6 +91,8 @@ class CommandTree:
         return "\n".join(lines)
 
     async def run(self, request: Request, sub: str, args: str) -> None:
+        """Answer the command; one caught up after a restart (`request.late_sent`) is run only if
+        its spec says so, after the same checks as live, else its sender is told it was not."""
         prefix = request.settings.command_prefix
         spec = self._commands.get(sub)
         if spec is None:
@@ -82,6 +108,9 @@ class CommandTree:
                 f"`!{prefix} {spec.name}` works in one of your working rooms. "
                 f"Send `!{prefix} rooms` to find them."
             )
+            return
+        if request.late_sent is not None and not spec.runs_late(args):
+            await request.reply(not_run_text(prefix, spec.name, args, request.late_sent))
             return
         try:
             await spec.handler(request, args)

@@ -124,6 +124,7 @@ class Dispatcher:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._generating: dict[str, asyncio.Task[None]] = {}
         self._answering: dict[str, str] = {}  # room → the event id its generation answers
+        self._cancelled_by: dict[str, str] = {}  # room → the `!ai cancel` stopping its answer
         self._redacted = RecentRedactions()
         self._forgetting: dict[str, set[asyncio.Task[None]]] = defaultdict(set)
         self._told_once: set[tuple[str, str]] = set()
@@ -276,7 +277,9 @@ class Dispatcher:
         agent = self.context.agent_of(room)
         backend = self.backends.for_agent(agent)
         answers = job.event_id or None
-        marker = layout.TurnMarker(room.platform_chat_id, agent.id, answers=answers)
+        marker = layout.TurnMarker(
+            room.platform_chat_id, agent.id, answers=answers, command=job.attempt or None
+        )
         stream = StreamedReply(self.io, self.settings, room.room_id, marker, job.txn)
         notice = ToolNotice(
             self.io, room.room_id, marker_for(room.platform_chat_id, agent.id, answers), job.txn
@@ -295,6 +298,9 @@ class Dispatcher:
             await notice.end()
         except asyncio.CancelledError:
             # `!ai cancel`, a redaction, or the plugin stopping: say which in the answer itself.
+            cancelled_by = self._cancelled_by.pop(room.room_id, None)
+            if cancelled_by:  # the ending names the `!ai cancel` it carries out
+                stream.turn = replace(stream.turn, command=cancelled_by)
             if self._redacted.covers(job):  # an answer to a retracted message is not kept
                 await asyncio.shield(self._withdraw(stream))
                 await self.history.mark_processed(room, job.event_id, job.ts)
@@ -486,10 +492,13 @@ class Dispatcher:
 
     # commands
 
-    def cancel(self, room_id: str) -> bool:
+    def cancel(self, room_id: str, by: str = "") -> bool:
+        """Stop the room's answer; `by` (the `!ai cancel` event id) is named in its ending."""
         generation = self._generating.get(room_id)
         if generation is None or generation.done():
             return False
+        if by:
+            self._cancelled_by[room_id] = by
         generation.cancel()
         return True
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 from .clock import now_ms, utc_text
 from .context_builder import ContextBuilder
@@ -71,12 +72,17 @@ def render_markdown(
 
 
 async def export_conversation(
-    io: MatrixIO, e2ee: E2EE, history: History, context: ContextBuilder, room: WorkingRoom
+    io: MatrixIO,
+    e2ee: E2EE,
+    history: History,
+    context: ContextBuilder,
+    room: WorkingRoom,
+    handled: dict[str, Any] | None = None,
 ) -> int:
     """Upload the conversation and post it as a file; returns how many messages it holds.
 
     In an encrypted room the file is an encrypted attachment: the media repository never holds
-    the plaintext."""
+    the plaintext. `handled`: keys to merge into the file message (the `!ai export` it answers)."""
     chat, messages = await history.all_turns(room)
     if not messages:
         return 0
@@ -93,6 +99,7 @@ async def export_conversation(
             "filename": name,
             **media,
             "info": {"mimetype": MIME_TYPE, "size": len(data)},
+            **(handled or {}),
         },
     )
     return len(messages)

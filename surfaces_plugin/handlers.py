@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from mautrix.types import EventID, MessageEvent, RoomID, UserID
 
+from . import layout
 from .access import AccessService
 from .backends import BackendError, BackendRegistry
 from .commands import CommandSpec, CommandTree
@@ -24,6 +26,7 @@ from .onboarding import Onboarding
 from .reconcile.runner import Reconciler
 from .rooms import RoomDirectory, WorkingRoom
 from .toolbox import ToolBox
+from .txn import txn_id
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,22 @@ class Services:
 
 @dataclass
 class Request:
-    """One incoming command: who sent it, where, and how to answer."""
+    """One incoming command: who sent it, where, and how to answer.
+
+    Everything sent for it carries `handled` (its event id, `layout.command_marker`), so
+    catch-up after a restart knows it was answered; replies have transaction ids derived from
+    it, so one sent again after a crash is one event.
+    """
 
     event: MessageEvent
     services: Services
     settings: Settings
+    late_sent: str | None = None  # caught up after a restart: when it was sent, as shown
+    _replies: int = field(default=0, init=False)  # numbers the replies' transaction ids
+
+    @property
+    def handled(self) -> dict[str, Any]:
+        return layout.command_marker(self.event.event_id)
 
     @property
     def sender(self) -> UserID:
@@ -67,7 +81,9 @@ class Request:
         return self.settings.access.is_admin(self.sender)
 
     async def reply(self, text: str) -> EventID:
-        return await self.services.io.send_notice(self.room_id, text)
+        self._replies += 1
+        txn = txn_id(self.event.event_id, f"command reply {self._replies}")
+        return await self.services.io.send_notice(self.room_id, text, self.handled, txn=txn)
 
     async def working_room(self) -> WorkingRoom | None:
         """The working room this command was sent in, when the sender owns it."""
@@ -191,7 +207,8 @@ async def cmd_agent(req: Request, args: str) -> None:
 
 async def cmd_reset(req: Request, args: str) -> None:
     room = await req.my_room()
-    await req.services.history.reset(room)  # posts the reset notice itself (it carries the marker)
+    # Posts the reset notice itself (it carries the reset marker, and `handled`).
+    await req.services.history.reset(room, handled=req.handled)
 
 
 async def cmd_context(req: Request, args: str) -> None:
@@ -325,7 +342,7 @@ async def cmd_export(req: Request, args: str) -> None:
     room = await req.my_room()
     services = req.services
     exported = await export_conversation(
-        services.io, services.e2ee, services.history, services.context, room
+        services.io, services.e2ee, services.history, services.context, room, req.handled
     )
     if exported == 0:
         raise Refusal("There is nothing to export yet: this conversation has no messages.")
@@ -366,7 +383,7 @@ async def cmd_retry(req: Request, args: str) -> None:
 
 async def cmd_cancel(req: Request, args: str) -> None:
     room = await req.my_room()
-    if not req.services.dispatcher.cancel(room.room_id):
+    if not req.services.dispatcher.cancel(room.room_id, by=req.event.event_id):
         await req.reply("Nothing is being generated in this room.")
 
 
@@ -391,14 +408,24 @@ async def cmd_reconcile(req: Request, args: str) -> None:
 
 
 def register_commands(tree: CommandTree) -> None:
+    """Every command, with what it gets when it arrived while the bot was down (`replay`; the
+    README's reliability section lists them): shown things run late, changes are told."""
     for spec in (
-        CommandSpec("help", "", "lists the commands", cmd_help),
-        CommandSpec("start", "", "creates your Space and first working room", cmd_start),
+        CommandSpec("help", "", "lists the commands", cmd_help, replay="run"),
+        # Idempotent: a second start only re-invites, so running it late is what was asked.
+        CommandSpec("start", "", "creates your Space and first working room", cmd_start, replay="run"),
         CommandSpec("new", "[agent] [title…]", "a new working room in your Space", cmd_new),
-        CommandSpec("rooms", "", "your working rooms with links", cmd_rooms),
-        CommandSpec("agents", "", "the agents you can talk to", cmd_agents),
+        CommandSpec("rooms", "", "your working rooms with links", cmd_rooms, replay="run"),
+        CommandSpec("agents", "", "the agents you can talk to", cmd_agents, replay="run"),
         CommandSpec("agent", "<id>", "switches this room's agent", cmd_agent, "working_room"),
-        CommandSpec("tools", "", "the tools this room's agent can call", cmd_tools, "working_room"),
+        CommandSpec(
+            "tools",
+            "",
+            "the tools this room's agent can call",
+            cmd_tools,
+            "working_room",
+            replay="run",
+        ),
         CommandSpec(
             "reset", "", "starts a fresh conversation in this room", cmd_reset, "working_room"
         ),
@@ -408,6 +435,7 @@ def register_commands(tree: CommandTree) -> None:
             "messages and tokens in context vs the budget",
             cmd_context,
             "working_room",
+            replay="run",
         ),
         CommandSpec(
             "compact", "", "summarises older history into one message", cmd_compact, "working_room"
@@ -418,17 +446,27 @@ def register_commands(tree: CommandTree) -> None:
             "shows or sets this room's system prompt",
             cmd_system,
             "working_room",
+            replay="run_to_show",
         ),
         CommandSpec(
             "memory",
             "[add <text> | forget <n>]",
             "notes shared by all your working rooms",
             cmd_memory,
+            replay="run_to_show",
         ),
         CommandSpec("retry", "", "answers the last message again", cmd_retry, "working_room"),
-        CommandSpec("cancel", "", "stops the answer being generated", cmd_cancel, "working_room"),
+        # Late, nothing is being generated any more (a restart ended it): it says so.
         CommandSpec(
-            "export", "", "uploads the conversation as a Markdown file", cmd_export, "working_room"
+            "cancel", "", "stops the answer being generated", cmd_cancel, "working_room", replay="run"
+        ),
+        CommandSpec(
+            "export",
+            "",
+            "uploads the conversation as a Markdown file",
+            cmd_export,
+            "working_room",
+            replay="run",
         ),
         CommandSpec(
             "encrypt",
@@ -441,7 +479,12 @@ def register_commands(tree: CommandTree) -> None:
             "archive", "", "removes this room from your Space", cmd_archive, "working_room"
         ),
         CommandSpec(
-            "status", "", "users, rooms, backends, last reconciliation", cmd_status, admin=True
+            "status",
+            "",
+            "users, rooms, backends, last reconciliation",
+            cmd_status,
+            admin=True,
+            replay="run",
         ),
         CommandSpec(
             "admin",
@@ -450,6 +493,7 @@ def register_commands(tree: CommandTree) -> None:
             cmd_admin,
             admin=True,
         ),
+        # A restart has just reconciled (`!ai status` shows its report).
         CommandSpec("reconcile", "", "reconciles with Matrix now", cmd_reconcile, admin=True),
     ):
         tree.add(spec)

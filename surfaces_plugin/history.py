@@ -73,8 +73,10 @@ class History:
         )
         self._checked.add(room.platform_chat_id)  # a new chat has nothing to rebuild
 
-    async def reset(self, room: WorkingRoom) -> WorkingRoom:
-        """A fresh conversation in the room; the old one stays archived (cache and timeline)."""
+    async def reset(self, room: WorkingRoom, handled: dict[str, Any] | None = None) -> WorkingRoom:
+        """A fresh conversation in the room; the old one stays archived (cache and timeline).
+
+        `handled`: keys to merge into the reset notice (the `!ai reset` it carries out)."""
         settings = self.settings()
         agent = settings.agent_or_default(room.agent)
         old_id = room.platform_chat_id
@@ -99,7 +101,7 @@ class History:
             f"Started a fresh conversation with `{agent.id}`: it does not see the messages above. "
             f"The earlier conversation stays archived "
             f"(`!{settings.command_prefix} export` exports the current one).",
-            layout.reset_marker(new_id),
+            {**layout.reset_marker(new_id), **(handled or {})},
         )
         return updated
 

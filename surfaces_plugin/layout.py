@@ -32,6 +32,7 @@ RESET_KEY = f"{NAMESPACE}.reset"
 SUMMARY_KEY = f"{NAMESPACE}.summary"
 COMPACTING_KEY = f"{NAMESPACE}.compacting"
 TOOLS_KEY = f"{NAMESPACE}.tools"
+COMMAND_KEY = f"{NAMESPACE}.command"
 
 BINDING = EventType.find(BINDING_TYPE, EventType.Class.STATE)
 MEMORY = EventType.find(MEMORY_TYPE, EventType.Class.STATE)
@@ -448,6 +449,7 @@ class TurnMarker:
     answers: str | None = None  # the user message this answers (its event id)
     partial: bool = False  # a streamed answer still being written; its final edit drops this
     continues: str | None = None  # the previous message of an answer too long for one
+    command: str | None = None  # the `!ai` command this answer is the effect of (retry, cancel)
 
 
 @dataclass(frozen=True)
@@ -468,12 +470,14 @@ def turn_marker(
     answers: str | None = None,
     partial: bool = False,
     continues: str | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Keys to merge into a bot reply's content.
 
     `answers` names the user message answered, so catch-up knows what came after it; `partial`
     marks a streamed answer until its final edit, so one cut off by a crash can be told apart;
-    `continues` names the previous message of an answer split over several.
+    `continues` names the previous message of an answer split over several; `command` the
+    `!ai` command it carries out (as `command_marker`).
     """
     body: dict[str, Any] = {"platform_chat_id": platform_chat_id, "agent": agent}
     if answers:
@@ -482,7 +486,13 @@ def turn_marker(
         body["partial"] = True
     if continues:
         body["continues"] = continues
-    return {TURN_KEY: body}
+    return {TURN_KEY: body, **(command_marker(command) if command else {})}
+
+
+def command_marker(command_event_id: str) -> dict[str, Any]:
+    """Keys to merge into whatever the bot sends for an `!ai` command (a reply, a reset notice,
+    an exported file, a retried answer), so catch-up knows that command was handled."""
+    return {COMMAND_KEY: {"answers": command_event_id}}
 
 
 def reset_marker(platform_chat_id: str) -> dict[str, Any]:
@@ -586,6 +596,13 @@ def parse_tools_marker(content: object) -> ToolsMarker | None:
         answers=answers if _nonempty_str(answers) else None,
         done=body.get("done") is True,
     )
+
+
+def parse_command_marker(content: object) -> str | None:
+    """The event id of the `!ai` command this content was sent for, if it says."""
+    body = _marker_body(content, COMMAND_KEY)
+    answers = body.get("answers") if body is not None else None
+    return answers if _nonempty_str(answers) else None
 
 
 def parse_reset_marker(content: object) -> ResetMarker | None:

@@ -112,8 +112,12 @@ class StreamedReply:
         if self.full_text.strip():
             await self._show(self.text + mark)
         elif mark == CANCELLED_MARK:
+            handled = layout.command_marker(self.turn.command) if self.turn.command else None
             await self.io.send_notice(
-                self.room_id, "Cancelled before the agent said anything.", txn=self.txn("cancelled")
+                self.room_id,
+                "Cancelled before the agent said anything.",
+                handled,
+                txn=self.txn("cancelled"),
             )
 
     async def failed(self, message: str) -> None:
@@ -131,7 +135,12 @@ class StreamedReply:
         t = self.turn
         continues = self._part_ids[-1] if self._part_ids else None
         return layout.turn_marker(
-            t.platform_chat_id, t.agent, answers=t.answers, partial=partial, continues=continues
+            t.platform_chat_id,
+            t.agent,
+            answers=t.answers,
+            partial=partial,
+            continues=continues,
+            command=t.command,
         )
 
     def _fits(self, text: str) -> bool:

@@ -111,17 +111,21 @@ def has_text(body: object) -> TypeGuard[str]:
     return isinstance(body, str) and bool(body.strip())
 
 
-def is_owner_text(event: Event, owner: str) -> bool:
-    if not isinstance(event, dict):
+def is_text(event: Event) -> bool:
+    """A text message someone wrote (not an edit): what the live path routes."""
+    if not _well_formed(event):
         return False
     content = _content(event)
     return (
         event.get("type") == "m.room.message"
-        and event.get("sender") == owner
         and content.get("msgtype") in ("m.text", "m.emote")
         and has_text(content.get("body"))
         and not _is_edit(content)
     )
+
+
+def is_owner_text(event: Event, owner: str) -> bool:
+    return is_text(event) and event.get("sender") == owner
 
 
 def is_redacted(event: Event) -> bool:
@@ -284,6 +288,7 @@ class Scan:
     undecryptable: tuple[Event, ...] = ()  # owner messages the bot has no key for, oldest first
     noticed_sessions: frozenset[str] = frozenset()  # sessions the bot already said it cannot read
     unfinished_tool_runs: tuple[UnfinishedToolRun, ...] = ()
+    commands: tuple[Event, ...] = ()  # `!ai` commands (anyone's) nothing was sent for, oldest first
 
 
 def scan_timeline(
@@ -297,7 +302,9 @@ def scan_timeline(
 
     Owner messages after the one the bot's newest answer answers (or after that answer, when
     it does not say) and newer than `after_ts` are missed; commands are not turns. When that
-    answer's latest version is still partial, the bot died while streaming it.
+    answer's latest version is still partial, the bot died while streaming it. Commands in the
+    same stretch, from anyone but the bot, are left for catch-up unless something the bot sent
+    (or edited) names them as handled (`layout.parse_command_marker`).
     """
     missed: list[Event] = []
     latest: dict[str, dict[str, Any]] = {}  # answer id → its latest edit's content
@@ -307,6 +314,8 @@ def scan_timeline(
     undecryptable: list[Event] = []
     noticed: set[str] = set()
     tool_runs: list[UnfinishedToolRun] = []
+    commands: list[Event] = []
+    handled: set[str] = set()  # commands something the bot sent names
     for event in events_newest_first:
         if not isinstance(event, dict):
             continue
@@ -315,6 +324,10 @@ def scan_timeline(
         ts = event.get("origin_server_ts")
         if isinstance(ts, int) and ts <= after_ts:
             break
+        if event.get("sender") == bot_id:
+            command = layout.parse_command_marker(event.get("content"))
+            if command is not None:
+                handled.add(command)
         if note_edit(latest, event, bot_id):
             continue
         if (
@@ -351,10 +364,16 @@ def scan_timeline(
         if e2ee.is_undecryptable(event) and event.get("sender") == owner and _well_formed(event):
             undecryptable.append(event)
             continue
-        if is_owner_text(event, owner) and not is_command(event["content"]["body"]):
+        if not is_text(event) or event.get("sender") == bot_id:
+            continue
+        if is_command(event["content"]["body"]):
+            if event["event_id"] not in handled:  # its reply would be newer: seen already
+                commands.append(event)
+        elif event.get("sender") == owner:
             missed.append(event)
     missed.reverse()
     undecryptable.reverse()
+    commands.reverse()
     return Scan(
         missed=missed,
         interrupted=interrupted,
@@ -363,4 +382,5 @@ def scan_timeline(
         undecryptable=tuple(undecryptable),
         noticed_sessions=frozenset(noticed),
         unfinished_tool_runs=tuple(tool_runs),
+        commands=tuple(commands),
     )

@@ -180,15 +180,23 @@ async def test_catch_up_finds_what_the_owner_sent_after_the_processed_mark(store
     rooms = RoomDirectory(io, stores.rooms, LOG)
     history = History(io, stores, rooms, BackendRegistry(settings, LOG), lambda: settings, LOG)
     e2ee = E2EE(io, lambda: settings, LOG)
-    catch_up = CatchUp(io, rooms, history, stores.processed, e2ee, lambda: settings, LOG)
+    replayed: list[tuple[str, list[str]]] = []
+
+    async def replay(room_id, events) -> None:
+        replayed.append((room_id, [e["event_id"] for e in events]))
+
+    catch_up = CatchUp(
+        io, rooms, history, stores.processed, e2ee, lambda: settings, LOG, replay_commands=replay
+    )
     room = room_in(client)
     answered = client.user_message(room.room_id, ALICE, "answered before the stop")
     await stores.processed.mark(room.room_id, answered.event_id, answered.timestamp)
     await asyncio.sleep(0.002)  # a later millisecond: the mark's own is "at or before"
-    client.user_message(room.room_id, ALICE, "!ai rooms")  # a command is not a turn
+    command = client.user_message(room.room_id, ALICE, "!ai rooms")  # a command is not a turn
     missed = client.user_message(room.room_id, ALICE, "sent while down")
     jobs = await catch_up.missed_in_room(room)
     assert [(j.event_id, j.body) for j in jobs] == [(missed.event_id, "sent while down")]
+    assert replayed == [(room.room_id, [command.event_id])]  # the command goes to the commands
 
 
 async def test_dispatcher_answers_the_owner_in_order_and_reports_catch_up(stores: Stores) -> None:
@@ -206,7 +214,12 @@ async def test_dispatcher_answers_the_owner_in_order_and_reports_catch_up(stores
     context = ContextBuilder(io, history, notes, backends, current)
     access = AccessService(io, stores.users, current, LOG)
     e2ee = E2EE(io, current, LOG)
-    catch_up = CatchUp(io, rooms, history, stores.processed, e2ee, current, LOG)
+    async def no_commands(room_id, events) -> None:
+        assert not events
+
+    catch_up = CatchUp(
+        io, rooms, history, stores.processed, e2ee, current, LOG, replay_commands=no_commands
+    )
     reports: list[tuple[int, int]] = []
     dispatcher = Dispatcher(
         io, rooms, history, context, access, backends, catch_up, current, LOG,
