@@ -374,12 +374,17 @@ class Dispatcher:
         for step in range(max_steps + 1):
             calls: tuple = ()
             said_before = len(stream.full_text)
+            # What the model says after tool calls is a new paragraph, not glued to its last word.
+            apart = step > 0 and bool(stream.full_text) and not stream.full_text.endswith("\n\n")
             # aclosing: a cancelled answer closes its HTTP response at once, not at GC time.
             async with aclosing(backend.stream(replace(request, messages=messages))) as chunks:
                 async for chunk in chunks:
                     usage = chunk.usage or usage
                     calls = chunk.tool_calls or calls
                     if chunk.text:
+                        if apart:
+                            await stream.add("\n\n")
+                            said_before, apart = len(stream.full_text), False
                         await stream.add(chunk.text)
             if not calls:
                 return usage

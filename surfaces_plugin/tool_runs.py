@@ -110,10 +110,12 @@ class ToolRun:
         except ValueError:
             return None
 
-    def lines(self) -> list[str]:
-        """The notice's body: one line per call, finished ones with their outcome."""
+    def lines(self, ended: bool = False) -> list[str]:
+        """The notice's body: one line per call, finished ones with their outcome; once the run
+        ended (cancelled, stopped), calls still running stay listed as not finished."""
         lines = [f"🔧 {_shown_call(o.call)} → {_shown_outcome(o)}" for s in self.steps for o in s]
-        lines += [f"🔧 {_shown_call(call)} …" for call in self.running]
+        pending = "→ not finished" if ended else "…"
+        lines += [f"🔧 {_shown_call(call)} {pending}" for call in self.running]
         return lines
 
     def transcript(self) -> str:
@@ -204,11 +206,11 @@ class ToolNotice:
         """The run is over (answered, cancelled, failed, stopped at the step bound)."""
         if self.event_id is None:
             return
-        self.run.running = []
         await self._show(done=True, note=note)
+        self.run.running = []
 
     async def _show(self, done: bool, note: str = "") -> None:
-        body = "\n".join(self.run.lines() + ([f"*{note}*"] if note else []))
+        body = "\n".join(self.run.lines(ended=done) + ([f"*{note}*"] if note else []))
         content = replies.notice(body, self.marker(self.run, done))
         if self.event_id is None:
             self.event_id = await self.io.send_content(self.room_id, content, self.txn("tools"))

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_asyncio
 from mautrix.util.async_db import Database
 from ruamel.yaml import YAML
 
+from devtools.mcp_server import McpTestServer
 from surfaces_plugin.app import Surfaces
 from surfaces_plugin.config import parse_settings
 
@@ -93,3 +95,18 @@ async def make_surfaces(db: Database) -> AsyncIterator[Callable[..., Any]]:
     yield make
     for app in started:
         await app.stop()
+
+
+@pytest.fixture(scope="module")
+def mcp_tools() -> Iterator[McpTestServer]:
+    """A real MCP server (devtools/mcp_server.py) on loopback, shared by a module's tests."""
+    with McpTestServer() as running:
+        yield running
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    """Wait for something another thread or task makes true (a positive signal, not a sleep)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"gave up waiting for {what}"
+        await asyncio.sleep(0.01)
