@@ -124,7 +124,9 @@ class _Answer:
 def message_json(message: ChatMessage) -> dict[str, Any]:
     """A chat-completions message: tool requests as `tool_calls`, their results as role `tool`."""
     if message.role == "tool":
-        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+        # Chat completions has no error flag on a result: say it in the text, as Responses does.
+        content = f"Error: {message.content}" if message.is_error else message.content
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": content}
     body: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.tool_calls:
         body["content"] = message.content or None

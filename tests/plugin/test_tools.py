@@ -128,8 +128,9 @@ async def test_a_failing_tool_is_reported_to_the_model_not_a_crash(
     h, room = await tool_room(make_surfaces, tool_config(model, mcp_tools))
     await h.say(room, ALICE, 'call fail {"reason": "the disk is full"}')
     said = "Error executing tool fail: the disk is full"  # the server's error result
-    assert model.bodies[-1]["messages"][-1]["content"] == said
-    assert h.last_reply(room) == f"Using the tools: {said}"
+    # The model is told it is an error (chat completions has no flag for it).
+    assert model.bodies[-1]["messages"][-1]["content"] == f"Error: {said}"
+    assert h.last_reply(room) == f"Using the tools: Error: {said}"
     [notice] = tool_notices(h, room)
     assert notice["body"] == f'🔧 `fail`(reason: "the disk is full") → ⚠️ {said}'
     assert layout.parse_tools_marker(notice).steps[0][0]["is_error"] is True
@@ -144,8 +145,8 @@ async def test_a_tool_slower_than_its_timeout_is_a_timed_out_result(
     await h.say(room, ALICE, 'call slow {"seconds": 30}')
     assert time.monotonic() - started < 10  # the turn did not wait for the tool's 30 s
     timed_out = "The tool `slow` timed out after 1 s."
-    assert model.bodies[-1]["messages"][-1]["content"] == timed_out
-    assert h.last_reply(room) == f"Using the tools: {timed_out}"
+    assert model.bodies[-1]["messages"][-1]["content"] == f"Error: {timed_out}"
+    assert h.last_reply(room) == f"Using the tools: Error: {timed_out}"
     [notice] = tool_notices(h, room)
     assert notice["body"] == f"🔧 `slow`(seconds: 30) → ⚠️ {timed_out}"
     # The call the client gave up on was cancelled on the server too, not left running.

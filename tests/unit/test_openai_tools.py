@@ -131,3 +131,17 @@ async def test_without_tools_offered_the_model_just_answers(fake: FakeOpenAI) ->
     assert not any(chunk.tool_calls for chunk in chunks)
     assert "tools" not in fake.bodies[0]
     assert "".join(c.text for c in chunks).startswith("Fake model says:")
+
+
+async def test_a_failed_call_is_marked_as_an_error_for_the_model(fake: FakeOpenAI) -> None:
+    call = ToolCall("call_x", "now", {})
+    failed = replace(
+        ASK,
+        messages=[
+            *ASK.messages,
+            ChatMessage("assistant", "", tool_calls=(call,)),
+            ChatMessage("tool", "clock unavailable", tool_call_id="call_x", is_error=True),
+        ],
+    )
+    await collect(make(fake), failed)
+    assert fake.bodies[0]["messages"][-1]["content"] == "Error: clock unavailable"
