@@ -24,6 +24,7 @@ import aiohttp
 
 from .backends.base import ToolCall, ToolSpec
 from .config import AgentSpec, McpServerSpec, Settings
+from .http_session import LazySession
 from .mcp import McpClient, McpError, McpTool
 
 MAX_RESULT_CHARS = 16_000  # what one tool result may add to the conversation
@@ -154,8 +155,7 @@ class ToolBox:
         self.log = log
         self.down_retry_s = down_retry_s
         self.clock = clock
-        self._http = http
-        self._own_http: aiohttp.ClientSession | None = None
+        self._http = LazySession(http)
         self._servers: dict[str, _Server] = {}
         self._retired: list[McpClient] = []
 
@@ -224,9 +224,7 @@ class ToolBox:
         clients = [server.client for server in self._servers.values()] + self._retired
         self._servers, self._retired = {}, []
         await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
-        if self._own_http is not None:
-            await self._own_http.close()
-            self._own_http = None
+        await self._http.close()
 
     # ---- catalogue
 
@@ -242,7 +240,7 @@ class ToolBox:
             if server is not None:
                 self._retired.append(server.client)
             server = self._servers[server_id] = _Server(
-                spec, McpClient(spec, self._session(), self.log.getChild(server_id))
+                spec, McpClient(spec, self._http.get(), self.log.getChild(server_id))
             )
         return server
 
@@ -293,9 +291,3 @@ class ToolBox:
         server.error = error
         server.retry_at = self.clock() + self.down_retry_s
 
-    def _session(self) -> aiohttp.ClientSession:
-        if self._http is not None:
-            return self._http
-        if self._own_http is None or self._own_http.closed:
-            self._own_http = aiohttp.ClientSession()  # created lazily: needs a running loop
-        return self._own_http

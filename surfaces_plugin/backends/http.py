@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from ..config import BackendSpec
+from ..http_session import LazySession
 from .base import Backend, BackendError, Chunk, ErrorKind, GenerationRequest
 from .sse import SSEDecoder
 
@@ -133,8 +134,7 @@ class HttpBackend(Backend):
         log: logging.Logger | None = None,
     ) -> None:
         super().__init__(spec)
-        self._http = http
-        self._own_http: aiohttp.ClientSession | None = None
+        self._http = LazySession(http)
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.max_retry_after_s = max_retry_after_s
@@ -162,9 +162,7 @@ class HttpBackend(Backend):
         return False
 
     async def close(self) -> None:
-        if self._own_http is not None:
-            await self._own_http.close()
-            self._own_http = None
+        await self._http.close()
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         attempt = 0
@@ -179,19 +177,25 @@ class HttpBackend(Backend):
             except BackendError as error:
                 if not shown and self._adapt_to(error):
                     continue
-                delay = None if shown else self._retry_delay(error, attempt)
-                if delay is None:
+                if shown or not await self._backoff(error, attempt):
                     raise
                 attempt += 1
-                self.log.warning(
-                    "backend %s: %s; retry %d/%d in %.1f s",
-                    self.spec.id,
-                    error,
-                    attempt,
-                    self.spec.max_retries,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+
+    async def _backoff(self, error: BackendError, attempt: int) -> bool:
+        """Wait before the next attempt and return True, or return False to give up now."""
+        delay = self._retry_delay(error, attempt)
+        if delay is None:
+            return False
+        self.log.warning(
+            "backend %s: %s; retry %d/%d in %.1f s",
+            self.spec.id,
+            error,
+            attempt + 1,
+            self.spec.max_retries,
+            delay,
+        )
+        await asyncio.sleep(delay)
+        return True
 
     def _retry_delay(self, error: BackendError, attempt: int) -> float | None:
         """Seconds to wait before the next attempt, or None to give up now."""
@@ -210,12 +214,6 @@ class HttpBackend(Backend):
         detail = _SECRET_LIKE.sub(lambda m: m.group(1) + "***", detail)
         return BackendError(kind, detail, timeout_s=self.spec.timeout_s, **extra)
 
-    def _session(self) -> aiohttp.ClientSession:
-        if self._http is not None:
-            return self._http
-        if self._own_http is None or self._own_http.closed:
-            self._own_http = aiohttp.ClientSession()  # created lazily: needs a running loop
-        return self._own_http
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "text/event-stream, application/json"}
@@ -233,7 +231,7 @@ class HttpBackend(Backend):
         """Send one request; failures to get a response become BackendErrors."""
         limit = self.spec.timeout_s
         try:
-            return await self._session().post(
+            return await self._http.get().post(
                 url, json=body, headers=self._headers(), timeout=self._timeout()
             )
         except asyncio.TimeoutError:

@@ -199,12 +199,6 @@ class OpenAIBackend(HttpBackend):
             body["stream_options"] = {"include_usage": True}
         return body
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "text/event-stream, application/json"}
-        if self.spec.api_key:
-            headers["Authorization"] = f"Bearer {self.spec.api_key}"
-        return headers
-
     async def _read_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
         decoder = SSEDecoder()
         answer = _Answer()

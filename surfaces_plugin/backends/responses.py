@@ -246,19 +246,9 @@ class ResponsesBackend(HttpBackend):
             try:
                 return await self._call_json_once(url, body)
             except BackendError as error:
-                delay = self._retry_delay(error, attempt)
-                if delay is None:
+                if not await self._backoff(error, attempt):
                     raise
                 attempt += 1
-                self.log.warning(
-                    "backend %s: %s; retry %d/%d in %.1f s",
-                    self.spec.id,
-                    error,
-                    attempt,
-                    self.spec.max_retries,
-                    delay,
-                )
-                await asyncio.sleep(delay)
 
     async def _call_json_once(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         response = await self._post(url, body)
