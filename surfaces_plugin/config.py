@@ -37,6 +37,8 @@ TOP_LEVEL_KEYS = (
     "limits",
     "mcp_servers",
     "tools",
+    "media",
+    "speech",
 )
 
 
@@ -89,6 +91,29 @@ class McpServerSpec:
 
 
 @dataclass(frozen=True)
+class MediaSettings:
+    """What files users may send into working rooms, and how much of them a request carries."""
+
+    image_types: tuple[str, ...] = ("image/png", "image/jpeg", "image/gif", "image/webp")
+    max_image_bytes: int = 10_000_000
+    max_file_bytes: int = 2_000_000
+    max_file_chars: int = 40_000  # of a file's text in a request (the rest is left out, visibly)
+    max_audio_bytes: int = 25_000_000
+
+
+@dataclass(frozen=True)
+class SpeechSettings:
+    """Speech to text for voice messages and text to speech for voice answers, each through an
+    OpenAI-compatible backend (`/audio/transcriptions`, `/audio/speech`); "" turns it off."""
+
+    transcription_backend: str = ""
+    transcription_model: str = "whisper-1"
+    voice_backend: str = ""
+    voice_model: str = "tts-1"
+    voice: str = "alloy"
+
+
+@dataclass(frozen=True)
 class ToolSettings:
     max_steps: int = 6  # rounds of tool calls in one turn; a model asking for more is stopped
 
@@ -104,6 +129,7 @@ class AgentSpec:
     context_tokens: int = 4096
     temperature: float = 0.7
     max_tokens: int | None = None  # answer cap sent to the provider (Anthropic needs one)
+    vision: bool = False  # the model can be shown images
     tools: tuple[str, ...] = ()  # ids of the MCP servers this agent may use
 
 
@@ -170,6 +196,8 @@ class Settings:
     limits: LimitSettings
     mcp_servers: dict[str, McpServerSpec] = field(default_factory=dict)
     tools: ToolSettings = ToolSettings()
+    media: MediaSettings = MediaSettings()
+    speech: SpeechSettings = SpeechSettings()
 
     def agent(self, agent_id: str) -> AgentSpec | None:
         return self.agents.get(agent_id)
@@ -263,9 +291,14 @@ def _parse_access(data: dict[str, Any]) -> AccessSettings:
         raise ConfigError("access.mode", f"must be one of {', '.join(ACCESS_MODES)}")
     allowed = _str_list(section, "allowed", "access.allowed")
     for i, pattern in enumerate(allowed):
-        if not pattern.startswith("@") or ":" not in pattern or pattern.count("[") != pattern.count("]"):
+        if (
+            not pattern.startswith("@")
+            or ":" not in pattern
+            or pattern.count("[") != pattern.count("]")
+        ):
             raise ConfigError(
-                f"access.allowed[{i}]", f"{pattern!r} is not a user id pattern like '@*:example.org'"
+                f"access.allowed[{i}]",
+                f"{pattern!r} is not a user id pattern like '@*:example.org'",
             )
     admins = _str_list(section, "admins", "access.admins")
     for i, admin in enumerate(admins):
@@ -274,7 +307,9 @@ def _parse_access(data: dict[str, Any]) -> AccessSettings:
     return AccessSettings(mode=mode, allowed=allowed, admins=admins)  # type: ignore[arg-type]
 
 
-def _entries(data: dict[str, Any], key: str, what: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
+def _entries(
+    data: dict[str, Any], key: str, what: str
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
     """(path, id, mapping) for each entry of a non-empty list section whose ids are unique."""
     items = data.get(key) or []
     if not isinstance(items, list) or not items:
@@ -387,12 +422,15 @@ def _parse_agents(
             backend=backend,
             model=_str(item, "model", f"{path}.model"),
             system_prompt=_str(item, "system_prompt", f"{path}.system_prompt"),
-            context_tokens=_int(item, "context_tokens", f"{path}.context_tokens", 4096, minimum=256),
+            context_tokens=_int(
+                item, "context_tokens", f"{path}.context_tokens", 4096, minimum=256
+            ),
             temperature=_number(item, "temperature", f"{path}.temperature", 0.7),
             max_tokens=None
             if max_tokens is None
             else _int(item, "max_tokens", f"{path}.max_tokens", 1024, minimum=1),
             tools=tools,
+            vision=_bool(item, "vision", f"{path}.vision", False),
         )
     return agents
 
@@ -446,9 +484,7 @@ def parse_settings(data: dict[str, Any]) -> Settings:
         default_agent=default_agent,
         streaming=StreamingSettings(
             enabled=_bool(streaming, "enabled", "streaming.enabled", True),
-            edit_interval_ms=_int(
-                streaming, "edit_interval_ms", "streaming.edit_interval_ms", 800
-            ),
+            edit_interval_ms=_int(streaming, "edit_interval_ms", "streaming.edit_interval_ms", 800),
         ),
         reconciliation=ReconciliationSettings(
             concurrency=_int(recon, "concurrency", "reconciliation.concurrency", 6, minimum=1),
@@ -475,4 +511,51 @@ def parse_settings(data: dict[str, Any]) -> Settings:
         ),
         mcp_servers=mcp_servers,
         tools=ToolSettings(max_steps=_int(tools, "max_steps", "tools.max_steps", 6, minimum=1)),
+        media=_parse_media(_section(data, "media")),
+        speech=_parse_speech(_section(data, "speech"), backends),
+    )
+
+
+def _parse_media(section: dict[str, Any]) -> MediaSettings:
+    default = MediaSettings()
+    types = _str_list(section, "image_types", "media.image_types") or default.image_types
+    for i, mime in enumerate(types):
+        if not mime.startswith("image/"):
+            raise ConfigError(f"media.image_types[{i}]", f"{mime!r} is not an image MIME type")
+
+    def size(key: str, value: int) -> int:
+        return _int(section, key, f"media.{key}", value, minimum=1)
+
+    return MediaSettings(
+        image_types=types,
+        max_image_bytes=size("max_image_bytes", default.max_image_bytes),
+        max_file_bytes=size("max_file_bytes", default.max_file_bytes),
+        max_file_chars=size("max_file_chars", default.max_file_chars),
+        max_audio_bytes=size("max_audio_bytes", default.max_audio_bytes),
+    )
+
+
+def _parse_speech(section: dict[str, Any], backends: dict[str, BackendSpec]) -> SpeechSettings:
+    default = SpeechSettings()
+    for key in ("transcription_backend", "voice_backend"):
+        backend = _str(section, key, f"speech.{key}")
+        if backend and (backend not in backends or backends[backend].type != "openai"):
+            raise ConfigError(
+                f"speech.{key}", f"{backend!r} is not one of the `backends` of type openai"
+            )
+    return SpeechSettings(
+        transcription_backend=_str(
+            section, "transcription_backend", "speech.transcription_backend"
+        ),
+        transcription_model=_str(
+            section,
+            "transcription_model",
+            "speech.transcription_model",
+            default.transcription_model,
+        )
+        or default.transcription_model,
+        voice_backend=_str(section, "voice_backend", "speech.voice_backend"),
+        voice_model=_str(section, "voice_model", "speech.voice_model", default.voice_model)
+        or default.voice_model,
+        voice=_str(section, "voice", "speech.voice", default.voice) or default.voice,
     )

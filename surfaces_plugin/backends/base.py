@@ -6,7 +6,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
@@ -25,6 +25,14 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
+class ImagePart:
+    """An image the model is shown with a user message: the file's bytes and its MIME type."""
+
+    mime: str
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     """One message of a request. An assistant message may ask for tools (`tool_calls`, with
     `content` the text said before them); a `tool` message answers the call `tool_call_id`."""
@@ -35,6 +43,7 @@ class ChatMessage:
     tool_call_id: str = ""
     tool_name: str = ""  # role "tool": the called tool's name (some APIs want it back)
     is_error: bool = False  # role "tool": the call failed and `content` says why
+    images: tuple[ImagePart, ...] = ()  # role "user": shown to an agent that can see
 
 
 @dataclass(frozen=True)
