@@ -11,7 +11,6 @@ messages out of the conversation (they come back as instructions on every turn).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -241,39 +240,7 @@ class ResponsesBackend(HttpBackend):
 
     async def _call_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST and read a JSON object, retrying what is worth retrying."""
-        attempt = 0
-        while True:
-            try:
-                return await self._call_json_once(url, body)
-            except BackendError as error:
-                if not await self._backoff(error, attempt):
-                    raise
-                attempt += 1
-
-    async def _call_json_once(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self._post(url, body)
-        complete = False
-        try:
-            if not 200 <= response.status < 300:
-                raise await self._status_error(response)
-            data = json.loads(await response.read())
-            complete = True
-        except asyncio.TimeoutError:
-            raise self._error(
-                ErrorKind.TIMEOUT, f"no answer within {self.spec.timeout_s:g} s"
-            ) from None
-        except aiohttp.ClientError as e:
-            raise self._error(ErrorKind.SERVER, f"{type(e).__name__}: {e}") from None
-        except ValueError:
-            raise self._error(ErrorKind.MALFORMED, "the answer was not JSON") from None
-        finally:
-            if complete:
-                response.release()
-            else:
-                response.close()  # also on cancellation: the server sees the hang-up
-        if not isinstance(data, dict):
-            raise self._error(ErrorKind.MALFORMED, "the answer was not a JSON object")
-        return data
+        return await self._call(lambda: self._post(url, body), self._json_object)
 
     def _error_for_body(self, response: aiohttp.ClientResponse, body: bytes) -> BackendError:
         error = super()._error_for_body(response, body)
