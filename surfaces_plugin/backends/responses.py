@@ -57,7 +57,9 @@ def input_items(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
                 {"type": "function_call_output", "call_id": message.tool_call_id, "output": output}
             )
             continue
-        if message.content or not message.tool_calls:
+        if message.role == "user" and message.images:
+            items.append({"role": "user", "content": input_parts(message)})
+        elif message.content or not message.tool_calls:
             items.append({"role": message.role, "content": message.content})
         items += [
             {
@@ -69,6 +71,18 @@ def input_items(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             for call in message.tool_calls
         ]
     return items
+
+
+def input_parts(message: ChatMessage) -> list[dict[str, Any]]:
+    """A user message with images: its text (if any), then one input_image each."""
+    parts: list[dict[str, Any]] = []
+    if message.content.strip():
+        parts.append({"type": "input_text", "text": message.content})
+    parts += [
+        {"type": "input_image", "image_url": image.data_url, "detail": "auto"}
+        for image in message.images
+    ]
+    return parts
 
 
 def tool_definitions(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
