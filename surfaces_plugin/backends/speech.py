@@ -44,13 +44,12 @@ class SpokenAudio:
 
 
 def upload_name(filename: str, mime: str) -> str:
-    """A file name the transcription API accepts: its extension says the format (Matrix
-    bodies are often "Voice message" or a name without one)."""
+    """The file name sent with the audio: the transcription API goes by its extension (Matrix
+    bodies are often "Voice message" or have none), the user's own name says nothing to it."""
     _, dot, extension = filename.rpartition(".")
-    if dot and extension.lower() in _KNOWN_EXTENSIONS:
-        return filename
-    base = filename if filename.strip() else "audio"
-    return f"{base}.{_EXTENSIONS.get(mime.split(';')[0].strip().lower(), 'ogg')}"
+    if not (dot and extension.lower() in _KNOWN_EXTENSIONS):
+        extension = _EXTENSIONS.get(mime.split(";")[0].strip().lower(), "ogg")
+    return f"audio.{extension.lower()}"
 
 
 class Speech(HttpClient):
