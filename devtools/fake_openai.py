@@ -241,6 +241,7 @@ class FakeOpenAI(LoopbackServer):
         self.require_key = require_key  # when set, other keys get a 401 that echoes them back
         self.behaviour = Behaviour()
         self.requests: list[dict[str, Any]] = []
+        self.reported: list[dict[str, int]] = []  # each `usage` sent to a client, in order
         self.received = asyncio.Event()  # set at every chat request
 
     @property
@@ -253,6 +254,7 @@ class FakeOpenAI(LoopbackServer):
     def reset(self) -> None:
         self.behaviour = Behaviour()
         self.requests.clear()
+        self.reported.clear()
         self.disconnects = 0
         self.disconnected.clear()
         self.received.clear()
@@ -370,6 +372,7 @@ class FakeOpenAI(LoopbackServer):
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if how.mode == "json" or body.get("stream") is not True:
+            self.reported.append(usage)
             return web.json_response(_completion(model, reply, usage, calls))
         if calls:
             return await self._stream_calls(request, body, model, calls, usage)
@@ -402,6 +405,7 @@ class FakeOpenAI(LoopbackServer):
         await response.write(stream.event({}, finish_reason="tool_calls"))
         options = body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
+            self.reported.append(usage)
             await response.write(_sse({**stream.envelope(), "choices": [], "usage": usage}))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -456,6 +460,7 @@ class FakeOpenAI(LoopbackServer):
         await send(stream.event({}, finish_reason="stop"))
         options = body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
+            self.reported.append(usage)
             await send(_sse({**stream.envelope(), "choices": [], "usage": usage}))
         await send(b"data: [DONE]\n\n")
         await response.write_eof()

@@ -45,6 +45,7 @@ from .rooms import RoomDirectory
 from .store import Stores
 from .timeline import has_text
 from .toolbox import ToolBox
+from .usage import UsageLedger
 
 _ROUTED_MSGTYPES = (MessageType.TEXT, MessageType.EMOTE)
 Incoming = MessageEvent | RedactionEvent  # what the ready gate holds, in arrival order
@@ -110,7 +111,8 @@ class Surfaces:
         self.access = access = AccessService(io, stores.users, current, log)
         self.memory = memory = MemoryService(io, stores.memory, stores.users, current, log)
         self.history = history = History(io, stores, rooms, backends, current, log)
-        context = ContextBuilder(io, history, memory.notes, backends, current)
+        self.usage = usage = UsageLedger(io, stores.usage, current, log.getChild("usage"))
+        context = ContextBuilder(io, history, memory.notes, backends, current, usage)
         onboarding = Onboarding(io, stores, rooms, history, backends, access, current, log)
         self.reconciler = reconciler = Reconciler(
             io, stores, rooms, current, log, finish_onboarding=onboarding.finish, backends=backends
@@ -122,7 +124,7 @@ class Surfaces:
         )
         self.dispatcher = Dispatcher(
             io, rooms, history, context, access, backends, catch_up, current, log,
-            on_caught_up=reconciler.note_catch_up, tools=tools,
+            on_caught_up=reconciler.note_catch_up, usage=usage, tools=tools,
         )
         self.onboarding = onboarding
         commands = CommandTree(log.getChild("commands"))
@@ -140,6 +142,7 @@ class Surfaces:
             backends=backends,
             tools=tools,
             reconciler=reconciler,
+            usage=usage,
             commands=commands,
             status=self.status_text,
         )
@@ -167,6 +170,8 @@ class Surfaces:
             await self.reconciler.run(reason="start")
         else:
             await self.rooms.load_from_cache()
+        if await self.usage.needs_rebuild():  # the database was lost (or is new): read the rooms
+            self.io.spawn(self.usage.rebuild(self.rooms.all_rooms()), name="usage rebuild")
         # Missed messages first (oldest first); those also seen live are deduplicated by event id.
         self.dispatcher.start_catch_up([r for r in self.rooms.all_rooms() if not r.archived])
         self.io.spawn(self._catch_up_dms(), name="catch-up of DMs")
@@ -205,6 +210,7 @@ class Surfaces:
             "- backends: "
             + ", ".join(f"`{b.id}` ({b.type})" for b in self.backends.specs()),
             f"- access: {self.settings.access.mode}",
+            await self.usage.status_line(),
             *await self.e2ee.status_lines(),
         ]
         pending = self.access.pending()

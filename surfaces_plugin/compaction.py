@@ -7,6 +7,7 @@ the summary chunk by chunk, each request carrying the summary so far and the nex
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .backends import Backend, BackendError, ChatMessage, ErrorKind, GenerationRequest
 from .config import AgentSpec
@@ -17,6 +18,9 @@ from .context_window import (
     message_tokens,
     truncate_to_tokens,
 )
+
+if TYPE_CHECKING:
+    from .usage import Tally
 
 SUMMARY_TEMPERATURE = 0.2  # summaries should be faithful, not creative
 _FRAMING_TOKENS = 40  # the transcript's headings and speaker labels
@@ -50,8 +54,10 @@ async def summarise(
     previous: str | None,
     turns: Sequence[Turn],
     scale: float = 1.0,
+    spent: Tally | None = None,
 ) -> str:
-    """A summary of `previous` (an earlier summary) followed by `turns`, within a quarter budget."""
+    """A summary of `previous` (an earlier summary) followed by `turns`, within a quarter budget;
+    what its requests cost is added to `spent`."""
     cap = max(32, int(agent.context_tokens * SUMMARY_SHARE))
     system = ChatMessage("system", instructions(cap))
     fixed = message_tokens(system, scale) + cap + _FRAMING_TOKENS
@@ -63,7 +69,10 @@ async def summarise(
             messages=[system, ChatMessage("user", transcript(summary, chunk))],
             temperature=min(agent.temperature, SUMMARY_TEMPERATURE),
         )
-        text = (await backend.complete(request)).strip()
+        text, reported = await backend.complete_with_usage(request)
+        if spent is not None:
+            spent.add(reported, request.messages, text)
+        text = text.strip()
         if not text:
             raise BackendError(ErrorKind.MALFORMED, "the summary came back empty")
         summary = truncate_to_tokens(text, cap, scale)

@@ -131,6 +131,7 @@ class AgentSpec:
     max_tokens: int | None = None  # answer cap sent to the provider (Anthropic needs one)
     vision: bool = False  # the model can be shown images
     tools: tuple[str, ...] = ()  # ids of the MCP servers this agent may use
+    daily_tokens_per_user: int = 0  # each user's daily token quota with this agent; 0 = none
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ class ReconciliationSettings:
 class LimitSettings:
     max_message_chars: int = 8000
     per_user_requests_per_minute: int = 20
+    daily_tokens_per_user: int = 0  # each user's daily token quota over all agents; 0 = none
 
 
 @dataclass(frozen=True)
@@ -431,6 +433,9 @@ def _parse_agents(
             else _int(item, "max_tokens", f"{path}.max_tokens", 1024, minimum=1),
             tools=tools,
             vision=_bool(item, "vision", f"{path}.vision", False),
+            daily_tokens_per_user=_int(
+                item, "daily_tokens_per_user", f"{path}.daily_tokens_per_user", 0
+            ),
         )
     return agents
 
@@ -507,6 +512,9 @@ def parse_settings(data: dict[str, Any]) -> Settings:
                 "limits.per_user_requests_per_minute",
                 20,
                 minimum=1,
+            ),
+            daily_tokens_per_user=_int(
+                limits, "daily_tokens_per_user", "limits.daily_tokens_per_user", 0
             ),
         ),
         mcp_servers=mcp_servers,

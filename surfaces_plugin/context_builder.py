@@ -32,6 +32,7 @@ from .rooms import WorkingRoom
 from .store.messages import Message
 from .timeline import summary_notice_text
 from .tool_runs import ToolRun
+from .usage import Tally, UsageLedger
 
 SCALE_BOUNDS = (0.5, 2.0)  # how far the backend's counts may correct the token estimate
 
@@ -85,8 +86,10 @@ class ContextBuilder:
         notes: Notes,
         backends: BackendRegistry,
         settings: Callable[[], Settings],
+        usage: UsageLedger,
     ) -> None:
         self.io = io
+        self.usage = usage  # summaries cost tokens too: counted for the room's owner
         self.history = history
         self.notes = notes
         self.backends = backends
@@ -188,7 +191,8 @@ class ContextBuilder:
             if split == 0:
                 return None
             backend = self.backends.for_agent(agent)
-            summary = await summarise(backend, agent, previous, turns[:split], scale)
+            spent = Tally()
+            summary = await summarise(backend, agent, previous, turns[:split], scale, spent)
             last = history[split - 1]
             covered = await self.history.count(room.platform_chat_id, last.seq)
             renewed = None
@@ -206,11 +210,14 @@ class ContextBuilder:
                 )
                 renewed = await backend.create_chat(conversation_seed(kept.messages))
             # Matrix first: the visible notice is what a rebuild finds again.
-            await self.io.send_notice(
+            notice_id = await self.io.send_notice(
                 room.room_id,
                 summary_notice_text(summary, covered),
-                layout.summary_marker(renewed or room.platform_chat_id, last.event_id),
+                layout.summary_marker(
+                    renewed or room.platform_chat_id, last.event_id, spent.usage, agent.id
+                ),
             )
+            await self.usage.record(room.owner, agent.id, spent.usage, notice_id)
             await self.history.set_summary(room, summary, last.seq)
             if renewed is not None:
                 await self.history.switch_chat(room, renewed)

@@ -38,6 +38,7 @@ from .rooms import RoomDirectory, WorkingRoom
 from .streaming import CANCELLED_MARK, StreamedReply, Typing
 from .tool_runs import Outcome, ToolNotice, ToolSource, marker_for, without_tool_messages
 from .txn import content_label
+from .usage import Tally, UsageLedger
 
 CaughtUp = Callable[[int, int, float], None]  # (messages, rooms, seconds) once catch-up is done
 # What an answer shows once its question is redacted: none of the text it had streamed.
@@ -107,6 +108,7 @@ class Dispatcher:
         settings: Callable[[], Settings],
         log: logging.Logger,
         on_caught_up: CaughtUp,
+        usage: UsageLedger,
         tools: ToolSource | None = None,
     ) -> None:
         self.io = io
@@ -120,6 +122,7 @@ class Dispatcher:
         self.log = log
         self.on_caught_up = on_caught_up
         self.tools = tools  # the agents' MCP tools: offered to the model, run for its calls
+        self.usage = usage  # the token ledger: each answer is counted, quotas are checked
         self._queues: dict[str, deque[Job]] = defaultdict(deque)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._generating: dict[str, asyncio.Task[None]] = {}
@@ -257,6 +260,8 @@ class Dispatcher:
                 f"That message has {len(job.body)} characters; the limit is "
                 f"{limits.max_message_chars}. Send a shorter one."
             )
+        elif (over := await self.usage.over_quota(room, job.sender)) is not None:
+            refusal = over.text if over.first_today else None  # told once per room and day
         elif not self.limiter.allow(job.sender, limits.per_user_requests_per_minute):
             if self.limiter.first_refusal(job.sender):  # one notice, not one per message
                 refusal = (
@@ -286,14 +291,16 @@ class Dispatcher:
         )
         typing = Typing(self.io, room.room_id, self.log)
         usage = None
+        spent = Tally()  # every request of the turn, for the usage ledger
         try:
             window = await self._window_within_budget(room, agent, job)
             chat_id = self.rooms.current(room).platform_chat_id  # compaction may have renewed it
             stream.turn = replace(marker, platform_chat_id=chat_id)
             notice.marker = marker_for(chat_id, agent.id, answers)
             request = await self._request(agent, backend, window, room)
-            usage = await self._run_turn(agent, backend, request, stream, notice)
+            usage = await self._run_turn(agent, backend, request, stream, notice, spent)
             await typing.stop()  # the agent is done: no typing notice while the answer is sent
+            stream.turn = replace(stream.turn, usage=spent.usage)  # on the final version only
             await stream.finish()
             await notice.end()
         except asyncio.CancelledError:
@@ -343,6 +350,7 @@ class Dispatcher:
         await self.history.add_tool_run(room, notice.run, notice.event_id)
         if stream.first_event_id:
             await self.history.add_answer(room, stream.full_text, stream.first_event_id, usage)
+        await self.usage.record_answer(room.owner, stream.turn, stream.event_id)
         if usage is not None and not notice.run.steps:  # with tools, the prompt grew as it went
             self.context.calibrate(agent.id, window.tokens, usage.prompt_tokens)
         await self.history.mark_processed(room, job.event_id, job.ts)
@@ -366,6 +374,7 @@ class Dispatcher:
         request: GenerationRequest,
         stream: StreamedReply,
         notice: ToolNotice,
+        spent: Tally,
     ) -> Usage | None:
         """Stream the answer; while the model asks for tools, run them and ask again (bounded)."""
         usage = None
@@ -377,15 +386,18 @@ class Dispatcher:
             # What the model says after tool calls is a new paragraph, not glued to its last word.
             apart = step > 0 and bool(stream.full_text) and not stream.full_text.endswith("\n\n")
             # aclosing: a cancelled answer closes its HTTP response at once, not at GC time.
+            reported = None
             async with aclosing(backend.stream(replace(request, messages=messages))) as chunks:
                 async for chunk in chunks:
-                    usage = chunk.usage or usage
+                    reported = chunk.usage or reported
                     calls = chunk.tool_calls or calls
                     if chunk.text:
                         if apart:
                             await stream.add("\n\n")
                             said_before, apart = len(stream.full_text), False
                         await stream.add(chunk.text)
+            usage = reported or usage
+            spent.add(reported, messages, stream.full_text[said_before:], calls)
             if not calls:
                 return usage
             if step == max_steps:

@@ -27,6 +27,7 @@ from .reconcile.runner import Reconciler
 from .rooms import RoomDirectory, WorkingRoom
 from .toolbox import ToolBox
 from .txn import txn_id
+from .usage import UsageLedger
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Services:
     backends: BackendRegistry
     tools: ToolBox
     reconciler: Reconciler
+    usage: UsageLedger
     commands: CommandTree
     status: Callable[[], Awaitable[str]]
 
@@ -377,6 +379,9 @@ async def cmd_archive(req: Request, args: str) -> None:
 
 async def cmd_retry(req: Request, args: str) -> None:
     room = await req.my_room()
+    over = await req.services.usage.over_quota(room, req.sender)
+    if over is not None:  # a retry costs tokens like a new message
+        raise Refusal(over.text)
     if not await req.services.dispatcher.retry(room, attempt=req.event.event_id):
         raise Refusal("There is no message in this conversation to answer again.")
 
@@ -385,6 +390,18 @@ async def cmd_cancel(req: Request, args: str) -> None:
     room = await req.my_room()
     if not req.services.dispatcher.cancel(room.room_id, by=req.event.event_id):
         await req.reply("Nothing is being generated in this room.")
+
+
+async def cmd_usage(req: Request, args: str) -> None:
+    if args not in ("", "all"):
+        raise UsageError(f"`{args}` is not a usage view; give nothing, or `all` (admins).")
+    usage = req.services.usage
+    if args == "all":
+        if not req.is_admin:
+            raise Refusal(f"`!{req.settings.command_prefix} usage all` is for admins only.")
+        await req.reply(await usage.report_all())
+        return
+    await req.reply(await usage.report(req.sender))
 
 
 async def cmd_status(req: Request, args: str) -> None:
@@ -477,6 +494,9 @@ def register_commands(tree: CommandTree) -> None:
         ),
         CommandSpec(
             "archive", "", "removes this room from your Space", cmd_archive, "working_room"
+        ),
+        CommandSpec(
+            "usage", "[all]", "tokens you used (`all`: everyone's, admins)", cmd_usage, replay="run"
         ),
         CommandSpec(
             "status",

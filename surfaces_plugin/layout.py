@@ -443,6 +443,33 @@ def parse_access(content: object) -> AccessDecisions | None:
 
 
 @dataclass(frozen=True)
+class TokenUsage:
+    """The tokens an answer or a summary cost (`usage` in its marker): as the backend reported
+    them, or estimated where it reported none."""
+
+    prompt: int
+    completion: int
+    estimated: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+    def to_content(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "completion": self.completion, "estimated": self.estimated}
+
+
+def parse_usage(value: object) -> TokenUsage | None:
+    """`usage` of a marker; None unless both counts are whole numbers ≥ 0."""
+    if not _is_map(value):
+        return None
+    prompt, completion = value.get("prompt"), value.get("completion")
+    if not (_is_int(prompt) and _is_int(completion)) or prompt < 0 or completion < 0:
+        return None
+    return TokenUsage(prompt, completion, value.get("estimated") is True)
+
+
+@dataclass(frozen=True)
 class TurnMarker:
     platform_chat_id: str
     agent: str
@@ -450,6 +477,7 @@ class TurnMarker:
     partial: bool = False  # a streamed answer still being written; its final edit drops this
     continues: str | None = None  # the previous message of an answer too long for one
     command: str | None = None  # the `!ai` command this answer is the effect of (retry, cancel)
+    usage: TokenUsage | None = None  # on the final version of an answer's last message
 
 
 @dataclass(frozen=True)
@@ -461,6 +489,8 @@ class ResetMarker:
 class SummaryMarker:
     platform_chat_id: str
     upto_event_id: str | None  # the last message the summary covers
+    usage: TokenUsage | None = None  # what writing the summary cost
+    agent: str | None = None  # the agent that wrote it (given with `usage`)
 
 
 def turn_marker(
@@ -471,13 +501,15 @@ def turn_marker(
     partial: bool = False,
     continues: str | None = None,
     command: str | None = None,
+    usage: TokenUsage | None = None,
 ) -> dict[str, Any]:
     """Keys to merge into a bot reply's content.
 
     `answers` names the user message answered, so catch-up knows what came after it; `partial`
     marks a streamed answer until its final edit, so one cut off by a crash can be told apart;
     `continues` names the previous message of an answer split over several; `command` the
-    `!ai` command it carries out (as `command_marker`).
+    `!ai` command it carries out (as `command_marker`); `usage` the tokens the answer cost
+    (on its final version only), so the usage ledger can be rebuilt from the timeline.
     """
     body: dict[str, Any] = {"platform_chat_id": platform_chat_id, "agent": agent}
     if answers:
@@ -486,6 +518,8 @@ def turn_marker(
         body["partial"] = True
     if continues:
         body["continues"] = continues
+    if usage is not None and not partial:
+        body["usage"] = usage.to_content()
     return {TURN_KEY: body, **(command_marker(command) if command else {})}
 
 
@@ -500,11 +534,21 @@ def reset_marker(platform_chat_id: str) -> dict[str, Any]:
     return {RESET_KEY: {"platform_chat_id": platform_chat_id}}
 
 
-def summary_marker(platform_chat_id: str, upto_event_id: str | None) -> dict[str, Any]:
-    """Keys to merge into a summary notice (`!ai compact`), so a rebuild finds the summary."""
+def summary_marker(
+    platform_chat_id: str,
+    upto_event_id: str | None,
+    usage: TokenUsage | None = None,
+    agent: str | None = None,
+) -> dict[str, Any]:
+    """Keys to merge into a summary notice (`!ai compact`), so a rebuild finds the summary
+    (and the usage ledger what writing it cost, and for which agent)."""
     body: dict[str, Any] = {"platform_chat_id": platform_chat_id}
     if upto_event_id:
         body["upto_event_id"] = upto_event_id
+    if usage is not None:
+        body["usage"] = usage.to_content()
+    if agent:
+        body["agent"] = agent
     return {SUMMARY_KEY: body}
 
 
@@ -543,6 +587,7 @@ def parse_turn_marker(content: object) -> TurnMarker | None:
         answers=answers if _nonempty_str(answers) else None,
         partial=body.get("partial") is True,
         continues=continues if _nonempty_str(continues) else None,
+        usage=parse_usage(body.get("usage")),
     )
 
 
@@ -620,6 +665,8 @@ def parse_summary_marker(content: object) -> SummaryMarker | None:
     return SummaryMarker(
         platform_chat_id=body["platform_chat_id"],
         upto_event_id=upto if _nonempty_str(upto) else None,
+        usage=parse_usage(body.get("usage")),
+        agent=body["agent"] if _nonempty_str(body.get("agent")) else None,
     )
 
 

@@ -141,6 +141,7 @@ class StreamedReply:
             partial=partial,
             continues=continues,
             command=t.command,
+            usage=t.usage,
         )
 
     def _fits(self, text: str) -> bool:

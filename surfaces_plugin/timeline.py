@@ -92,7 +92,8 @@ def note_edit(latest: dict[str, dict[str, Any]], event: Event, sender: str) -> b
     return True
 
 
-def _ts(event: Event) -> int:
+def event_ts(event: Event) -> int:
+    """The event's origin_server_ts; 0 when it has none that is a whole number."""
     ts = event.get("origin_server_ts")
     return ts if isinstance(ts, int) and not isinstance(ts, bool) else 0
 
@@ -208,7 +209,7 @@ def history_from_timeline(
             break
         content = _content(event)
         sender = str(event.get("sender", ""))
-        ts = _ts(event)
+        ts = event_ts(event)
         if sender == bot_id and event.get("type") == "m.room.message":
             if note_edit(latest, event, bot_id):
                 continue

@@ -204,8 +204,16 @@ class Backend(ABC):
 
     async def complete(self, request: GenerationRequest) -> str:
         """The whole answer as one string (summaries, non-streamed replies)."""
+        return (await self.complete_with_usage(request))[0]
+
+    async def complete_with_usage(self, request: GenerationRequest) -> tuple[str, Usage | None]:
+        """The whole answer and the usage the provider reported for it (None: it reported none)."""
+        text, usage = [], None
         async with aclosing(self.stream(request)) as chunks:
-            return "".join([chunk.text async for chunk in chunks])
+            async for chunk in chunks:
+                text.append(chunk.text)
+                usage = chunk.usage or usage
+        return "".join(text), usage
 
     async def close(self) -> None:
         """Release what the backend owns (its own HTTP session, if any)."""

@@ -12,6 +12,7 @@ from .migrations import upgrade_table
 from .processed import Processed, ProcessedStore
 from .rooms import BotMembership, Room, RoomKind, RoomStore
 from .stores import Stores
+from .usage import UsageEntry, UsageStore, UsageSum
 from .users import AccessState, User, UserStore
 
 __all__ = [
@@ -32,6 +33,9 @@ __all__ = [
     "RoomKind",
     "RoomStore",
     "Stores",
+    "UsageEntry",
+    "UsageStore",
+    "UsageSum",
     "User",
     "UserStore",
     "upgrade_table",

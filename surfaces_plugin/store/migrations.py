@@ -12,7 +12,9 @@ from mautrix.util.async_db import Connection, Scheme, UpgradeTable
 upgrade_table = UpgradeTable()
 
 # Every table of the plugin database, and mautrix's schema-version table (tests drop them all).
-CACHE_TABLES = ("users", "rooms", "chats", "messages", "memory", "processed")
+CACHE_TABLES = (
+    "users", "rooms", "chats", "messages", "memory", "processed", "usage_entries", "usage_notices"
+)
 VERSION_TABLE = "version"
 
 
@@ -154,3 +156,29 @@ async def upgrade_v4(conn: Connection) -> None:
     )
     await conn.execute("DROP TABLE messages")
     await conn.execute("ALTER TABLE messages_v4 RENAME TO messages")
+
+
+@upgrade_table.register(description="usage_entries: the token ledger; usage_notices: quota told")
+async def upgrade_v5(conn: Connection) -> None:
+    # One row per answer or summary, keyed by the Matrix event carrying its usage, so a rebuild
+    # from the timeline adds each once; totals are sums over (user, agent, day).
+    await conn.execute(
+        """CREATE TABLE usage_entries (
+            entry_id          TEXT PRIMARY KEY,
+            user_id           TEXT NOT NULL,
+            agent             TEXT NOT NULL,
+            day               TEXT NOT NULL,
+            prompt_tokens     BIGINT NOT NULL,
+            completion_tokens BIGINT NOT NULL,
+            estimated         BOOLEAN NOT NULL DEFAULT false,
+            ts                BIGINT NOT NULL
+        )"""
+    )
+    await conn.execute("CREATE INDEX usage_day_user_idx ON usage_entries (day, user_id)")
+    await conn.execute(
+        """CREATE TABLE usage_notices (
+            room_id TEXT NOT NULL,
+            day     TEXT NOT NULL,
+            PRIMARY KEY (room_id, day)
+        )"""
+    )

@@ -12,6 +12,7 @@ from .memory import MemoryStore
 from .messages import MessageStore
 from .processed import ProcessedStore
 from .rooms import Room, RoomStore
+from .usage import UsageStore
 from .users import User, UserStore
 
 
@@ -24,6 +25,7 @@ class Stores:
         self.messages = MessageStore(db)
         self.memory = MemoryStore(db)
         self.processed = ProcessedStore(db)
+        self.usage = UsageStore(db)
 
     async def move_chat(self, old_id: str, new_id: str) -> None:
         """Chat `old_id` (its row and messages) goes on under `new_id`, in one transaction."""

@@ -143,7 +143,10 @@ async def test_compact_posts_a_summary_that_replaces_older_turns(make_surfaces) 
     chat = await h.app.stores.chats.get(pcid(h, room))
     upto = await h.app.stores.messages.history(pcid(h, room))
     upto_message = next(m for m in upto if m.seq == chat.summary_upto_seq)
-    assert marker == {"platform_chat_id": pcid(h, room), "upto_event_id": upto_message.event_id}
+    assert marker["platform_chat_id"] == pcid(h, room)
+    assert marker["upto_event_id"] == upto_message.event_id
+    # The scripted backend reports no usage: what the summary cost is estimated, and says so.
+    assert marker["agent"] == "echo" and marker["usage"]["estimated"] is True
     assert chat.summary == "summary #1"
 
     await h.say(room, ALICE, "next")

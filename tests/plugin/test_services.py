@@ -28,6 +28,7 @@ from surfaces_plugin.reconcile.runner import Reconciler
 from surfaces_plugin.rooms import RoomDirectory, WorkingRoom
 from surfaces_plugin.store import Stores
 from surfaces_plugin.toolbox import ToolBox
+from surfaces_plugin.usage import UsageLedger
 
 from .conftest import config_with
 from .fakes import FakeClient
@@ -107,7 +108,9 @@ async def test_context_builder_puts_notes_and_turns_in_the_budget(stores: Stores
     async def notes(user_id: str) -> tuple[str, ...]:
         return ("likes tea",) if user_id == ALICE else ()
 
-    context = ContextBuilder(io, history, notes, backends, lambda: settings)
+    context = ContextBuilder(
+        io, history, notes, backends, lambda: settings, UsageLedger(io, stores.usage, lambda: settings, LOG)
+    )
     room = room_in(client)
     await history.start_chat(room)
     await history.add_user_turn(room, "$q", ALICE, "hello", 10)
@@ -211,7 +214,8 @@ async def test_dispatcher_answers_the_owner_in_order_and_reports_catch_up(stores
     async def notes(user_id: str) -> tuple[str, ...]:
         return ()
 
-    context = ContextBuilder(io, history, notes, backends, current)
+    usage = UsageLedger(io, stores.usage, current, LOG)
+    context = ContextBuilder(io, history, notes, backends, current, usage)
     access = AccessService(io, stores.users, current, LOG)
     e2ee = E2EE(io, current, LOG)
     async def no_commands(room_id, events) -> None:
@@ -224,6 +228,7 @@ async def test_dispatcher_answers_the_owner_in_order_and_reports_catch_up(stores
     dispatcher = Dispatcher(
         io, rooms, history, context, access, backends, catch_up, current, LOG,
         on_caught_up=lambda messages, n_rooms, seconds: reports.append((messages, n_rooms)),
+        usage=usage,
         tools=ToolBox(current, LOG),
     )
     room = room_in(client)
