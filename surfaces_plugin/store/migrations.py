@@ -154,3 +154,9 @@ async def upgrade_v4(conn: Connection) -> None:
     )
     await conn.execute("DROP TABLE messages")
     await conn.execute("ALTER TABLE messages_v4 RENAME TO messages")
+
+
+@upgrade_table.register(description="messages.attachment: the media a user turn refers to")
+async def upgrade_media_attachment(conn: Connection) -> None:
+    # JSON of layout.Attachment (mxc URI or encrypted file, name, type); never the bytes.
+    await conn.execute("ALTER TABLE messages ADD COLUMN attachment TEXT")
