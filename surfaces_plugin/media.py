@@ -289,7 +289,7 @@ class MediaService:
     def cannot_see(self, agent: AgentSpec) -> str:
         """The notice for an image sent to an agent without `vision`, naming those with it."""
         settings = self.settings()
-        seeing = [f"`{a.id}`" for a in settings.agents if a.vision]
+        seeing = [f"`{a.id}`" for a in settings.agents.values() if a.vision]
         prefix = settings.command_prefix
         if seeing:
             can = (
