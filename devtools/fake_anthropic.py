@@ -10,7 +10,10 @@ text_delta, thinking_delta, signature_delta and input_json_delta, message_delta,
 and refuses with a 400 invalid_request_error what the real API refuses: a missing
 anthropic-version header or max_tokens, roles not alternating or not starting with user, empty
 text blocks, tool results that answer no tool use of the previous message, tool uses left
-unanswered, tools without an input_schema, temperature above 1.
+unanswered, tools without an input_schema, temperature above 1, image blocks outside user
+messages or whose base64 source is not a readable PNG, JPEG, GIF or WebP of the media_type it
+declares. The default reply says what it saw, e.g. "Fake Claude says: <text> I see an image
+(image/png, 75 bytes, 4x3).".
 
 Modes: normal, thinking (a thinking and a redacted_thinking block before the text), hang (no
 headers ever), hang_mid (stalls after two text pieces), status (an HTTP error with Anthropic's
@@ -35,6 +38,7 @@ from typing import Any
 
 from aiohttp import web
 
+from devtools.images import SUPPORTED_TYPES, check_image, decode_base64, describe_image, sniff_type
 from devtools.loopback import LoopbackServer
 
 MODES = (
@@ -51,6 +55,7 @@ MODES = (
     "max_tokens",
 )
 THINKING = "The user wants a short answer. I will give one."
+IMAGE_TOKENS = 1600  # width*height/750 for the largest image the real API takes unscaled
 API_VERSION = "2023-06-01"
 # Anthropic's error `type` for each HTTP status it uses.
 ERROR_TYPES = {
@@ -69,13 +74,25 @@ ReplyFn = Callable[[list[dict[str, Any]]], str]
 
 def default_reply(messages: list[dict[str, Any]]) -> str:
     last = next((m for m in reversed(messages) if m.get("role") == "user"), {})
-    return f"Fake Claude says: {_plain_text(last.get('content', ''))}"
+    seen = "".join(f" {describe_image(*image)}." for image in _images(last.get("content")))
+    return f"Fake Claude says: {_plain_text(last.get('content', ''))}{seen}"
+
+
+def _images(content: Any) -> list[tuple[str, bytes]]:
+    """(media type, bytes) of a (checked) message's image blocks."""
+    if not isinstance(content, list):
+        return []
+    return [
+        (b["source"]["media_type"], decode_base64(b["source"]["data"]))
+        for b in content
+        if isinstance(b, dict) and b.get("type") == "image"
+    ]
 
 
 def _plain_text(content: Any) -> str:
     if isinstance(content, str):
         return content
-    return " ".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return " ".join(b["text"] for b in content if isinstance(b, dict) and b.get("type") == "text")
 
 
 def _tokens(text: str) -> int:
@@ -372,7 +389,9 @@ class _Stream:
 
 
 def _message_shell(body: dict[str, Any], how: Behaviour) -> dict[str, Any]:
-    prompt = json.dumps(body.get("system", "")) + json.dumps(body["messages"])
+    images = [len(_images(m.get("content"))) for m in body["messages"]]
+    text = [_plain_text(m.get("content", "")) for m in body["messages"]]
+    prompt = json.dumps(body.get("system", "")) + json.dumps(text)
     return {
         "id": f"msg_{uuid.uuid4().hex[:24]}",
         "type": "message",
@@ -382,7 +401,7 @@ def _message_shell(body: dict[str, Any], how: Behaviour) -> dict[str, Any]:
         "stop_reason": None,
         "stop_sequence": None,
         "usage": {
-            "input_tokens": _tokens(prompt),
+            "input_tokens": _tokens(prompt) + IMAGE_TOKENS * sum(images),
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": how.cache_read,
             "output_tokens": 1,
@@ -535,9 +554,35 @@ def _blocks(content: Any, path: str) -> list[dict[str, Any]]:
                 raise InvalidRequest(f"{path}.{j}.tool_result.content: Input should be a string")
             if not isinstance(block.get("is_error", False), bool):
                 raise InvalidRequest(f"{path}.{j}.tool_result.is_error: Input should be a boolean")
-        elif kind not in ("image", "document", "thinking", "redacted_thinking"):
+        elif kind == "image":
+            _check_image_source(block.get("source"), f"{path}.{j}.image.source")
+        elif kind not in ("document", "thinking", "redacted_thinking"):
             raise InvalidRequest(f"{path}.{j}.type: Input tag {kind!r} does not match any block")
     return content
+
+
+def _check_image_source(source: Any, path: str) -> None:
+    if not isinstance(source, dict) or source.get("type") not in ("base64", "url", "file"):
+        raise InvalidRequest(f"{path}: Input tag does not match 'base64', 'url' or 'file'")
+    if source["type"] != "base64":
+        raise InvalidRequest(f"{path}: this fake takes base64 images only")
+    media_type = source.get("media_type")
+    if media_type not in SUPPORTED_TYPES:
+        listed = ", ".join(f"'{t}'" for t in SUPPORTED_TYPES)
+        raise InvalidRequest(f"{path}.base64.media_type: Input should be {listed}")
+    if not isinstance(source.get("data"), str):
+        raise InvalidRequest(f"{path}.base64.data: Field required")
+    try:
+        data = decode_base64(source["data"])
+        actual = sniff_type(data)
+        if actual is not None and actual != media_type:
+            raise ValueError(
+                f"The image was specified using the {media_type} media type, but the image "
+                f"appears to be a {actual} image"
+            )
+        check_image(media_type, data)
+    except ValueError as e:
+        raise InvalidRequest(f"{path}.base64: {e}") from None
 
 
 def _check_block_roles(blocks: list[dict[str, Any]], role: str, i: int) -> None:
@@ -546,6 +591,8 @@ def _check_block_roles(blocks: list[dict[str, Any]], role: str, i: int) -> None:
         raise InvalidRequest(f"messages.{i}: `tool_use` blocks can only be in assistant messages")
     if role == "assistant" and "tool_result" in kinds:
         raise InvalidRequest(f"messages.{i}: `tool_result` blocks can only be in user messages")
+    if role == "assistant" and "image" in kinds:
+        raise InvalidRequest(f"messages.{i}: `image` blocks can only be in user messages")
     results = [j for j, kind in enumerate(kinds) if kind == "tool_result"]
     if results and "text" in kinds and kinds.index("text") < results[-1]:
         raise InvalidRequest(

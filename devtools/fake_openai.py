@@ -18,6 +18,21 @@ id and name first, the arguments in pieces, finish_reason "tool_calls"); after t
 back it answers in words, quoting them. `loop <tool> <json>` asks for the tool again after every
 result (to test a turn's step bound). Requests whose tool messages do not answer the previous
 assistant message's calls are refused with 400, as the real API does.
+
+Images: a user message's content may be a list of `text` and `image_url` parts; an image must
+be a base64 data URL of a PNG, JPEG, GIF or WebP whose bytes are readable (devtools.images),
+else 400 (invalid_image_format), and only user messages may carry one. The default reply says
+what it saw: "Fake model says: <text> I see an image (image/png, 75 bytes, 4x3).".
+
+Audio: POST /v1/audio/transcriptions (multipart `file`, `model`, `response_format` json or
+text) transcribes WAV files with devtools.audio.transcribe_wav (the words embedded by
+make_wav, else the tone's frequency); a file name without a supported extension is refused
+as by the real API, and bytes that are not WAV get "Audio file might be corrupted or
+unsupported". POST /v1/audio/speech ({model, input, voice, response_format}) answers a WAV
+(Content-Type audio/wav, whatever format was asked: no Opus encoder in the stdlib) carrying
+the input as its words, so transcribing it gives the input back. Both are recorded in
+`requests` (the transcription's form fields, file name, type and size) and honour hang,
+status, rate_limit, wrong_type and malformed (a broken JSON body).
 """
 
 from __future__ import annotations
@@ -34,6 +49,8 @@ from typing import Any
 
 from aiohttp import web
 
+from devtools.audio import make_wav, transcribe_wav
+from devtools.images import check_image, decode_data_url, describe_image, sniff_type
 from devtools.loopback import LoopbackServer
 
 MODES = (
@@ -52,6 +69,11 @@ MODES = (
     "error_event",
 )
 THINKING = "Let me think about this carefully. The user wants an answer."
+# What /audio/transcriptions accepts (by file name, as the real API does) and /audio/speech makes.
+TRANSCRIBABLE = ("flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "wav", "webm")
+SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+MAX_SPEECH_INPUT = 4096
+IMAGE_TOKENS = 765  # what the real API bills a 1024x1024 image at high detail
 
 ReplyFn = Callable[[list[dict[str, Any]]], str]
 _TOOL_LINE = re.compile(r"^(call|loop) ([A-Za-z0-9_-]+)(?: (\{.*\}))?$", re.MULTILINE)
@@ -62,7 +84,71 @@ def default_reply(messages: list[dict[str, Any]]) -> str:
     if results:
         return "Using the tools: " + "; ".join(str(m.get("content", "")) for m in results)
     last = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
-    return f"Fake model says: {last}"
+    seen = "".join(f" {describe_image(*image)}." for image in content_images(last))
+    return f"Fake model says: {content_text(last)}{seen}"
+
+
+def content_text(content: Any) -> str:
+    """A message's text: the string, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    return " ".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+def content_images(content: Any) -> list[tuple[str, bytes]]:
+    """(mime, bytes) of a message's image parts (already checked by `content_problem`)."""
+    if not isinstance(content, list):
+        return []
+    return [
+        decode_data_url(p["image_url"]["url"])
+        for p in content
+        if isinstance(p, dict) and p.get("type") == "image_url"
+    ]
+
+
+def content_problem(messages: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(message, code) of the 400 the real API gives for malformed content parts."""
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            where = f"messages[{i}].content[{j}]"
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    return f"Invalid type for '{where}.text': expected a string.", "invalid_type"
+            elif kind == "image_url":
+                if message.get("role") != "user":
+                    return (
+                        f"Invalid '{where}': image_url is only supported in messages with role "
+                        f"'user', not '{message.get('role')}'.",
+                        "invalid_value",
+                    )
+                url = (
+                    part.get("image_url", {}).get("url")
+                    if isinstance(part.get("image_url"), dict)
+                    else None
+                )
+                if not isinstance(url, str):
+                    return (
+                        f"Missing required parameter: '{where}.image_url.url'.",
+                        "missing_required_parameter",
+                    )
+                try:
+                    mime, data = decode_data_url(url)
+                    check_image(sniff_type(data) or mime, data)  # the API goes by the bytes
+                except ValueError as e:
+                    return f"Invalid image in '{where}': {e}.", "invalid_image_format"
+            else:
+                return (
+                    f"Invalid value: '{kind}'. Supported values are: 'text', 'image_url', "
+                    "'input_audio', 'refusal', 'audio', and 'file'.",
+                    "invalid_value",
+                )
+    return None
 
 
 def _trailing_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,11 +164,11 @@ def tool_requests(messages: list[dict[str, Any]], offered: set[str]) -> list[dic
     """The calls this fake model makes now: `call` lines of the newest user message (once, before
     any result came back), `loop` lines after every result too. Only offered tools are called."""
     last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
-    if last_user is None or not isinstance(last_user.get("content"), str):
+    if last_user is None:
         return []
     after_results = messages[-1].get("role") == "tool"
     calls = []
-    for verb, name, arguments in _TOOL_LINE.findall(last_user["content"]):
+    for verb, name, arguments in _TOOL_LINE.findall(content_text(last_user.get("content"))):
         if name in offered and (verb == "loop" or not after_results):
             calls.append({"name": name, "arguments": arguments or "{}"})
     return calls
@@ -108,6 +194,12 @@ def misplaced_tool_message(messages: list[dict[str, Any]]) -> str | None:
 
 def _tokens(text: str) -> int:
     return (len(text) + 3) // 4
+
+
+def _message_tokens(message: dict[str, Any]) -> int:
+    content = message.get("content")
+    text = content_text(content) if isinstance(content, list) else str(content or "")
+    return _tokens(text) + IMAGE_TOKENS * len(content_images(content))
 
 
 @dataclass
@@ -168,11 +260,14 @@ class FakeOpenAI(LoopbackServer):
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/chat/completions", self._chat)
+        app.router.add_post("/v1/audio/transcriptions", self._transcription)
+        app.router.add_post("/v1/audio/speech", self._speech)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/_control", self._control)
         app.router.add_get("/_requests", self._get_requests)
         app.router.add_delete("/_requests", self._clear_requests)
         app.router.add_get("/_state", self._state)
+
     # ---- control endpoints (for a fake running in another process)
 
     async def _control(self, request: web.Request) -> web.Response:
@@ -232,6 +327,9 @@ class FakeOpenAI(LoopbackServer):
         misplaced = misplaced_tool_message(body["messages"])
         if misplaced is not None:
             return _error(400, misplaced, "invalid_request_error")
+        problem = content_problem(body["messages"])
+        if problem is not None:
+            return _error(400, problem[0], "invalid_request_error", code=problem[1])
         presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if self.require_key is not None and presented != self.require_key:
             return _error(401, f"Incorrect API key provided: {presented}", "invalid_api_key")
@@ -267,7 +365,7 @@ class FakeOpenAI(LoopbackServer):
                 text="<html><body>Gateway login</body></html>", content_type="text/html"
             )
         usage = {
-            "prompt_tokens": sum(_tokens(str(m.get("content", ""))) for m in body["messages"]),
+            "prompt_tokens": sum(_message_tokens(m) for m in body["messages"]),
             "completion_tokens": _tokens(reply),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -363,6 +461,140 @@ class FakeOpenAI(LoopbackServer):
         await response.write_eof()
         return response
 
+    # ---- the audio endpoints (speech to text, text to speech)
+
+    async def _transcription(self, request: web.Request) -> web.StreamResponse:
+        """Multipart `file` + `model` (+ `response_format` json or text); WAV is what this
+        transcriber understands (devtools.audio.transcribe_wav), other audio is refused."""
+        try:
+            form = await request.post()
+        except ValueError:
+            form = None
+        upload = form.get("file") if form is not None else None
+        record: dict[str, Any] = (
+            {field: form.get(field) for field in ("model", "response_format", "language")}
+            if form is not None
+            else {}
+        )
+        if isinstance(upload, web.FileField):
+            audio = upload.file.read()
+            record.update(
+                filename=upload.filename, content_type=upload.content_type, bytes=len(audio)
+            )
+        refused = self._admit_audio(request, record)
+        if refused is not None:
+            return refused
+        if form is None or not form.get("model"):
+            return _error(400, "you must provide a model parameter", "invalid_request_error")
+        if not isinstance(upload, web.FileField):
+            return _error(400, "file: field required", "invalid_request_error")
+        extension = upload.filename.rpartition(".")[2].lower() if "." in upload.filename else ""
+        if extension not in TRANSCRIBABLE:
+            return _error(
+                400,
+                f"Invalid file format. Supported formats: {list(TRANSCRIBABLE)}",
+                "invalid_request_error",
+            )
+        response_format = form.get("response_format") or "json"
+        if response_format not in ("json", "text"):
+            return _error(
+                400,
+                f"response_format {response_format!r} is not supported here",
+                "invalid_request_error",
+            )
+        return await self._misbehave_or(
+            request, lambda: _transcript_response(audio, str(response_format))
+        )
+
+    async def _speech(self, request: web.Request) -> web.StreamResponse:
+        """JSON {model, input, voice, response_format}: a WAV of the input whatever format is
+        asked (marked audio/wav; this fake cannot encode Opus), with the input as its words."""
+        try:
+            body: Any = await request.json()
+        except ValueError:
+            body = None
+        refused = self._admit_audio(request, body)
+        if refused is not None:
+            return refused
+        if not isinstance(body, dict):
+            return _error(
+                400, "We could not parse the JSON body of your request.", "invalid_request_error"
+            )
+        for field in ("model", "input", "voice"):
+            if not isinstance(body.get(field), str) or not body[field]:
+                return _error(400, f"{field}: field required", "invalid_request_error")
+        if len(body["input"]) > MAX_SPEECH_INPUT:
+            return _error(
+                400,
+                f"input: string too long. Expected a string with maximum length {MAX_SPEECH_INPUT}",
+                "invalid_request_error",
+                code="string_above_max_length",
+            )
+        if body.get("response_format", "mp3") not in SPEECH_FORMATS:
+            return _error(
+                400,
+                f"response_format must be one of {list(SPEECH_FORMATS)}",
+                "invalid_request_error",
+            )
+        spoken = make_wav(body["input"], seconds=0.3)
+        return await self._misbehave_or(
+            request, lambda: web.Response(body=spoken, content_type="audio/wav")
+        )
+
+    def _admit_audio(self, request: web.Request, body: Any) -> web.Response | None:
+        """Record an audio request; the wrong key's 401 (echoing it, as careless servers do)."""
+        self.requests.append(
+            {
+                "path": request.path,
+                "authorization": request.headers.get("Authorization"),
+                "body": body,
+            }
+        )
+        self.received.set()
+        presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if self.require_key is not None and presented != self.require_key:
+            return _error(401, f"Incorrect API key provided: {presented}", "invalid_api_key")
+        return None
+
+    async def _misbehave_or(
+        self, request: web.Request, answer: Callable[[], web.Response]
+    ) -> web.StreamResponse:
+        """The modes that make sense for a whole (not streamed) answer, else `answer()`."""
+        how = self._take_behaviour()
+        try:
+            if how.mode == "hang":
+                await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.saw_disconnect()
+            raise
+        if how.mode == "status":
+            return _error(how.status, how.message, "fake_error")
+        if how.mode == "rate_limit":
+            headers = {"Retry-After": how.retry_after} if how.retry_after is not None else {}
+            return _error(429, "Rate limit reached, slow down", "rate_limit_exceeded", headers)
+        if how.mode == "wrong_type":
+            return web.Response(
+                text="<html><body>Gateway login</body></html>", content_type="text/html"
+            )
+        if how.mode == "malformed":
+            return web.Response(text='{"text": oops', content_type="application/json")
+        return answer()
+
+
+def _transcript_response(audio: bytes, response_format: str) -> web.Response:
+    try:
+        text = transcribe_wav(audio)
+    except ValueError:
+        return _error(
+            400,
+            "Audio file might be corrupted or unsupported",
+            "invalid_request_error",
+            code="invalid_value",
+        )
+    if response_format == "text":
+        return web.Response(text=text + "\n", content_type="text/plain")
+    return web.json_response({"text": text})
+
 
 class _Events:
     """chat.completion.chunk envelopes sharing one id, like a real stream."""
@@ -434,9 +666,14 @@ def _completion(
 
 
 def _error(
-    status: int, message: str, kind: str, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    kind: str,
+    headers: dict[str, str] | None = None,
+    *,
+    code: str | None = None,
 ) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "code": kind}}
+    body = {"error": {"message": message, "type": kind, "code": code or kind}}
     return web.json_response(body, status=status, headers=headers)
 
 

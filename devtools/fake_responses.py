@@ -13,7 +13,10 @@ POST /v1/conversations, GET/DELETE /v1/conversations/{id}, GET/POST /v1/conversa
 With `conversation`, the model sees the stored items followed by the new input, and a successful
 response appends the input and output items to the conversation; an unknown or deleted id is a
 404 naming the `conversation` param. A function_call_output whose call_id the model never issued
-is a 400, as on the real API. Scripted turns (`script`) are taken one per response request;
+is a 400, as on the real API. A user message's content parts are checked as the API does:
+`input_text`, `input_image` (a base64 data URL of a readable PNG, JPEG, GIF or WebP, else 400)
+and `input_file`; the default answer says what it saw, e.g. "Fake model says: <text> I see an
+image (image/png, 75 bytes, 4x3).". Scripted turns (`script`) are taken one per response request;
 without one, the model answers `answer(items)` in text.
 Subprocess: python -m devtools.fake_responses --port 0  (prints "fake_responses listening on …")
 """
@@ -34,9 +37,14 @@ from typing import Any
 
 from aiohttp import web
 
+from devtools.images import check_image, decode_data_url, describe_image, sniff_type
+from devtools.loopback import MAX_REQUEST_BYTES
+
 # Conversations API: "You may add up to 20 items at a time."
 MAX_ITEMS_PER_CALL = 20
 REASONING = "The user wants a short answer; keep it brief."
+INPUT_PART_TYPES = ("input_text", "input_image", "input_file")
+IMAGE_TOKENS = 765  # what the real API bills a 1024x1024 image at high detail
 
 AnswerFn = Callable[[list[dict[str, Any]]], str]
 
@@ -44,12 +52,24 @@ AnswerFn = Callable[[list[dict[str, Any]]], str]
 def default_answer(items: list[dict[str, Any]]) -> str:
     """`Fake model says: <the last user text>`."""
     users = [i for i in items if i.get("type") == "message" and i.get("role") == "user"]
-    return f"Fake model says: {item_text(users[-1]) if users else ''}"
+    if not users:
+        return "Fake model says: "
+    seen = "".join(f" {describe_image(*image)}." for image in item_images(users[-1]))
+    return f"Fake model says: {item_text(users[-1])}{seen}"
 
 
 def item_text(item: dict[str, Any]) -> str:
     """The text of a (normalised) message item."""
     return "".join(part.get("text", "") for part in item.get("content", []))
+
+
+def item_images(item: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """(mime, bytes) of a (checked) message item's input images."""
+    return [
+        decode_data_url(part["image_url"])
+        for part in item.get("content", [])
+        if part.get("type") == "input_image"
+    ]
 
 
 @dataclass
@@ -113,7 +133,7 @@ class FakeResponses:
         del self.conversations[conversation_id]
 
     async def start(self) -> str:
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES)  # images inline, not 1 MB
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_post("/v1/conversations", self._create_conversation)
         app.router.add_get("/v1/conversations/{id}", self._get_conversation)
@@ -438,7 +458,7 @@ def _stored(item: Any) -> dict[str, Any]:
         if isinstance(content, str):
             parts = [{"type": text_type, "text": content}]
         elif isinstance(content, list):
-            parts = [dict(part) for part in content if isinstance(part, dict)]
+            parts = [_content_part(part, role) for part in content]
         else:
             raise ValueError("Invalid type for message content.")
         if role == "assistant":
@@ -477,6 +497,29 @@ def _stored(item: Any) -> dict[str, Any]:
             "status": "completed",
         }
     raise ValueError(f"Invalid value: '{kind}' is not a supported input item type.")
+
+
+def _content_part(part: Any, role: str) -> dict[str, Any]:
+    """A message content part as the real API checks it (input images: data URLs here)."""
+    allowed = ("output_text", "refusal") if role == "assistant" else INPUT_PART_TYPES
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind not in allowed:
+        listed = ", ".join(f"'{k}'" for k in allowed)
+        raise ValueError(f"Invalid value: '{kind}'. Supported values are: {listed}.")
+    if kind == "input_image":
+        url = part.get("image_url")
+        if not isinstance(url, str):
+            raise ValueError("Missing required parameter: 'input_image.image_url'.")
+        if part.get("detail", "auto") not in ("low", "high", "auto"):
+            raise ValueError("Invalid value for 'input_image.detail': use low, high or auto.")
+        try:
+            mime, data = decode_data_url(url)
+            check_image(sniff_type(data) or mime, data)  # the API goes by the bytes
+        except ValueError as e:
+            raise ValueError(f"Invalid 'input_image.image_url': {e}.") from None
+    elif not isinstance(part.get("text"), str):
+        raise ValueError(f"Missing required parameter: '{kind}.text'.")
+    return dict(part)
 
 
 def _unmatched_output(items: list[dict[str, Any]]) -> str | None:
@@ -526,7 +569,7 @@ def _tokens(text: str) -> int:
 
 def _item_tokens(item: dict[str, Any]) -> int:
     if item["type"] == "message":
-        return _tokens(item_text(item))
+        return _tokens(item_text(item)) + IMAGE_TOKENS * len(item_images(item))
     return _tokens(item.get("arguments", "") + item.get("output", ""))
 
 

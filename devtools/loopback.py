@@ -10,6 +10,7 @@ from typing import TypeVar
 from aiohttp import web
 
 _Server = TypeVar("_Server", bound="LoopbackServer")
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
 class LoopbackServer:
@@ -33,7 +34,8 @@ class LoopbackServer:
         raise NotImplementedError
 
     async def start(self) -> str:
-        app = web.Application()
+        # Request bodies as large as providers take (images inline, audio uploads), not 1 MB.
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         self.routes(app)
         # handler_cancellation: a client hanging up cancels the handler, so we can count it.
         # shutdown_timeout: a hanging answer must not hold up stop() for the default minute.

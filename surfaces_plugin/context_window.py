@@ -19,6 +19,10 @@ from .tokens import estimate_tokens
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators, as chat formats add per message
 COMPACT_KEEP_SHARE = 0.5  # compaction keeps the newest turns that fit in this share of the budget
 SUMMARY_SHARE = 0.25  # a summary may take at most this share of the budget
+# What one image costs, estimated without decoding it: providers bill images by their pixels
+# after their own downscaling (OpenAI: 765 tokens for 1024x1024 at high detail; Anthropic:
+# width*height/750, about 1,600 at most), so a middle figure keeps the window honest.
+IMAGE_TOKENS = 1000
 
 MEMORY_HEADING = "Notes the user shares with all their conversations:"
 SUMMARY_HEADING = "Summary of the earlier conversation:"
@@ -42,7 +46,8 @@ def message_tokens(message: ChatMessage | Turn, scale: float = 1.0) -> int:
         if message.tokens is not None:
             return message.tokens + MESSAGE_OVERHEAD_TOKENS
         message = message.message
-    return math.ceil(estimate_tokens(message.content) * scale) + MESSAGE_OVERHEAD_TOKENS
+    text = math.ceil(estimate_tokens(message.content) * scale)
+    return text + IMAGE_TOKENS * len(message.images) + MESSAGE_OVERHEAD_TOKENS
 
 
 def _message(turn: ChatMessage | Turn) -> ChatMessage:

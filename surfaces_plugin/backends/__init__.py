@@ -21,6 +21,7 @@ from .echo import EchoBackend
 from .openai import OpenAIBackend
 from .registry import BackendRegistry, build_backend
 from .responses import ResponsesBackend
+from .speech import Speech, SpokenAudio
 
 __all__ = [
     "AnthropicBackend",
@@ -36,6 +37,8 @@ __all__ = [
     "ImagePart",
     "OpenAIBackend",
     "ResponsesBackend",
+    "Speech",
+    "SpokenAudio",
     "ToolCall",
     "ToolSpec",
     "Usage",

@@ -17,6 +17,7 @@ from .base import (
     ErrorKind,
     Features,
     GenerationRequest,
+    ImagePart,
     ToolCall,
     Usage,
 )
@@ -71,6 +72,9 @@ def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
         result["is_error"] = message.is_error
         return [result]
     blocks = [_text(message.content)] if message.content.strip() else []
+    if message.role == "user":
+        # Images first: Anthropic's advice, the question then reads as about them.
+        blocks = [_image(image) for image in message.images] + blocks
     if message.role == "assistant":
         blocks += [
             {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
@@ -81,6 +85,11 @@ def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
 
 def _text(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text}
+
+
+def _image(image: ImagePart) -> dict[str, Any]:
+    source = {"type": "base64", "media_type": image.mime, "data": image.base64}
+    return {"type": "image", "source": source}
 
 
 def _results_first(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
@@ -30,6 +31,15 @@ class ImagePart:
 
     mime: str
     data: bytes = field(repr=False)
+
+    @property
+    def base64(self) -> str:
+        return base64.b64encode(self.data).decode("ascii")
+
+    @property
+    def data_url(self) -> str:
+        """The image inline as an RFC 2397 data URL (how OpenAI-style APIs take it)."""
+        return f"data:{self.mime};base64,{self.base64}"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""What every streamed HTTP provider shares: session, retries, timeouts, error mapping, redaction.
+"""What every HTTP provider shares: session, retries, timeouts, error mapping, redaction.
 
-A subclass says where to POST (`url`), what to send (`_headers`, `_body`) and how to read the
+`HttpClient` is one backend spec's API client (`_call`: one request-response exchange with
+retries); `HttpBackend` adds the streamed generation every agent backend has. A subclass says where to POST (`url`), what to send (`_headers`, `_body`) and how to read the
 answer (`_read_events` for `text/event-stream`, optionally `_read_json`). One POST per attempt;
 retries only before any text; the response is closed on every way out, cancellation included.
 """
@@ -14,10 +15,10 @@ import logging
 import random
 import re
 from abc import abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -25,6 +26,8 @@ from ..config import BackendSpec
 from ..http_session import LazySession
 from .base import Backend, BackendError, Chunk, ErrorKind, GenerationRequest
 from .sse import SSEDecoder
+
+T = TypeVar("T")
 
 ERROR_BODY_LIMIT = 4096
 _DETAIL_LIMIT = 200
@@ -119,9 +122,9 @@ async def read_error_body(response: aiohttp.ClientResponse) -> bytes:
     return body
 
 
-class HttpBackend(Backend):
-    """POST `url` with `_body(request)`; subclasses read the answer (`_read_events` for
-    text/event-stream, `_read_json` for a server that ignored streaming)."""
+class HttpClient:
+    """One backend spec's HTTP API: the session, retries with backoff, timeouts, status →
+    ErrorKind and key redaction. `_call` makes one request-response exchange."""
 
     def __init__(
         self,
@@ -133,53 +136,15 @@ class HttpBackend(Backend):
         max_retry_after_s: float = 30.0,
         log: logging.Logger | None = None,
     ) -> None:
-        super().__init__(spec)
+        self.spec = spec
         self._http = LazySession(http)
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.max_retry_after_s = max_retry_after_s
         self.log = log or logging.getLogger(type(self).__module__)
 
-    @property
-    @abstractmethod
-    def url(self) -> str:
-        """Where a generation request is POSTed."""
-
-    @abstractmethod
-    def _body(self, request: GenerationRequest) -> dict[str, Any]:
-        """The JSON body of one attempt (rebuilt for each, so an adapted retry can differ)."""
-
-    @abstractmethod
-    def _read_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
-        """Chunks from a text/event-stream answer."""
-
-    def _read_json(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
-        """Chunks from a whole `application/json` answer (a server that ignored stream=true)."""
-        raise self._error(ErrorKind.MALFORMED, f"unexpected content type {response.content_type}")
-
-    def _adapt_to(self, error: BackendError) -> bool:
-        """True when the request was changed to avoid `error` and should go again at once."""
-        return False
-
     async def close(self) -> None:
         await self._http.close()
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        attempt = 0
-        while True:
-            shown = False
-            try:
-                async with aclosing(self._attempt(request)) as chunks:
-                    async for chunk in chunks:
-                        shown = True
-                        yield chunk
-                return
-            except BackendError as error:
-                if not shown and self._adapt_to(error):
-                    continue
-                if shown or not await self._backoff(error, attempt):
-                    raise
-                attempt += 1
 
     async def _backoff(self, error: BackendError, attempt: int) -> bool:
         """Wait before the next attempt and return True, or return False to give up now."""
@@ -214,7 +179,6 @@ class HttpBackend(Backend):
         detail = _SECRET_LIKE.sub(lambda m: m.group(1) + "***", detail)
         return BackendError(kind, detail, timeout_s=self.spec.timeout_s, **extra)
 
-
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "text/event-stream, application/json"}
         if self.spec.api_key:
@@ -227,12 +191,23 @@ class HttpBackend(Backend):
         # stalled provider times out even mid-answer; there is no cap on a steadily flowing one.
         return aiohttp.ClientTimeout(total=None, connect=limit, sock_read=limit)
 
-    async def _post(self, url: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        """Send one request; failures to get a response become BackendErrors."""
+    async def _post(
+        self,
+        url: str,
+        body: dict[str, Any] | None = None,
+        *,
+        form: aiohttp.FormData | None = None,
+        accept: str | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send one request (a JSON `body` or a multipart `form`; `accept` replaces the default
+        Accept header); failures to get a response become BackendErrors."""
         limit = self.spec.timeout_s
+        headers = self._headers()
+        if accept is not None:
+            headers["Accept"] = accept
         try:
             return await self._http.get().post(
-                url, json=body, headers=self._headers(), timeout=self._timeout()
+                url, json=body, data=form, headers=headers, timeout=self._timeout()
             )
         except asyncio.TimeoutError:
             raise self._error(ErrorKind.TIMEOUT, f"no response within {limit:g} s") from None
@@ -242,6 +217,113 @@ class HttpBackend(Backend):
             raise self._error(ErrorKind.SERVER, "the server closed the connection") from None
         except (aiohttp.ClientError, ValueError) as e:
             raise self._error(ErrorKind.UNREACHABLE, f"{type(e).__name__}: {e}") from None
+
+    async def _call(
+        self,
+        send: Callable[[], Awaitable[aiohttp.ClientResponse]],
+        read: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+    ) -> T:
+        """One exchange that is not a streamed answer, retrying what is worth retrying: `send`
+        makes an attempt's request (afresh each time), `read` turns a 2xx response into T."""
+        attempt = 0
+        while True:
+            try:
+                return await self._exchange(send, read)
+            except BackendError as error:
+                if not await self._backoff(error, attempt):
+                    raise
+                attempt += 1
+
+    async def _exchange(
+        self,
+        send: Callable[[], Awaitable[aiohttp.ClientResponse]],
+        read: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+    ) -> T:
+        response = await send()
+        complete = False
+        try:
+            if not 200 <= response.status < 300:
+                raise await self._status_error(response)
+            result = await read(response)
+            complete = True
+            return result
+        except asyncio.TimeoutError:
+            raise self._error(
+                ErrorKind.TIMEOUT, f"no answer within {self.spec.timeout_s:g} s"
+            ) from None
+        except aiohttp.ClientError as e:
+            raise self._error(ErrorKind.SERVER, f"{type(e).__name__}: {e}") from None
+        finally:
+            if complete:
+                response.release()
+            else:
+                response.close()  # also on cancellation: the server sees the hang-up
+
+    async def _json_object(self, response: aiohttp.ClientResponse) -> dict[str, Any]:
+        """A whole JSON object answer (a `read` for `_call`)."""
+        try:
+            data = json.loads(await response.read())
+        except ValueError:
+            raise self._error(ErrorKind.MALFORMED, "the answer was not JSON") from None
+        if not isinstance(data, dict):
+            raise self._error(ErrorKind.MALFORMED, "the answer was not a JSON object")
+        return data
+
+    async def _status_error(self, response: aiohttp.ClientResponse) -> BackendError:
+        return self._error_for_body(response, await read_error_body(response))
+
+    def _error_for_body(self, response: aiohttp.ClientResponse, body: bytes) -> BackendError:
+        """The BackendError for a non-2xx response whose (start of the) body is `body`."""
+        kind = kind_for_status(response.status)
+        retry_after = None
+        if kind is ErrorKind.RATE_LIMITED:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        detail = provider_message(body, response.content_type) or response.reason or ""
+        return self._error(kind, detail, status=response.status, retry_after=retry_after)
+
+
+class HttpBackend(HttpClient, Backend):
+    """POST `url` with `_body(request)`; subclasses read the answer (`_read_events` for
+    text/event-stream, `_read_json` for a server that ignored streaming). HttpClient's
+    constructor sets `spec`, which is all Backend's own does."""
+
+    @property
+    @abstractmethod
+    def url(self) -> str:
+        """Where a generation request is POSTed."""
+
+    @abstractmethod
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        """The JSON body of one attempt (rebuilt for each, so an adapted retry can differ)."""
+
+    @abstractmethod
+    def _read_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
+        """Chunks from a text/event-stream answer."""
+
+    def _read_json(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
+        """Chunks from a whole `application/json` answer (a server that ignored stream=true)."""
+        raise self._error(ErrorKind.MALFORMED, f"unexpected content type {response.content_type}")
+
+    def _adapt_to(self, error: BackendError) -> bool:
+        """True when the request was changed to avoid `error` and should go again at once."""
+        return False
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        attempt = 0
+        while True:
+            shown = False
+            try:
+                async with aclosing(self._attempt(request)) as chunks:
+                    async for chunk in chunks:
+                        shown = True
+                        yield chunk
+                return
+            except BackendError as error:
+                if not shown and self._adapt_to(error):
+                    continue
+                if shown or not await self._backoff(error, attempt):
+                    raise
+                attempt += 1
 
     async def _attempt(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """One HTTP request. The response is closed on every way out, including cancellation."""
@@ -273,18 +355,6 @@ class HttpBackend(Backend):
                 response.release()
             else:
                 response.close()  # drop the connection: the server sees the disconnect and stops
-
-    async def _status_error(self, response: aiohttp.ClientResponse) -> BackendError:
-        return self._error_for_body(response, await read_error_body(response))
-
-    def _error_for_body(self, response: aiohttp.ClientResponse, body: bytes) -> BackendError:
-        """The BackendError for a non-2xx response whose (start of the) body is `body`."""
-        kind = kind_for_status(response.status)
-        retry_after = None
-        if kind is ErrorKind.RATE_LIMITED:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        detail = provider_message(body, response.content_type) or response.reason or ""
-        return self._error(kind, detail, status=response.status, retry_after=retry_after)
 
     def _stream_error(self, error: dict[str, Any]) -> BackendError:
         message = error.get("message")

@@ -128,6 +128,8 @@ def message_json(message: ChatMessage) -> dict[str, Any]:
         content = f"Error: {message.content}" if message.is_error else message.content
         return {"role": "tool", "tool_call_id": message.tool_call_id, "content": content}
     body: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.role == "user" and message.images:
+        body["content"] = content_parts(message)
     if message.tool_calls:
         body["content"] = message.content or None
         body["tool_calls"] = [
@@ -139,6 +141,15 @@ def message_json(message: ChatMessage) -> dict[str, Any]:
             for call in message.tool_calls
         ]
     return body
+
+
+def content_parts(message: ChatMessage) -> list[dict[str, Any]]:
+    """A user message with images: its text part (if any), then one image part each."""
+    parts: list[dict[str, Any]] = []
+    if message.content.strip():
+        parts.append({"type": "text", "text": message.content})
+    parts += [{"type": "image_url", "image_url": {"url": i.data_url}} for i in message.images]
+    return parts
 
 
 class _StreamError(Exception):

@@ -13,6 +13,7 @@ from .base import Backend
 from .echo import EchoBackend
 from .openai import OpenAIBackend
 from .responses import ResponsesBackend
+from .speech import Speech
 
 
 def build_backend(spec: BackendSpec, http: aiohttp.ClientSession | None = None) -> Backend:
@@ -32,7 +33,9 @@ class BackendRegistry:
     def __init__(self, settings: Settings, log: logging.Logger) -> None:
         self.log = log
         self._backends: dict[str, Backend] = {}
-        self._retired: list[Backend] = []
+        self._specs: dict[str, BackendSpec] = {}
+        self._speech: dict[str, Speech] = {}
+        self._retired: list[Backend | Speech] = []
         self.apply(settings)
 
     def apply(self, settings: Settings) -> None:
@@ -43,6 +46,20 @@ class BackendRegistry:
             fresh[backend_id] = current if current and current.spec == spec else build_backend(spec)
         self._retired += [b for b in self._backends.values() if b not in fresh.values()]
         self._backends = fresh
+        self._specs = dict(settings.backends)
+        stale = [i for i, s in self._speech.items() if self._specs.get(i) != s.spec]
+        self._retired += [self._speech.pop(backend_id) for backend_id in stale]
+
+    def speech(self, backend_id: str) -> Speech:
+        """The speech client of an `openai` backend (made when first asked for); KeyError for
+        an id the config does not have, ValueError for a backend of another type."""
+        client = self._speech.get(backend_id)
+        if client is None:
+            spec = self._specs[backend_id]
+            if spec.type != "openai":
+                raise ValueError(f"backend {backend_id!r} is not of type openai: it has no speech")
+            client = self._speech[backend_id] = Speech(spec, log=self.log)
+        return client
 
     def put(self, backend: Backend) -> None:
         """Serve `backend` for its spec's id (how tests install a scripted backend)."""
@@ -55,5 +72,5 @@ class BackendRegistry:
         return [backend.spec for backend in self._backends.values()]
 
     async def close(self) -> None:
-        backends = list(self._backends.values()) + self._retired
+        backends = [*self._backends.values(), *self._speech.values(), *self._retired]
         await asyncio.gather(*(b.close() for b in backends), return_exceptions=True)

@@ -11,7 +11,6 @@ messages out of the conversation (they come back as instructions on every turn).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -58,7 +57,9 @@ def input_items(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
                 {"type": "function_call_output", "call_id": message.tool_call_id, "output": output}
             )
             continue
-        if message.content or not message.tool_calls:
+        if message.role == "user" and message.images:
+            items.append({"role": "user", "content": input_parts(message)})
+        elif message.content or not message.tool_calls:
             items.append({"role": message.role, "content": message.content})
         items += [
             {
@@ -70,6 +71,18 @@ def input_items(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             for call in message.tool_calls
         ]
     return items
+
+
+def input_parts(message: ChatMessage) -> list[dict[str, Any]]:
+    """A user message with images: its text (if any), then one input_image each."""
+    parts: list[dict[str, Any]] = []
+    if message.content.strip():
+        parts.append({"type": "input_text", "text": message.content})
+    parts += [
+        {"type": "input_image", "image_url": image.data_url, "detail": "auto"}
+        for image in message.images
+    ]
+    return parts
 
 
 def tool_definitions(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
@@ -241,39 +254,7 @@ class ResponsesBackend(HttpBackend):
 
     async def _call_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST and read a JSON object, retrying what is worth retrying."""
-        attempt = 0
-        while True:
-            try:
-                return await self._call_json_once(url, body)
-            except BackendError as error:
-                if not await self._backoff(error, attempt):
-                    raise
-                attempt += 1
-
-    async def _call_json_once(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self._post(url, body)
-        complete = False
-        try:
-            if not 200 <= response.status < 300:
-                raise await self._status_error(response)
-            data = json.loads(await response.read())
-            complete = True
-        except asyncio.TimeoutError:
-            raise self._error(
-                ErrorKind.TIMEOUT, f"no answer within {self.spec.timeout_s:g} s"
-            ) from None
-        except aiohttp.ClientError as e:
-            raise self._error(ErrorKind.SERVER, f"{type(e).__name__}: {e}") from None
-        except ValueError:
-            raise self._error(ErrorKind.MALFORMED, "the answer was not JSON") from None
-        finally:
-            if complete:
-                response.release()
-            else:
-                response.close()  # also on cancellation: the server sees the hang-up
-        if not isinstance(data, dict):
-            raise self._error(ErrorKind.MALFORMED, "the answer was not a JSON object")
-        return data
+        return await self._call(lambda: self._post(url, body), self._json_object)
 
     def _error_for_body(self, response: aiohttp.ClientResponse, body: bytes) -> BackendError:
         error = super()._error_for_body(response, body)
