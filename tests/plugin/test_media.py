@@ -14,6 +14,7 @@ import pytest
 from devtools.documents import make_pdf
 from devtools.images import make_png
 from surfaces_plugin.backends import ChatMessage, ImagePart
+from surfaces_plugin.context_window import IMAGE_TOKENS
 from surfaces_plugin.media import VOICE_NOT_SUPPORTED, RecentMedia
 
 from .conftest import BASE_CONFIG
@@ -83,7 +84,8 @@ async def test_an_image_reaches_a_vision_agent_and_stays_in_the_conversation(
     await h.say(room, ALICE, "!ai context")
     context = h.last_reply(room)
     assert "- attachments: 1" in context
-    assert "  - [image: red.png]: about " in context
+    cost = int(context.split("  - [image: red.png]: about ")[1].split()[0])
+    assert cost >= IMAGE_TOKENS  # the image's fixed cost, plus its label and caption
 
 
 async def test_an_agent_that_cannot_see_gives_one_notice_naming_one_that_can(
@@ -313,7 +315,8 @@ async def test_compaction_summarises_images_by_name_and_files_by_their_text(
     for i in range(3):
         await h.say(room, ALICE, " ".join(["word"] * 400) + f" {i}")
     await h.say(room, ALICE, "!ai compact")
-    transcript = backend.summaries[-1].messages[-1].content
+    # The image's fixed token cost may compact automatically first: every summary counts.
+    transcript = "\n".join(r.messages[-1].content for r in backend.summaries)
     assert "User: [image: red.png]\nmy cat" in transcript
     assert f"User: [file: cat.txt, {len(notes)} characters]\n{notes}" in transcript
-    assert all(m.images == () for m in backend.summaries[-1].messages)
+    assert all(m.images == () for r in backend.summaries for m in r.messages)
