@@ -12,6 +12,7 @@ import asyncio
 import io as bytes_io
 import logging
 import posixpath
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,6 +103,28 @@ def sniff_image(data: bytes) -> str | None:
     return None
 
 
+def _png_intact(data: bytes) -> bool:
+    """The IHDR chunk first, with a matching CRC, and the IEND chunk last."""
+    if len(data) < 45 or data[12:16] != b"IHDR" or data[8:12] != b"\x00\x00\x00\x0d":
+        return False
+    crc = int.from_bytes(data[29:33], "big")
+    return zlib.crc32(data[12:29]) == crc and data[-8:-4] == b"IEND"
+
+
+def _webp_intact(data: bytes) -> bool:
+    """The RIFF size covers exactly the bytes there are (a cut-off upload does not)."""
+    return len(data) >= 16 and int.from_bytes(data[4:8], "little") + 8 == len(data)
+
+
+# Beyond the magic number, what a whole file of each type has (a damaged or cut-off one not).
+_INTACT: dict[str, Callable[[bytes], bool]] = {
+    "image/png": _png_intact,
+    "image/jpeg": lambda b: b"\xff\xd9" in b[-32:],  # the end-of-image marker
+    "image/gif": lambda b: len(b) >= 14 and b"\x3b" in b[-4:],  # the trailer
+    "image/webp": _webp_intact,
+}
+
+
 def normal_mime(mime: str) -> str:
     mime = mime.split(";", 1)[0].strip().lower()
     return _MIME_ALIASES.get(mime, mime)
@@ -118,7 +141,7 @@ def image_type_refusal(declared: str, allowed: tuple[str, ...]) -> str | None:
 def read_image(data: bytes, declared: str, allowed: tuple[str, ...]) -> ImagePart:
     """The image as a request part: its bytes must be an allowed image of the declared type."""
     actual = sniff_image(data)
-    if actual is None:
+    if actual is None or not _INTACT[actual](data):
         raise MediaError("the file is not a readable image (it may be damaged)")
     declared = normal_mime(declared)
     if declared and declared != actual:
@@ -396,7 +419,10 @@ class MediaService:
 
     @staticmethod
     def _too_large(size: int, limit: int, key: str) -> str:
-        return f"it is {megabytes(size)}, over the limit of {megabytes(limit)} (`media.{key}`)"
+        shown, limit_shown = megabytes(size), megabytes(limit)
+        if shown == limit_shown:  # just over: rounded, both would read the same
+            shown, limit_shown = f"{size} bytes", f"{limit} bytes"
+        return f"it is {shown}, over the limit of {limit_shown} (`media.{key}`)"
 
 
 def _decrypt(data: bytes, file: dict[str, object]) -> bytes:

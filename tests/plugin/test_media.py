@@ -189,8 +189,8 @@ async def test_oversize_corrupt_and_unreadable_media_get_one_clear_notice_each(
     cases: list[tuple[dict[str, Any], str]] = []
 
     big = await upload(h, PNG, "image/png", "big.png")  # declares more than the limit
-    cases.append((media("m.image", big, "big.png", "image/png", limit + 1),
-                   "over the limit of 10.0 MB (`media.max_image_bytes`)"))
+    cases.append((media("m.image", big, "big.png", "image/png", 2 * limit),
+                   "it is 20.0 MB, over the limit of 10.0 MB (`media.max_image_bytes`)"))
     corrupt = await upload(h, b"\x89PNG\r\n\x1a" + b"\x00" * 40, "image/png", "broken.png")
     cases.append((media("m.image", corrupt, "broken.png", "image/png", 48),
                   "not a readable image"))
@@ -223,7 +223,10 @@ async def test_a_file_larger_than_it_declared_is_refused_after_download(make_sur
     limit = BASE_CONFIG["media"]["max_file_bytes"]
     mxc = await upload(h, b"a" * (limit + 1), "text/plain", "liar.txt")
     await send(h, room, media("m.file", mxc, "liar.txt", "text/plain", 10))
-    assert "over the limit of 2.0 MB (`media.max_file_bytes`)" in h.last_reply(room)
+    # Just over: the exact sizes, since rounded both would read "2.0 MB".
+    assert f"it is {limit + 1} bytes, over the limit of {limit} bytes (`media.max_file_bytes`)" in (
+        h.last_reply(room)
+    )
     assert mxc in h.client.downloads and backend.requests == []
 
 

@@ -25,7 +25,10 @@ from surfaces_plugin.media import (
 )
 
 IMAGES = ("image/png", "image/jpeg", "image/gif", "image/webp")
-JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 32
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 32 + b"\xff\xd9"
+GIF = b"GIF89a" + b"\x01\x00\x01\x00\x00\x00\x00" + b"\x3b"
+WEBP_BODY = b"WEBPVP8 " + b"\x00" * 12
+WEBP = b"RIFF" + len(WEBP_BODY).to_bytes(4, "little") + WEBP_BODY
 ENCRYPTED = {
     "url": "mxc://hs/cipher",
     "key": {"kty": "oct", "alg": "A256CTR", "k": "secretkey", "key_ops": ["encrypt", "decrypt"]},
@@ -119,20 +122,32 @@ def test_images_are_recognised_by_their_bytes() -> None:
     png = make_png(4, 3)
     assert sniff_image(png) == "image/png"
     assert sniff_image(JPEG) == "image/jpeg"
-    assert sniff_image(b"GIF89a" + b"\x00" * 10) == "image/gif"
-    assert sniff_image(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "image/webp"
+    assert sniff_image(GIF) == "image/gif"
+    assert sniff_image(WEBP) == "image/webp"
     assert sniff_image(b"<svg xmlns=...>") is None
     assert read_image(png, "image/png", IMAGES) == ImagePart("image/png", png)
     assert read_image(JPEG, "image/jpg", IMAGES).mime == "image/jpeg"  # a common alias
+    assert read_image(GIF, "image/gif", IMAGES).mime == "image/gif"
+    assert read_image(WEBP, "", IMAGES).mime == "image/webp"
 
 
 def test_an_image_that_is_not_what_it_says_is_refused() -> None:
-    with pytest.raises(MediaError, match="not a readable image"):
-        read_image(b"\x89PNG garbage", "image/png", IMAGES)  # a cut-off signature
+    png = make_png(4, 3)
+    damaged = [
+        b"\x89PNG garbage",  # a cut-off signature
+        png[:-12],  # an upload cut off before its end
+        png[:20] + b"\x00" * 9 + png[29:],  # a damaged header (its CRC no longer matches)
+        JPEG[:-2],
+        GIF[:-1],
+        WEBP[:-4],
+    ]
+    for data in damaged:
+        with pytest.raises(MediaError, match="not a readable image"):
+            read_image(data, "", IMAGES)
     with pytest.raises(MediaError, match="says it is `image/jpeg` but its bytes are `image/png`"):
         read_image(make_png(1, 1), "image/jpeg", IMAGES)
     with pytest.raises(MediaError, match="not one I pass on"):
-        read_image(b"GIF89a" + b"\x00" * 10, "", ("image/png",))
+        read_image(GIF, "", ("image/png",))
 
 
 # text files and PDFs
