@@ -384,17 +384,22 @@ class E2EEUser:
                 await asyncio.sleep(0.2)  # the other side has not uploaded keys yet
 
     async def send_file(
-        self, room_id: str, data: bytes, name: str, mimetype: str = "application/octet-stream"
+        self,
+        room_id: str,
+        data: bytes,
+        name: str,
+        mimetype: str = "application/octet-stream",
+        msgtype: str = "m.file",
     ) -> str:
-        """Upload `data` encrypted (nio) and send it as an `m.file` with `file`, as an E2EE
-        client does in an encrypted room; returns the event id."""
+        """Upload `data` encrypted (nio) and send it as an `m.file` (or `msgtype`: `m.image`…)
+        with `file`, as an E2EE client does in an encrypted room; returns the event id."""
         upload, keys = await self.client.upload(
             io.BytesIO(data), mimetype, name, encrypt=True, filesize=len(data)
         )
         if not isinstance(upload, UploadResponse) or keys is None:
             raise E2EEError(f"upload {name}: {upload}")
         content = {
-            "msgtype": "m.file",
+            "msgtype": msgtype,
             "body": name,
             "filename": name,
             "info": {"mimetype": mimetype, "size": len(data)},

@@ -201,6 +201,45 @@ class MatrixUser:
                 raise MatrixError("GET", path, resp.status, data[:500])
             return data, resp.headers.get("Content-Type", "")
 
+    async def upload_media(self, data: bytes, mimetype: str, filename: str) -> str:
+        """Upload a file to the homeserver's media repository, as a client does; its mxc URI."""
+        if self._session is None:
+            raise RuntimeError("MatrixUser not started")
+        path = "/_matrix/media/v3/upload"
+        async with self._session.post(
+            self.homeserver_url + path,
+            data=data,
+            params={"filename": filename},
+            headers={"Content-Type": mimetype},
+        ) as resp:
+            body = await resp.json(content_type=None)
+            if resp.status >= 300:
+                raise MatrixError("POST", path, resp.status, body)
+            return str(body["content_uri"])
+
+    async def send_media(
+        self,
+        room_id: str,
+        msgtype: str,
+        data: bytes,
+        filename: str,
+        mimetype: str,
+        caption: str | None = None,
+        size: int | None = None,
+    ) -> str:
+        """Upload `data` and send it as an `m.image`/`m.file`/`m.audio` (the body is the caption
+        when there is one, with `filename`); `size` overrides the declared size."""
+        mxc = await self.upload_media(data, mimetype, filename)
+        content: dict[str, Any] = {
+            "msgtype": msgtype,
+            "body": caption or filename,
+            "url": mxc,
+            "info": {"mimetype": mimetype, "size": len(data) if size is None else size},
+        }
+        if caption:
+            content["filename"] = filename
+        return await self.send_event(room_id, "m.room.message", content)
+
     # -- sync --------------------------------------------------------------------------------------
 
     async def _sync_loop(self) -> None:

@@ -37,7 +37,9 @@ from .dispatch import Dispatcher
 from .e2ee import E2EE
 from .handlers import Request, Services, register_commands
 from .history import History
+from .layout import parse_attachment
 from .matrix import Gateway, GatewayError, MatrixIO
+from .media import MediaService
 from .memory import MemoryService
 from .onboarding import Onboarding
 from .reconcile.runner import Reconciler
@@ -112,7 +114,10 @@ class Surfaces:
         self.memory = memory = MemoryService(io, stores.memory, stores.users, current, log)
         self.history = history = History(io, stores, rooms, backends, current, log)
         self.usage = usage = UsageLedger(io, stores.usage, current, log.getChild("usage"))
-        context = ContextBuilder(io, history, memory.notes, backends, current, usage)
+        self.media = media = MediaService(io, current, log.getChild("media"))
+        context = ContextBuilder(
+            io, history, memory.notes, backends, current, usage, media=media
+        )
         onboarding = Onboarding(io, stores, rooms, history, backends, access, current, log)
         self.reconciler = reconciler = Reconciler(
             io, stores, rooms, current, log, finish_onboarding=onboarding.finish, backends=backends
@@ -124,7 +129,7 @@ class Surfaces:
         )
         self.dispatcher = Dispatcher(
             io, rooms, history, context, access, backends, catch_up, current, log,
-            on_caught_up=reconciler.note_catch_up, usage=usage, tools=tools,
+            on_caught_up=reconciler.note_catch_up, usage=usage, tools=tools, media=media,
         )
         self.onboarding = onboarding
         commands = CommandTree(log.getChild("commands"))
@@ -224,7 +229,7 @@ class Surfaces:
 
     async def on_message(self, evt: MessageEvent) -> None:
         # Runs synchronously up to the queueing, so events keep the order they were synced in.
-        if evt.sender == self.bot_id or not self._is_new_text(evt):
+        if evt.sender == self.bot_id or not (self._is_new_text(evt) or self._is_media(evt)):
             return
         if not self._routed.add(evt.event_id):
             return  # decrypted twice: by maubot and after a late key (`on_encrypted`)
@@ -247,9 +252,17 @@ class Surfaces:
             and content.get_edit() is None
         )
 
+    @staticmethod
+    def _is_media(evt: MessageEvent) -> bool:
+        """An image, file or voice message naming its media (never a command)."""
+        return parse_attachment(evt.content.serialize()) is not None
+
     def _route(self, evt: Incoming) -> None:
         if isinstance(evt, RedactionEvent):
             self.dispatcher.redact(evt.room_id, evt.redacts)
+            return
+        if self._is_media(evt):
+            self.dispatcher.submit(evt)
             return
         parsed = split_command(evt.content.body, self.settings.command_prefix)
         if parsed is not None:

@@ -29,9 +29,10 @@ from .timeline import (
     Scan,
     UnfinishedToolRun,
     is_bot_answer,
-    is_owner_text,
+    is_owner_turn,
     read_back,
     scan_timeline,
+    user_turn,
 )
 from .txn import txn_id
 
@@ -145,8 +146,9 @@ class CatchUp:
             await self._end_tool_run(room, run)
         for event in [e for e in missed if e["event_id"] in cut_off]:
             missed.remove(event)  # told above; stored so that `!ai retry` finds it
+            text, attachment = _turn(event)
             await self.history.add_user_turn(
-                room, event["event_id"], event["sender"], event["content"]["body"], _ts(event)
+                room, event["event_id"], event["sender"], text, _ts(event), attachment
             )
             await self.history.mark_processed(room, event["event_id"], _ts(event))
         return [
@@ -154,8 +156,9 @@ class CatchUp:
                 room_id=room.room_id,
                 event_id=e["event_id"],
                 sender=e["sender"],
-                body=e["content"]["body"],
+                body=_turn(e)[0],
                 ts=int(e.get("origin_server_ts", 0)),
+                attachment=_turn(e)[1],
             )
             for e in missed
             if not (mark and e["event_id"] == mark.event_id)
@@ -176,9 +179,9 @@ class CatchUp:
             if event is None:
                 missing.add(session)
                 lost.append(raw)
-            elif is_owner_text(event, room.owner):
-                body = event["content"]["body"]
-                (commands if is_command(body) else recovered).append(event)
+            elif is_owner_turn(event, room.owner):
+                text, attachment = _turn(event)
+                (commands if attachment is None and is_command(text) else recovered).append(event)
         await self.e2ee.tell_undecryptable(room.room_id, lost, scan.noticed_sessions)
         return recovered, commands
 
@@ -210,6 +213,13 @@ class CatchUp:
         if cut.marker.platform_chat_id == room.platform_chat_id:
             await self.history.ensure(room)  # after a lost cache: rebuild before adding
             await self.history.add_answer(room, text, cut.event_id, None)
+
+
+def _turn(event: dict[str, Any]) -> tuple[str, layout.Attachment | None]:
+    """(text, attachment) of a missed message: scan_timeline only lists text or media."""
+    turn = user_turn(event)
+    assert turn is not None
+    return turn
 
 
 def _ts(event: dict[str, Any]) -> int:

@@ -28,6 +28,7 @@ from .context_window import (
 from .history import History
 from .jobs import Job
 from .matrix import MatrixIO
+from .media import MediaService
 from .rooms import WorkingRoom
 from .store.messages import Message
 from .timeline import summary_notice_text
@@ -58,6 +59,7 @@ class ContextReport:
     summary_covers: int
     held_by_provider: bool = False  # the platform keeps the conversation (server state)
     provider_prompt_tokens: int | None = None  # the prompt of its last answer, as it reported
+    attachments: tuple[tuple[str, int], ...] = ()  # (label, tokens) of the request's media turns
 
 
 def system_prompt(room: WorkingRoom, agent: AgentSpec) -> str:
@@ -78,6 +80,11 @@ def _turns(messages: list[Message]) -> list[Turn]:
     return [_turn(m) for m in messages]
 
 
+def _attachment_label(message: Message) -> str:
+    assert message.attachment is not None
+    return message.attachment.label
+
+
 class ContextBuilder:
     def __init__(
         self,
@@ -87,9 +94,11 @@ class ContextBuilder:
         backends: BackendRegistry,
         settings: Callable[[], Settings],
         usage: UsageLedger,
+        media: MediaService | None = None,
     ) -> None:
         self.io = io
         self.usage = usage  # summaries cost tokens too: counted for the room's owner
+        self.media = media  # reads the images and files of user turns into requests
         self.history = history
         self.notes = notes
         self.backends = backends
@@ -122,15 +131,42 @@ class ContextBuilder:
     async def window(
         self, room: WorkingRoom, agent: AgentSpec, upto_seq: int | None = None
     ) -> Window:
-        chat, turns = await self.history.turns(room, upto_seq)
-        return assemble(
+        return (await self._window(room, agent, upto_seq))[0]
+
+    async def _window(
+        self, room: WorkingRoom, agent: AgentSpec, upto_seq: int | None = None
+    ) -> tuple[Window, list[Message], list[Turn]]:
+        chat, messages = await self.history.turns(room, upto_seq)
+        turns = await self.turns_of(messages, agent)
+        window = assemble(
             system_prompt=system_prompt(room, agent),
             memory=await self.notes(room.owner),
             summary=chat.summary if chat is not None else None,
-            turns=_turns(turns),
+            turns=turns,
             budget=agent.context_tokens,
             scale=self.scale(agent.id),
         )
+        return window, messages, turns
+
+    async def turns_of(self, messages: list[Message], agent: AgentSpec) -> list[Turn]:
+        """The stored messages as request turns; images and files are fetched and read now."""
+        turns = _turns(messages)
+        media = self.media
+        if media is None:
+            return turns
+        with_media = [
+            (i, m) for i, m in enumerate(messages) if m.role == "user" and m.attachment is not None
+        ]
+        read = await asyncio.gather(
+            *(
+                media.request_message(m.content, m.attachment, vision=agent.vision)
+                for _, m in with_media
+                if m.attachment is not None
+            )
+        )
+        for (i, _), message in zip(with_media, read, strict=True):
+            turns[i] = Turn(message)
+        return turns
 
     def request(
         self, agent: AgentSpec, window: Window, room: WorkingRoom | None = None
@@ -153,7 +189,14 @@ class ContextBuilder:
     async def report(self, room: WorkingRoom) -> ContextReport:
         room = self.history.rooms.current(room)
         agent = self.agent_of(room)
-        window = await self.window(room, agent)
+        window, messages, turns = await self._window(room, agent)
+        sent = len(messages) - window.turns_included  # the turns before this one are left out
+        scale = self.scale(agent.id)
+        attachments = tuple(
+            (_attachment_label(m), message_tokens(t, scale))
+            for m, t in zip(messages[sent:], turns[sent:], strict=True)
+            if m.role == "user" and m.attachment is not None
+        )
         chat = await self.history.chat(room)
         covers = 0
         if chat is not None and chat.summary and chat.summary_upto_seq is not None:
@@ -166,6 +209,7 @@ class ContextBuilder:
             summary_covers=covers,
             held_by_provider=self.holds_state(agent),
             provider_prompt_tokens=chat.prompt_tokens if chat is not None else None,
+            attachments=attachments,
         )
 
     # compaction
@@ -180,7 +224,7 @@ class ContextBuilder:
         async with self._compact_locks[room.room_id]:
             room = self.history.rooms.current(room)
             chat, history = await self.history.turns(room, upto_seq)
-            turns = _turns(history)
+            turns = await self.turns_of(history, agent)
             scale = self.scale(agent.id)
             previous = chat.summary if chat is not None else None
             head = preamble(system_prompt(room, agent), await self.notes(room.owner), previous)

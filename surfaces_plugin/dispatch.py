@@ -34,6 +34,7 @@ from .context_window import Window
 from .history import History
 from .jobs import Job
 from .matrix import MatrixIO
+from .media import MediaError, MediaService
 from .rooms import RoomDirectory, WorkingRoom
 from .streaming import CANCELLED_MARK, StreamedReply, Typing
 from .tool_runs import Outcome, ToolNotice, ToolSource, marker_for, without_tool_messages
@@ -110,6 +111,7 @@ class Dispatcher:
         on_caught_up: CaughtUp,
         usage: UsageLedger,
         tools: ToolSource | None = None,
+        media: MediaService | None = None,
     ) -> None:
         self.io = io
         self.rooms = rooms
@@ -123,6 +125,7 @@ class Dispatcher:
         self.on_caught_up = on_caught_up
         self.tools = tools  # the agents' MCP tools: offered to the model, run for its calls
         self.usage = usage  # the token ledger: each answer is counted, quotas are checked
+        self.media = media  # images and files: checked before they become turns
         self._queues: dict[str, deque[Job]] = defaultdict(deque)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._generating: dict[str, asyncio.Task[None]] = {}
@@ -146,13 +149,16 @@ class Dispatcher:
         if evt.sender != room.owner:
             self._tell_not_owner_once(room, evt.sender)
             return
+        attachment = layout.parse_attachment(evt.content.serialize())
         self.enqueue(
             Job(
                 room_id=evt.room_id,
                 event_id=evt.event_id,
                 sender=evt.sender,
-                body=evt.content.body,  # a string: the app routes only text bodies here
+                # A string: the app routes only text bodies and media here.
+                body=attachment.turn_text if attachment is not None else evt.content.body,
                 ts=evt.timestamp,
+                attachment=attachment,
             )
         )
 
@@ -270,12 +276,28 @@ class Dispatcher:
                     "them for now. Wait a little, then send again what you need answered."
                 )
         else:
-            await self.history.add_user_turn(room, job.event_id, job.sender, job.body, job.ts)
-            return True
+            try:
+                body = await self._turn_text(room, job)
+            except MediaError as e:
+                self.log.info("Did not pass on the attachment of %s: %s", job.event_id, e.reason)
+                refusal = e.reason
+            else:
+                await self.history.add_user_turn(
+                    room, job.event_id, job.sender, body, job.ts, job.attachment
+                )
+                return True
         if refusal is not None:
             await self.io.send_notice(room.room_id, refusal, txn=job.txn("refusal"))
         await self.history.mark_processed(room, job.event_id, job.ts)
         return False
+
+    async def _turn_text(self, room: WorkingRoom, job: Job) -> str:
+        """The stored turn's text; an attachment is checked first (MediaError: the one notice)."""
+        if job.attachment is None:
+            return job.body
+        if self.media is None:
+            raise MediaError("Images and files are not handled here.")
+        return await self.media.admit(job.attachment, self.context.agent_of(room))
 
     async def _generate(self, room: WorkingRoom, job: Job) -> None:
         settings = self.settings()

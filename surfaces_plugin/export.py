@@ -10,6 +10,7 @@ from .clock import now_ms, utc_text
 from .context_builder import ContextBuilder
 from .e2ee import E2EE
 from .history import History
+from .layout import Attachment
 from .matrix import MatrixIO
 from .rooms import WorkingRoom
 from .store.chats import Chat
@@ -26,6 +27,12 @@ def _when(ms: int | None) -> str:
 def filename(title: str, at_ms: int) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")[:40] or "conversation"
     return f"{slug}-{time.strftime('%Y%m%d-%H%M', time.gmtime(at_ms / 1000))}.md"
+
+
+def attachment_line(attachment: Attachment) -> str:
+    """An attachment by name and link (the bytes stay in the media repository)."""
+    sealed = ", encrypted" if attachment.encrypted else ""
+    return f"Attachment ({attachment.kind}): {attachment.name} <{attachment.mxc}>{sealed}"
 
 
 def render_markdown(
@@ -68,6 +75,8 @@ def render_markdown(
             continue
         who = f"You ({message.sender})" if message.role == "user" else agent_name
         lines += ["", f"### {who} · {_when(message.ts)}", "", message.content]
+        if message.attachment is not None:
+            lines += ["", attachment_line(message.attachment)]
     return "\n".join(lines) + "\n"
 
 

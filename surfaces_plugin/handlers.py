@@ -236,6 +236,9 @@ async def cmd_context(req: Request, args: str) -> None:
         f"- memory notes: {w.memory_notes}",
         f"- stored messages in this conversation: {report.stored_messages}",
     ]
+    if report.attachments:
+        lines.append(f"- attachments: {len(report.attachments)}")
+        lines += [f"  - {label}: about {tokens} tokens" for label, tokens in report.attachments]
     if report.held_by_provider:
         reported = report.provider_prompt_tokens
         lines += [

@@ -142,13 +142,25 @@ class History:
         await self.processed.mark(room.room_id, event_id, ts)
 
     async def add_user_turn(
-        self, room: WorkingRoom, event_id: str, sender: str, body: str, ts: int
+        self,
+        room: WorkingRoom,
+        event_id: str,
+        sender: str,
+        body: str,
+        ts: int,
+        attachment: layout.Attachment | None = None,
     ) -> None:
         room = self.rooms.current(room)
         await self.ensure(room, until_event_id=event_id)
         try:
             await self.messages.append(
-                room.platform_chat_id, "user", body, event_id=event_id, sender=sender, ts=ts
+                room.platform_chat_id,
+                "user",
+                body,
+                event_id=event_id,
+                sender=sender,
+                ts=ts,
+                attachment=attachment,
             )
         except DuplicateEventError:
             pass  # stored before a crash (or just rebuilt); answer it without storing it twice
@@ -300,6 +312,7 @@ class History:
                     event_id=turn.event_id,
                     sender=turn.sender,
                     ts=turn.ts,
+                    attachment=turn.attachment,
                 )
             except DuplicateEventError:
                 continue

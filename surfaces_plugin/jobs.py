@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .layout import Attachment
 from .txn import txn_id
 
 
@@ -19,6 +20,7 @@ class Job:
     retry: bool = False
     upto_seq: int | None = None  # a retry answers with the history up to that message
     attempt: str = ""  # a retry: the `!ai retry` event id, so its sends are not deduplicated
+    attachment: Attachment | None = None  # an image or file the message carries (`body`: its text)
 
     def txn(self, label: str) -> str | None:
         """The transaction id of this answer's part `label` (see `txn.txn_id`); None: random."""

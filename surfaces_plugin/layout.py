@@ -6,6 +6,7 @@ Every `to_content`/builder returns plain JSON-ready dicts, so callers never hand
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -782,3 +783,167 @@ def matrix_to(room_id: str, via: tuple[str, ...] | list[str] = ()) -> str:
     if via:
         link += "?" + "&".join(f"via={quote(s, safe='')}" for s in via)
     return link
+
+
+# Attachments: the media of an m.image / m.file / m.audio message (docs/layout.md#attachments)
+
+AttachmentKind = Literal["image", "file", "audio"]
+ATTACHMENT_MSGTYPES: dict[str, AttachmentKind] = {
+    "m.image": "image",
+    "m.file": "file",
+    "m.audio": "audio",
+}
+_MAX_NAME_CHARS = 200  # a file name long enough to recognise, short enough for a label
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2066-\u2069]+")
+
+
+def _clean_name(value: str) -> str:
+    """A file name fit for a one-line label: no control or bidi characters, bounded."""
+    return _CONTROL_RE.sub(" ", value).strip()[:_MAX_NAME_CHARS]
+
+
+def _encrypted_file(value: object) -> dict[str, Any] | None:
+    """An EncryptedFile (v2) with what decryption needs, as plain JSON; None when not one."""
+    if not _is_map(value):
+        return None
+    key = value.get("key")
+    hashes = value.get("hashes")
+    ok = (
+        _is_mxc(value.get("url"))
+        and _is_map(key)
+        and _nonempty_str(key.get("k"))
+        and _nonempty_str(value.get("iv"))
+        and _is_map(hashes)
+        and _nonempty_str(hashes.get("sha256"))
+    )
+    if not ok:
+        return None
+    return {
+        "url": value["url"],
+        "key": dict(key),
+        "iv": value["iv"],
+        "hashes": {"sha256": hashes["sha256"]},
+        "v": value.get("v", "v2"),
+    }
+
+
+def _is_mxc(value: object) -> bool:
+    return isinstance(value, str) and value.startswith("mxc://") and len(value) > len("mxc://")
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A reference to a user's media message: where its bytes are and what it claims to be.
+
+    `url` is the mxc URI of a plain upload; `file` the EncryptedFile of an encrypted one (its
+    own `url` inside). `caption` is the text the user wrote with it, when any."""
+
+    kind: AttachmentKind
+    name: str
+    mime: str = ""
+    size: int | None = None  # as the sender declared it (checked again after download)
+    url: str | None = None
+    file: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    caption: str | None = None
+
+    @property
+    def mxc(self) -> str:
+        """The media's mxc URI (of the ciphertext when encrypted)."""
+        if self.file is not None:
+            return str(self.file["url"])
+        return self.url or ""
+
+    @property
+    def encrypted(self) -> bool:
+        return self.file is not None
+
+    @property
+    def label(self) -> str:
+        """`[image: name]`: how the attachment is named in text (turns, summaries, export)."""
+        return f"[{self.kind}: {self.name}]"
+
+    @property
+    def turn_text(self) -> str:
+        """The turn's text: the caption, else the label."""
+        return self.caption or self.label
+
+    def to_json(self) -> str:
+        """The stored form (the `attachment` column); `attachment_from_json` reads it back."""
+        data: dict[str, Any] = {"kind": self.kind, "name": self.name, "mime": self.mime}
+        for key in ("size", "url", "file", "caption"):
+            value = getattr(self, key)
+            if value is not None:
+                data[key] = value
+        return json.dumps(data, separators=(",", ":"))
+
+
+def attachment_from_json(text: object) -> Attachment | None:
+    """The stored form back; None for anything else (never raises)."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not _is_map(data) or data.get("kind") not in ATTACHMENT_MSGTYPES.values():
+        return None
+    return _attachment(data["kind"], data)
+
+
+def parse_attachment(content: object) -> Attachment | None:
+    """The attachment of an m.image / m.file / m.audio message's content; None when it is not
+    one or names no media it could be fetched from (never raises).
+
+    The body is the caption when a `filename` is given and differs from it (Matrix 1.10 media
+    captions); otherwise the body is the file name."""
+    if not _is_map(content):
+        return None
+    msgtype = content.get("msgtype")
+    kind = ATTACHMENT_MSGTYPES.get(msgtype) if isinstance(msgtype, str) else None
+    if kind is None or _is_edit_content(content):
+        return None
+    body = content.get("body")
+    body = body if isinstance(body, str) else ""
+    filename = content.get("filename")
+    info = content.get("info")
+    info = info if _is_map(info) else {}
+    caption = None
+    if isinstance(filename, str) and filename.strip() and filename != body:
+        name = filename
+        caption = body.strip() or None
+    else:
+        name = body
+    data = {
+        "name": name,
+        "caption": caption,
+        "mime": info.get("mimetype"),
+        "size": info.get("size"),
+        "url": content.get("url"),
+        "file": content.get("file"),
+    }
+    return _attachment(kind, data)
+
+
+def _attachment(kind: AttachmentKind, data: Mapping[str, Any]) -> Attachment | None:
+    file = _encrypted_file(data.get("file")) if data.get("file") is not None else None
+    url = data.get("url") if _is_mxc(data.get("url")) else None
+    if file is None and url is None:
+        return None
+    name = _clean_name(data.get("name") or "") if isinstance(data.get("name"), str) else ""
+    mime = data.get("mime")
+    size = data.get("size")
+    caption = data.get("caption")
+    return Attachment(
+        kind=kind,
+        name=name or f"unnamed {kind}",
+        mime=mime.strip().lower() if isinstance(mime, str) else "",
+        size=size if _is_int(size) and size >= 0 else None,
+        url=None if file is not None else url,
+        file=file,
+        caption=caption.strip() or None if isinstance(caption, str) else None,
+    )
+
+
+def _is_edit_content(content: Mapping[str, Any]) -> bool:
+    relates = content.get("m.relates_to")
+    return _is_map(relates) and relates.get("rel_type") == "m.replace"

@@ -129,6 +129,26 @@ def is_owner_text(event: Event, owner: str) -> bool:
     return is_text(event) and event.get("sender") == owner
 
 
+def attachment_of(event: Event) -> layout.Attachment | None:
+    """The attachment of an image, file or voice message someone sent (not an edit)."""
+    if not _well_formed(event) or event.get("type") != "m.room.message":
+        return None
+    return layout.parse_attachment(_content(event))
+
+
+def user_turn(event: Event) -> tuple[str, layout.Attachment | None] | None:
+    """(the turn's text, its attachment) of a text or media message; None for anything else."""
+    if is_text(event):
+        return event["content"]["body"], None
+    attachment = attachment_of(event)
+    return (attachment.turn_text, attachment) if attachment is not None else None
+
+
+def is_owner_turn(event: Event, owner: str) -> bool:
+    """A message of the owner that can be a turn: text (commands included) or media."""
+    return event.get("sender") == owner and user_turn(event) is not None
+
+
 def is_redacted(event: Event) -> bool:
     """A message the homeserver redacted: its content is gone (`unsigned` says by what)."""
     unsigned = event.get("unsigned")
@@ -156,6 +176,7 @@ class TimelineTurn:
     event_id: str
     sender: str
     ts: int
+    attachment: layout.Attachment | None = None  # a user turn's image or file
 
 
 @dataclass(frozen=True)
@@ -243,8 +264,10 @@ def history_from_timeline(
                 marker = layout.parse_turn_marker(content)
                 continued_by_newer = marker.continues if marker is not None else None
             continue
-        if is_owner_text(event, owner) and not is_command(content["body"]):
-            turns.append(TimelineTurn("user", content["body"], event["event_id"], sender, ts))
+        turn = user_turn(event) if sender == owner else None
+        if turn is not None and (turn[1] is not None or not is_command(turn[0])):
+            text, attachment = turn
+            turns.append(TimelineTurn("user", text, event["event_id"], sender, ts, attachment))
             continued_by_newer = None
     turns.reverse()
     return TimelineHistory(turns=turns, summary=summary, summary_upto_event_id=summary_upto)
@@ -364,6 +387,9 @@ def scan_timeline(
             continue
         if e2ee.is_undecryptable(event) and event.get("sender") == owner and _well_formed(event):
             undecryptable.append(event)
+            continue
+        if event.get("sender") == owner and attachment_of(event) is not None:
+            missed.append(event)  # an image or file: never a command
             continue
         if not is_text(event) or event.get("sender") == bot_id:
             continue

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from mautrix.util.async_db import Connection, Scheme
 
 from ..clock import now_ms
+from ..layout import Attachment, attachment_from_json
 from .base import Repository, storable
 
 # "tools": a turn's tool calls and their results (JSON, see tool_runs.ToolRun), before its answer.
@@ -37,6 +38,7 @@ class Message:
     sender: str | None
     ts: int
     tokens: int | None
+    attachment: Attachment | None = None  # a user turn's media (a reference, never the bytes)
 
     @classmethod
     def from_row(cls, row: Any) -> Message:
@@ -49,10 +51,11 @@ class Message:
             sender=row["sender"],
             ts=row["ts"],
             tokens=row["tokens"],
+            attachment=attachment_from_json(row["attachment"]),
         )
 
 
-_COLUMNS = "platform_chat_id, seq, role, content, event_id, sender, ts, tokens"
+_COLUMNS = "platform_chat_id, seq, role, content, event_id, sender, ts, tokens, attachment"
 _NO_SEQ_AFTER = 2**31 - 1  # above every seq (an INTEGER column): "up to the end of the chat"
 
 
@@ -67,6 +70,7 @@ class MessageStore(Repository):
         sender: str | None = None,
         ts: int | None = None,
         tokens: int | None = None,
+        attachment: Attachment | None = None,
         conn: Connection | None = None,
     ) -> int:
         """Store a message as the chat's next one and return its seq.
@@ -87,7 +91,7 @@ class MessageStore(Repository):
                 platform_chat_id,
             )
             stored = await c.fetchval(
-                f"""INSERT INTO messages ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                f"""INSERT INTO messages ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                 ON CONFLICT (event_id) DO NOTHING RETURNING seq""",
                 platform_chat_id,
                 int(seq),
@@ -97,6 +101,7 @@ class MessageStore(Repository):
                 sender,
                 int(ts) if ts is not None else now_ms(),
                 None if tokens is None else int(tokens),
+                attachment.to_json() if attachment is not None else None,
             )
             if stored is None:
                 raise DuplicateEventError(event_id or "")

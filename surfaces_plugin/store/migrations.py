@@ -182,3 +182,9 @@ async def upgrade_v5(conn: Connection) -> None:
             PRIMARY KEY (room_id, day)
         )"""
     )
+
+
+@upgrade_table.register(description="messages.attachment: the media a user turn refers to")
+async def upgrade_v6(conn: Connection) -> None:
+    # JSON of layout.Attachment (mxc URI or encrypted file, name, type); never the bytes.
+    await conn.execute("ALTER TABLE messages ADD COLUMN attachment TEXT")

@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import ClientResponseError
 from mautrix.errors import (
     MForbidden,
     MInvalidParam,
@@ -176,6 +177,7 @@ class FakeClient:
         self.typing: list[tuple[str, int]] = []
         self.messages_delay = 0.0  # seconds each /messages request takes
         self.media: dict[str, tuple[bytes, str | None, str | None]] = {}  # mxc → data, type, name
+        self.downloads: list[str] = []  # mxc URIs downloaded, in order
         self.page_limit: int | None = None  # force small /messages pages to exercise paging
         self.pages_read = 0
         self.txns: dict[tuple[str, str], EventID] = {}  # (room, txn id) → the event it sent
@@ -460,6 +462,23 @@ class FakeClient:
         uri = f"mxc://localhost/media{next(self._ids)}"
         self.media[uri] = (bytes(data), mime_type, filename)
         return uri
+
+    async def download_media(self, url: str, timeout_ms: int | None = None) -> bytes:
+        """The media repository's download: what was uploaded, or the 404 aiohttp raises."""
+        self._maybe_fail("download_media")
+        self.downloads.append(str(url))
+        stored = self.media.get(str(url))
+        if stored is None:
+            raise ClientResponseError(None, (), status=404, message="Not Found")  # type: ignore[arg-type]
+        return stored[0]
+
+    def media_message(self, room_id: str, sender: str, content: dict[str, Any]) -> MessageEvent:
+        """Put a user's media message (any content) in the timeline, as the sync delivers it."""
+        raw = {"type": "m.room.message", "event_id": self._event_id(), "sender": sender,
+               "origin_server_ts": int(time.time() * 1000), "content": content,
+               "room_id": room_id}
+        self.rooms[room_id].timeline.append(raw)
+        return MessageEvent.deserialize(raw)
 
     def room_events(self, room_id: str) -> list[dict[str, Any]]:
         """Every message event in the room (users' and the bot's), oldest first."""
