@@ -450,6 +450,8 @@ class TurnMarker:
     partial: bool = False  # a streamed answer still being written; its final edit drops this
     continues: str | None = None  # the previous message of an answer too long for one
     command: str | None = None  # the `!ai` command this answer is the effect of (retry, cancel)
+    # What made this version (the owner's edit of the message, or their 🔁 on the answer).
+    revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -471,13 +473,15 @@ def turn_marker(
     partial: bool = False,
     continues: str | None = None,
     command: str | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Keys to merge into a bot reply's content.
 
     `answers` names the user message answered, so catch-up knows what came after it; `partial`
     marks a streamed answer until its final edit, so one cut off by a crash can be told apart;
     `continues` names the previous message of an answer split over several; `command` the
-    `!ai` command it carries out (as `command_marker`).
+    `!ai` command it carries out (as `command_marker`); `revision` the owner's edit (or 🔁
+    reaction) this version of the answer was regenerated for, so catch-up answers an edit once.
     """
     body: dict[str, Any] = {"platform_chat_id": platform_chat_id, "agent": agent}
     if answers:
@@ -486,6 +490,8 @@ def turn_marker(
         body["partial"] = True
     if continues:
         body["continues"] = continues
+    if revision:
+        body["revision"] = revision
     return {TURN_KEY: body, **(command_marker(command) if command else {})}
 
 
@@ -537,12 +543,14 @@ def parse_turn_marker(content: object) -> TurnMarker | None:
     if not _nonempty_str(pcid) or not _nonempty_str(agent):
         return None
     answers, continues = body.get("answers"), body.get("continues")
+    revision = body.get("revision")
     return TurnMarker(
         platform_chat_id=pcid,
         agent=agent,
         answers=answers if _nonempty_str(answers) else None,
         partial=body.get("partial") is True,
         continues=continues if _nonempty_str(continues) else None,
+        revision=revision if _nonempty_str(revision) else None,
     )
 
 

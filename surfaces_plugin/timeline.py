@@ -148,6 +148,19 @@ def is_bot_answer(event: Event, bot_id: str) -> bool:
     )
 
 
+def new_text(new_content: dict[str, Any] | None, is_command: Callable[[str], bool]) -> str | None:
+    """The text an owner's edit gives their message; None when it has none, or is a command
+    (an edit never turns a message into a command)."""
+    new = new_content.get("body") if new_content else None
+    return new if has_text(new) and not is_command(new) else None
+
+
+def edit_text(edit: Event | None, is_command: Callable[[str], bool]) -> str | None:
+    """`new_text` of an edit event."""
+    target = edit_target(edit) if edit is not None else None
+    return new_text(target[1] if target is not None else None, is_command)
+
+
 @dataclass(frozen=True)
 class TimelineTurn:
     role: str  # "user" | "assistant" | "tools" (content: the tool run's JSON record)
@@ -189,9 +202,11 @@ def history_from_timeline(
 ) -> TimelineHistory:
     """The conversation's turns and latest summary, back to its reset notice or the room start.
 
-    Redacted messages of the owner have no text left, and their answers are left out too.
+    Redacted messages of the owner have no text left, and their answers are left out too. The
+    owner's messages say what their latest edit says, as the regenerated answers assume.
     """
     latest: dict[str, dict[str, Any]] = {}  # answer id → its latest edit's content
+    edited: dict[str, dict[str, Any]] = {}  # owner message id → its latest edit's content
     retracted = {
         e["event_id"]
         for e in events_newest_first
@@ -209,6 +224,8 @@ def history_from_timeline(
         content = _content(event)
         sender = str(event.get("sender", ""))
         ts = _ts(event)
+        if sender == owner and note_edit(edited, event, owner):
+            continue
         if sender == bot_id and event.get("type") == "m.room.message":
             if note_edit(latest, event, bot_id):
                 continue
@@ -243,7 +260,8 @@ def history_from_timeline(
                 continued_by_newer = marker.continues if marker is not None else None
             continue
         if is_owner_text(event, owner) and not is_command(content["body"]):
-            turns.append(TimelineTurn("user", content["body"], event["event_id"], sender, ts))
+            body = new_text(edited.get(event["event_id"]), is_command) or content["body"]
+            turns.append(TimelineTurn("user", body, event["event_id"], sender, ts))
             continued_by_newer = None
     turns.reverse()
     return TimelineHistory(turns=turns, summary=summary, summary_upto_event_id=summary_upto)
@@ -289,6 +307,9 @@ class Scan:
     noticed_sessions: frozenset[str] = frozenset()  # sessions the bot already said it cannot read
     unfinished_tool_runs: tuple[UnfinishedToolRun, ...] = ()
     commands: tuple[Event, ...] = ()  # `!ai` commands (anyone's) nothing was sent for, oldest first
+    # The owner's newest edit of the answered message that no version of its answer was made
+    # for (an edit sent while the bot was down): that message is answered again, once.
+    edit: Event | None = None
 
 
 def scan_timeline(
@@ -304,7 +325,9 @@ def scan_timeline(
     it does not say) and newer than `after_ts` are missed; commands are not turns. When that
     answer's latest version is still partial, the bot died while streaming it. Commands in the
     same stretch, from anyone but the bot, are left for catch-up unless something the bot sent
-    (or edited) names them as handled (`layout.parse_command_marker`).
+    (or edited) names them as handled (`layout.parse_command_marker`). The owner's edits are
+    followed: a missed message says its latest text, and an edit of the answered message that
+    the answer's latest version was not regenerated for (its marker's `revision`) is `edit`.
     """
     missed: list[Event] = []
     latest: dict[str, dict[str, Any]] = {}  # answer id → its latest edit's content
@@ -316,6 +339,8 @@ def scan_timeline(
     tool_runs: list[UnfinishedToolRun] = []
     commands: list[Event] = []
     handled: set[str] = set()  # commands something the bot sent names
+    owner_edits: dict[str, Event] = {}  # owner message id → its newest edit event
+    revised_for: str | None = None  # the edit the newest answer's latest version was made for
     for event in events_newest_first:
         if not isinstance(event, dict):
             continue
@@ -330,6 +355,11 @@ def scan_timeline(
                 handled.add(command)
         if note_edit(latest, event, bot_id):
             continue
+        if owner and event.get("sender") == owner and _well_formed(event):
+            edit = edit_target(event)
+            if edit is not None:
+                owner_edits.setdefault(edit[0], event)
+                continue
         if (
             event.get("sender") == bot_id
             and layout.is_compacting_notice(event.get("content"))
@@ -347,6 +377,7 @@ def scan_timeline(
         if answered is None and is_bot_answer(event, bot_id):
             current = latest.get(str(event.get("event_id")), event.get("content"))
             marker = layout.parse_turn_marker(current)
+            revised_for = marker.revision if marker is not None else None
             if marker is not None and marker.partial:
                 body = current.get("body") if isinstance(current, dict) else None
                 interrupted = Interrupted(
@@ -374,7 +405,12 @@ def scan_timeline(
     missed.reverse()
     undecryptable.reverse()
     commands.reverse()
+    missed = [_as_edited(e, owner_edits.get(e["event_id"]), is_command) for e in missed]
+    edit = owner_edits.get(answered) if answered is not None else None
+    if edit is not None and (edit["event_id"] == revised_for or edit_text(edit, is_command) is None):
+        edit = None
     return Scan(
+        edit=edit,
         missed=missed,
         interrupted=interrupted,
         answered=answered,
@@ -384,3 +420,9 @@ def scan_timeline(
         unfinished_tool_runs=tuple(tool_runs),
         commands=tuple(commands),
     )
+
+
+def _as_edited(event: Event, edit: Event | None, is_command: Callable[[str], bool]) -> Event:
+    """A missed message as its latest edit says it (answered once, with the newest text)."""
+    text = edit_text(edit, is_command)
+    return event if text is None else {**event, "content": {**_content(event), "body": text}}
