@@ -161,6 +161,19 @@ def edit_text(edit: Event | None, is_command: Callable[[str], bool]) -> str | No
     return new_text(target[1] if target is not None else None, is_command)
 
 
+def note_owner_edit(
+    edits: dict[str, Event], event: Event, owner: str, is_command: Callable[[str], bool]
+) -> bool:
+    """Record the owner's edit in `edits` (message id → its newest edit with new text, as the
+    live path answers them); True if `event` is an edit by the owner (used or not)."""
+    if not owner or event.get("sender") != owner or not _is_edit(_content(event)):
+        return False
+    target = edit_target(event)
+    if target is not None and edit_text(event, is_command) is not None:
+        edits.setdefault(target[0], event)  # newest first: the first one seen is the latest
+    return True
+
+
 @dataclass(frozen=True)
 class TimelineTurn:
     role: str  # "user" | "assistant" | "tools" (content: the tool run's JSON record)
@@ -206,7 +219,7 @@ def history_from_timeline(
     owner's messages say what their latest edit says, as the regenerated answers assume.
     """
     latest: dict[str, dict[str, Any]] = {}  # answer id → its latest edit's content
-    edited: dict[str, dict[str, Any]] = {}  # owner message id → its latest edit's content
+    edited: dict[str, Event] = {}  # owner message id → its latest edit
     retracted = {
         e["event_id"]
         for e in events_newest_first
@@ -224,7 +237,7 @@ def history_from_timeline(
         content = _content(event)
         sender = str(event.get("sender", ""))
         ts = _ts(event)
-        if sender == owner and note_edit(edited, event, owner):
+        if note_owner_edit(edited, event, owner, is_command):
             continue
         if sender == bot_id and event.get("type") == "m.room.message":
             if note_edit(latest, event, bot_id):
@@ -260,7 +273,7 @@ def history_from_timeline(
                 continued_by_newer = marker.continues if marker is not None else None
             continue
         if is_owner_text(event, owner) and not is_command(content["body"]):
-            body = new_text(edited.get(event["event_id"]), is_command) or content["body"]
+            body = edit_text(edited.get(event["event_id"]), is_command) or content["body"]
             turns.append(TimelineTurn("user", body, event["event_id"], sender, ts))
             continued_by_newer = None
     turns.reverse()
@@ -326,8 +339,9 @@ def scan_timeline(
     answer's latest version is still partial, the bot died while streaming it. Commands in the
     same stretch, from anyone but the bot, are left for catch-up unless something the bot sent
     (or edited) names them as handled (`layout.parse_command_marker`). The owner's edits are
-    followed: a missed message says its latest text, and an edit of the answered message that
-    the answer's latest version was not regenerated for (its marker's `revision`) is `edit`.
+    followed: a missed message says its latest text, and an edit of the answered message newer
+    than its answer that the answer's latest version was not regenerated for (its marker's
+    `revision`) is `edit`.
     """
     missed: list[Event] = []
     latest: dict[str, dict[str, Any]] = {}  # answer id → its latest edit's content
@@ -341,6 +355,8 @@ def scan_timeline(
     handled: set[str] = set()  # commands something the bot sent names
     owner_edits: dict[str, Event] = {}  # owner message id → its newest edit event
     revised_for: str | None = None  # the edit the newest answer's latest version was made for
+    # The owner's edits newer than the newest answer; older ones were there when it was made.
+    edits_after_answer: dict[str, Event] = {}
     for event in events_newest_first:
         if not isinstance(event, dict):
             continue
@@ -355,11 +371,8 @@ def scan_timeline(
                 handled.add(command)
         if note_edit(latest, event, bot_id):
             continue
-        if owner and event.get("sender") == owner and _well_formed(event):
-            edit = edit_target(event)
-            if edit is not None:
-                owner_edits.setdefault(edit[0], event)
-                continue
+        if _well_formed(event) and note_owner_edit(owner_edits, event, owner, is_command):
+            continue
         if (
             event.get("sender") == bot_id
             and layout.is_compacting_notice(event.get("content"))
@@ -378,6 +391,7 @@ def scan_timeline(
             current = latest.get(str(event.get("event_id")), event.get("content"))
             marker = layout.parse_turn_marker(current)
             revised_for = marker.revision if marker is not None else None
+            edits_after_answer = dict(owner_edits)
             if marker is not None and marker.partial:
                 body = current.get("body") if isinstance(current, dict) else None
                 interrupted = Interrupted(
@@ -406,8 +420,8 @@ def scan_timeline(
     undecryptable.reverse()
     commands.reverse()
     missed = [_as_edited(e, owner_edits.get(e["event_id"]), is_command) for e in missed]
-    edit = owner_edits.get(answered) if answered is not None else None
-    if edit is not None and (edit["event_id"] == revised_for or edit_text(edit, is_command) is None):
+    edit = edits_after_answer.get(answered) if answered is not None else None
+    if edit is not None and edit["event_id"] == revised_for:
         edit = None
     return Scan(
         edit=edit,
