@@ -204,3 +204,15 @@ def test_catch_up_reads_a_missed_message_as_its_latest_edit_says() -> None:
     found = scan(t)
     assert [e["content"]["body"] for e in found.missed] == ["fixed"]
     assert found.edit is None
+
+
+def test_a_regeneration_cut_off_by_a_crash_is_interrupted_not_answered_again() -> None:
+    t = Timeline()
+    q = t.user("question")
+    a = t.add(BOT, replies.rendered("re", "m.text", layout.turn_marker(CHAT, "echo", answers=q)))
+    edit = owner_edit(t, q, "better question")
+    marker = layout.turn_marker(CHAT, "echo", answers=q, partial=True, revision=edit)
+    t.add(BOT, replies.edit(a, replies.rendered("re bet", "m.text", marker)))
+    found = scan(t)
+    assert found.interrupted is not None and found.interrupted.marker.revision == edit
+    assert found.edit is None
