@@ -315,6 +315,8 @@ class Dispatcher:
             await self.history.mark_processed(room, job.event_id, job.ts)
             return
         if job.regenerate:
+            if await self._refused(room, job):
+                return
             revised = await self._revise(room, job)
             if revised is None:
                 return
@@ -366,6 +368,15 @@ class Dispatcher:
         """Store a new message as a turn, or say why it is not answered (then it is processed)."""
         if await self.history.is_answered(room, job.event_id, job.ts):
             return False
+        if await self._refused(room, job):
+            await self.history.mark_processed(room, job.event_id, job.ts)
+            return False
+        await self.history.add_user_turn(room, job.event_id, job.sender, job.body, job.ts)
+        return True
+
+    async def _refused(self, room: WorkingRoom, job: Job) -> bool:
+        """True, after saying why when there is news, when the job's sender or text may not be
+        answered: blocked, too long, too fast (a new message, an edit or a 🔁 alike)."""
         limits = self.settings().limits
         refusal = None
         if not self.access.has_access(job.sender):  # blocked (or no longer allowed) since
@@ -383,12 +394,10 @@ class Dispatcher:
                     "them for now. Wait a little, then send again what you need answered."
                 )
         else:
-            await self.history.add_user_turn(room, job.event_id, job.sender, job.body, job.ts)
-            return True
+            return False
         if refusal is not None:
             await self.io.send_notice(room.room_id, refusal, txn=job.txn("refusal"))
-        await self.history.mark_processed(room, job.event_id, job.ts)
-        return False
+        return True
 
     async def _generate(self, room: WorkingRoom, job: Job) -> None:
         settings = self.settings()

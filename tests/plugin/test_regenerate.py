@@ -290,3 +290,17 @@ async def test_a_rebuilt_history_has_the_edited_text(make_surfaces) -> None:
     assert backend2.turns() == [
         ("user", "edited question"), ("assistant", "answer 2: edited question"), ("user", "next"),
     ]
+
+
+async def test_edits_and_retries_count_against_the_rate_limit(make_surfaces) -> None:
+    h, room, backend = await onboarded(make_surfaces, limits={"per_user_requests_per_minute": 2})
+    question = h.client.user_message(room, ALICE, "one")
+    await h.app.on_message(question)
+    await h.settle()
+    await h.edit(room, ALICE, question.event_id, "uno")
+    [answer] = answers(h, room)
+    await h.react(room, ALICE, answer["event_id"], "🔁")
+
+    assert h.client.bodies(room)[0] == "answer 2: uno"
+    assert "faster than the limit (2 a minute)" in h.client.bodies(room)[1]
+    assert len(backend.requests) == 2
