@@ -526,6 +526,11 @@ class MatrixUser:
             },
         )
 
+    async def react(self, room_id: str, event_id: str, key: str) -> str:
+        """React to a message with `key` (an `m.annotation`, as clients send reactions)."""
+        relates = {"rel_type": "m.annotation", "event_id": event_id, "key": key}
+        return await self.send_event(room_id, "m.reaction", {"m.relates_to": relates})
+
     async def redact(self, room_id: str, event_id: str, reason: str | None = None) -> str:
         txn = f"devtools.{time.time_ns()}.{next(_txn_ids)}"
         path = f"/_matrix/client/v3/rooms/{self._q(room_id)}/redact/{self._q(event_id)}/{txn}"

@@ -20,6 +20,7 @@ from mautrix.types import (
     Membership,
     MessageEvent,
     MessageType,
+    ReactionEvent,
     RedactionEvent,
     RoomID,
     StateEvent,
@@ -42,6 +43,7 @@ from .matrix import Gateway, GatewayError, MatrixIO
 from .media import MediaService
 from .memory import MemoryService
 from .onboarding import Onboarding
+from .reactions import Reactions
 from .reconcile.runner import Reconciler
 from .rooms import RoomDirectory
 from .store import Stores
@@ -50,7 +52,8 @@ from .toolbox import ToolBox
 from .usage import UsageLedger
 
 _ROUTED_MSGTYPES = (MessageType.TEXT, MessageType.EMOTE)
-Incoming = MessageEvent | RedactionEvent  # what the ready gate holds, in arrival order
+# What the ready gate holds, in arrival order.
+Incoming = MessageEvent | RedactionEvent | ReactionEvent
 
 
 class ReadyGate:
@@ -131,6 +134,7 @@ class Surfaces:
             io, rooms, history, context, access, backends, catch_up, current, log,
             on_caught_up=reconciler.note_catch_up, usage=usage, tools=tools, media=media,
         )
+        self.reactions = Reactions(rooms, self.dispatcher, log)
         self.onboarding = onboarding
         commands = CommandTree(log.getChild("commands"))
         register_commands(commands)
@@ -229,7 +233,9 @@ class Surfaces:
 
     async def on_message(self, evt: MessageEvent) -> None:
         # Runs synchronously up to the queueing, so events keep the order they were synced in.
-        if evt.sender == self.bot_id or not (self._is_new_text(evt) or self._is_media(evt)):
+        if evt.sender == self.bot_id or not (
+            self._is_new_text(evt) or self._is_media(evt) or self._is_text_edit(evt)
+        ):
             return
         if not self._routed.add(evt.event_id):
             return  # decrypted twice: by maubot and after a late key (`on_encrypted`)
@@ -257,14 +263,31 @@ class Surfaces:
         """An image, file or voice message naming its media (never a command)."""
         return parse_attachment(evt.content.serialize()) is not None
 
+    @staticmethod
+    def _is_text_edit(evt: MessageEvent) -> bool:
+        """An edit whose new content is a text with text in it (mautrix gives the new content)."""
+        content = evt.content
+        return (
+            content.msgtype in _ROUTED_MSGTYPES
+            and has_text(content.body)
+            and content.get_edit() is not None
+        )
+
     def _route(self, evt: Incoming) -> None:
         if isinstance(evt, RedactionEvent):
             self.dispatcher.redact(evt.room_id, evt.redacts)
+            return
+        if isinstance(evt, ReactionEvent):
+            self.reactions.on_reaction(evt)
             return
         if self._is_media(evt):
             self.dispatcher.submit(evt)
             return
         parsed = split_command(evt.content.body, self.settings.command_prefix)
+        if evt.content.get_edit() is not None:
+            if parsed is None:  # an edit into a command runs nothing
+                self.dispatcher.edit(evt)
+            return
         if parsed is not None:
             sub, args = parsed
             self.io.spawn(self._run_command(evt, sub, args), name=f"command {sub}")
@@ -298,6 +321,15 @@ class Surfaces:
     async def on_redaction(self, evt: RedactionEvent) -> None:
         # Held like messages while starting, so it is routed after the message it redacts.
         if not evt.redacts:
+            return
+        if not self.gate.is_open:
+            self.gate.hold([evt])
+            return
+        self._route(evt)
+
+    async def on_reaction(self, evt: ReactionEvent) -> None:
+        # Held like messages while starting, so it is routed after the answer it reacts to.
+        if evt.sender == self.bot_id or not self._routed.add(evt.event_id):
             return
         if not self.gate.is_open:
             self.gate.hold([evt])

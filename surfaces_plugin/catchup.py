@@ -28,6 +28,7 @@ from .timeline import (
     Interrupted,
     Scan,
     UnfinishedToolRun,
+    edit_text,
     is_bot_answer,
     is_owner_turn,
     read_back,
@@ -151,7 +152,7 @@ class CatchUp:
                 room, event["event_id"], event["sender"], text, _ts(event), attachment
             )
             await self.history.mark_processed(room, event["event_id"], _ts(event))
-        return [
+        jobs = [
             Job(
                 room_id=room.room_id,
                 event_id=e["event_id"],
@@ -163,6 +164,9 @@ class CatchUp:
             for e in missed
             if not (mark and e["event_id"] == mark.event_id)
         ]
+        edit = _regeneration(room, scan, is_command)
+        # In the order sent: the worker decides, as live, whether it still edits the last message.
+        return jobs if edit is None else sorted([*jobs, edit], key=lambda job: job.ts)
 
     async def _recover(
         self, room: WorkingRoom, scan: Scan, is_command: Callable[[str], bool]
@@ -204,7 +208,11 @@ class CatchUp:
         text = cut.text + INTERRUPTED_MARK.format(prefix=self.settings().command_prefix)
         was = cut.marker
         marker = layout.turn_marker(
-            was.platform_chat_id, was.agent, answers=was.answers, continues=was.continues
+            was.platform_chat_id,
+            was.agent,
+            answers=was.answers,
+            continues=was.continues,
+            revision=was.revision,  # an edit answered before the crash is not answered again
         )
         content = replies.rendered(text, "m.text", marker)
         # Keyed by the answer: if a crash comes before the edit is seen, the next start's is one.
@@ -220,6 +228,23 @@ def _turn(event: dict[str, Any]) -> tuple[str, layout.Attachment | None]:
     turn = user_turn(event)
     assert turn is not None
     return turn
+
+
+def _regeneration(room: WorkingRoom, scan: Scan, is_command: Callable[[str], bool]) -> Job | None:
+    """The answered message again, with its new text: the owner edited it while the bot was down."""
+    edit = scan.edit
+    text = edit_text(edit, is_command)
+    if edit is None or text is None or scan.answered is None:
+        return None
+    return Job(
+        room_id=room.room_id,
+        event_id=scan.answered,
+        sender=room.owner,
+        body=text,
+        ts=_ts(edit),
+        regenerate=edit["event_id"],
+        edited=True,
+    )
 
 
 def _ts(event: dict[str, Any]) -> int:

@@ -46,6 +46,15 @@ CaughtUp = Callable[[int, int, float], None]  # (messages, rooms, seconds) once 
 REDACTED_TEXT = "*(cancelled: your message was deleted)*"
 # A redaction matters while its message waits in a queue, so the recent ones are enough.
 RECENT_REDACTIONS = 1024
+# An edit or 🔁 that does not concern the last message: said once per room and process.
+EDITS_EXPLAINED = (
+    "Editing a message gets a new answer only for your last message: I answer its new text in "
+    "place of my answer. Earlier messages stay as the agent saw them; send a new message instead."
+)
+RETRY_EXPLAINED = (
+    "🔁 regenerates only the answer to your last message (in place). For an earlier one, "
+    "send a new message."
+)
 # A turn that failed on our side (the store, Matrix): said in the room, explained in the log.
 TURN_FAILED = (
     "Sorry, answering that message failed because of an error on my side. "
@@ -129,7 +138,9 @@ class Dispatcher:
         self._queues: dict[str, deque[Job]] = defaultdict(deque)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._generating: dict[str, asyncio.Task[None]] = {}
-        self._answering: dict[str, str] = {}  # room → the event id its generation answers
+        self._answering: dict[str, Job] = {}  # room → the job its generation answers
+        self._streams: dict[str, StreamedReply] = {}  # room → the answer being generated
+        self._superseded: set[str] = set()  # rooms whose answer stops for an edit or 🔁
         self._cancelled_by: dict[str, str] = {}  # room → the `!ai cancel` stopping its answer
         self._redacted = RecentRedactions()
         self._forgetting: dict[str, set[asyncio.Task[None]]] = defaultdict(set)
@@ -162,15 +173,98 @@ class Dispatcher:
             )
         )
 
+    def edit(self, evt: MessageEvent) -> None:
+        """The owner edited a message (`evt.content` is the new one, a text, not a command).
+
+        Not answered yet: it is answered once, with the new text. Being answered: that answer
+        stops and the new text is answered in its place. Answered: the worker answers it again
+        in place of its answer if it is still their last message, else says once what edits do.
+        Anyone else's edit changes nothing: only the owner's messages are turns.
+        """
+        room = self.rooms.room(evt.room_id)
+        target = evt.content.get_edit()
+        if room is None or evt.sender != room.owner or not target:
+            return
+        body = evt.content.body
+        if self._revise_waiting(evt.room_id, target, body, evt.event_id):
+            return
+        self._supersede(evt.room_id, target)
+        self.enqueue(
+            Job(
+                evt.room_id,
+                target,
+                evt.sender,
+                body,
+                evt.timestamp,
+                regenerate=evt.event_id,
+                edited=True,
+            )
+        )
+
+    def regenerate_answer(self, room_id: str, answer_id: str, by: str) -> None:
+        """The owner asked (🔁, event `by`) for the answer `answer_id` again: it is regenerated
+        in place when it answers their last message (else the worker says once what 🔁 does)."""
+        room = self.rooms.room(room_id)
+        if room is None:
+            return
+        current, stream = self._answering.get(room_id), self._streams.get(room_id)
+        if current is not None and stream is not None and answer_id in stream.posted:
+            if self._supersede(room_id, current.event_id):
+                again = Job(
+                    room_id, current.event_id, current.sender, current.body, current.ts,
+                    regenerate=by, replaces=stream.first_event_id,
+                )
+                self.enqueue(again)
+            return
+        self.io.spawn(self._regenerate_stored(room, answer_id, by), name=f"🔁 {answer_id}")
+
+    async def _regenerate_stored(self, room: WorkingRoom, answer_id: str, by: str) -> None:
+        turn = await self.history.turn_answered_by(room, answer_id)
+        if turn is None or not turn.event_id:
+            return  # not an answer of this conversation: nothing to regenerate
+        job = Job(
+            room.room_id, turn.event_id, turn.sender or room.owner, turn.content, turn.ts,
+            regenerate=by, replaces=answer_id,
+        )
+        self.enqueue(job)
+
+    def stop_answer(self, room_id: str, answer_id: str) -> bool:
+        """Stop the room's answer if `answer_id` is one of its messages (⏹️ on it)."""
+        stream = self._streams.get(room_id)
+        return stream is not None and answer_id in stream.posted and self.cancel(room_id)
+
+    def _revise_waiting(self, room_id: str, target: str, body: str, edit_id: str) -> bool:
+        """A job for `target` that has not started answers `body` instead; False when none."""
+        for jobs in (self._queues.get(room_id), self._held.get(room_id)):
+            for i, job in enumerate(jobs or ()):
+                if job.event_id == target and not job.retry:
+                    if job.regenerate:  # its sends are now the newest edit's
+                        job = replace(job, regenerate=edit_id, edited=True)
+                    jobs[i] = replace(job, body=body)
+                    return True
+        return False
+
+    def _supersede(self, room_id: str, target: str) -> bool:
+        """Stop the answer to `target` if it is being generated and no later message waits
+        (it is still the owner's last message); True if it was stopped."""
+        current, generation = self._answering.get(room_id), self._generating.get(room_id)
+        if current is None or current.event_id != target or generation is None:
+            return False
+        if generation.done() or any(not j.regenerate for j in self._queues.get(room_id, ())):
+            return False
+        self._superseded.add(room_id)
+        generation.cancel()
+        return True
+
     def enqueue(self, job: Job) -> None:
         held = self._held.get(job.room_id)
         if held is not None:
             held.append(job)
             return
         if not job.retry:
-            if job.event_id in self._seen:
+            if job.key in self._seen:
                 return
-            self._seen.add(job.event_id)
+            self._seen.add(job.key)
         self._queues[job.room_id].append(job)
         if job.room_id not in self._workers:
             self._workers[job.room_id] = self.io.spawn(
@@ -229,7 +323,14 @@ class Dispatcher:
         if self._redacted.covers(job):  # retracted while it waited: never sent, never stored
             await self.history.mark_processed(room, job.event_id, job.ts)
             return
-        if not job.retry and not await self._admit(room, job):
+        if job.regenerate:
+            if await self._refused(room, job):
+                return
+            revised = await self._revise(room, job)
+            if revised is None:
+                return
+            job = revised
+        elif not job.retry and not await self._admit(room, job):
             return
         # Redactions seen before this message are applied before its request is built.
         pending = self._forgetting.get(room.room_id)
@@ -243,7 +344,7 @@ class Dispatcher:
         assert task is not None
         generation = asyncio.ensure_future(self._generate(room, job))
         self._generating[room.room_id] = generation
-        self._answering[room.room_id] = job.event_id
+        self._answering[room.room_id] = job
         try:
             await generation
         except asyncio.CancelledError:
@@ -253,10 +354,47 @@ class Dispatcher:
             self._generating.pop(room.room_id, None)
             self._answering.pop(room.room_id, None)
 
+    async def _revise(self, room: WorkingRoom, job: Job) -> Job | None:
+        """A regeneration of the owner's last message: its stored text becomes the job's and its
+        stored answer goes (the new one replaces it in the room too); None when it is not the
+        last message (said once)."""
+        revision = await self.history.revise_last_turn(room, job.event_id, job.body)
+        if revision is None:
+            reason, text = ("edits", EDITS_EXPLAINED) if job.edited else ("🔁", RETRY_EXPLAINED)
+            key = (room.room_id, reason)
+            if key not in self._told_once:
+                self._told_once.add(key)
+                await self.io.send_notice(room.room_id, text, txn=job.txn("explained"))
+            return None
+        return replace(
+            job,
+            ts=revision.ts,  # the processed mark stays the message's own
+            upto_seq=revision.seq,
+            replaces=job.replaces or revision.answer_event_id,
+        )
+
     async def _admit(self, room: WorkingRoom, job: Job) -> bool:
         """Store a new message as a turn, or say why it is not answered (then it is processed)."""
         if await self.history.is_answered(room, job.event_id, job.ts):
             return False
+        if await self._refused(room, job):
+            await self.history.mark_processed(room, job.event_id, job.ts)
+            return False
+        try:
+            body = await self._turn_text(room, job)
+        except MediaError as e:
+            self.log.info("Did not pass on the attachment of %s: %s", job.event_id, e.reason)
+            await self.io.send_notice(room.room_id, e.reason, txn=job.txn("refusal"))
+            await self.history.mark_processed(room, job.event_id, job.ts)
+            return False
+        await self.history.add_user_turn(
+            room, job.event_id, job.sender, body, job.ts, job.attachment
+        )
+        return True
+
+    async def _refused(self, room: WorkingRoom, job: Job) -> bool:
+        """True, after saying why when there is news, when the job's sender or text may not be
+        answered: blocked, too long, too fast (a new message, an edit or a 🔁 alike)."""
         limits = self.settings().limits
         refusal = None
         if not self.access.has_access(job.sender):  # blocked (or no longer allowed) since
@@ -276,20 +414,10 @@ class Dispatcher:
                     "them for now. Wait a little, then send again what you need answered."
                 )
         else:
-            try:
-                body = await self._turn_text(room, job)
-            except MediaError as e:
-                self.log.info("Did not pass on the attachment of %s: %s", job.event_id, e.reason)
-                refusal = e.reason
-            else:
-                await self.history.add_user_turn(
-                    room, job.event_id, job.sender, body, job.ts, job.attachment
-                )
-                return True
+            return False
         if refusal is not None:
             await self.io.send_notice(room.room_id, refusal, txn=job.txn("refusal"))
-        await self.history.mark_processed(room, job.event_id, job.ts)
-        return False
+        return True
 
     async def _turn_text(self, room: WorkingRoom, job: Job) -> str:
         """The stored turn's text; an attachment is checked first (MediaError: the one notice)."""
@@ -305,9 +433,16 @@ class Dispatcher:
         backend = self.backends.for_agent(agent)
         answers = job.event_id or None
         marker = layout.TurnMarker(
-            room.platform_chat_id, agent.id, answers=answers, command=job.attempt or None
+            room.platform_chat_id,
+            agent.id,
+            answers=answers,
+            command=job.attempt or None,
+            revision=job.regenerate or None,
         )
-        stream = StreamedReply(self.io, self.settings, room.room_id, marker, job.txn)
+        stream = StreamedReply(
+            self.io, self.settings, room.room_id, marker, job.txn, replaces=job.replaces
+        )
+        self._streams[room.room_id] = stream
         notice = ToolNotice(
             self.io, room.room_id, marker_for(room.platform_chat_id, agent.id, answers), job.txn
         )
@@ -326,6 +461,10 @@ class Dispatcher:
             await stream.finish()
             await notice.end()
         except asyncio.CancelledError:
+            if room.room_id in self._superseded:  # an edit or 🔁: answered again, in place
+                self._superseded.discard(room.room_id)
+                await asyncio.shield(self._end_superseded(room, job, stream, notice))
+                raise
             # `!ai cancel`, a redaction, or the plugin stopping: say which in the answer itself.
             cancelled_by = self._cancelled_by.pop(room.room_id, None)
             if cancelled_by:  # the ending names the `!ai cancel` it carries out
@@ -369,6 +508,8 @@ class Dispatcher:
             return
         finally:
             await typing.stop()
+            if self._streams.get(room.room_id) is stream:
+                del self._streams[room.room_id]
         await self.history.add_tool_run(room, notice.run, notice.event_id)
         if stream.first_event_id:
             await self.history.add_answer(room, stream.full_text, stream.first_event_id, usage)
@@ -443,6 +584,16 @@ class Dispatcher:
         await notice.end(note)
         await self.history.add_tool_run(room, notice.run, notice.event_id)
 
+    async def _end_superseded(
+        self, room: WorkingRoom, job: Job, stream: StreamedReply, notice: ToolNotice
+    ) -> None:
+        """The answer stops as it is: the regeneration queued behind it edits the same message
+        (found through the stored answer), so nothing is said here."""
+        await self._end_tools(room, notice, "cancelled")
+        if stream.first_event_id:
+            await self.history.add_answer(room, stream.full_text, stream.first_event_id, None)
+        await self.history.mark_processed(room, job.event_id, job.ts)
+
     async def _end_broken_answer(self, room: WorkingRoom, job: Job, stream: StreamedReply) -> None:
         """Clear the answer's `partial` marker and tell the user once, as far as Matrix lets us."""
         try:
@@ -509,7 +660,8 @@ class Dispatcher:
             return
         self._redacted.add(room_id, event_id)  # also covers a message not queued yet (held)
         answering = None
-        if self._answering.get(room_id) == event_id:
+        current = self._answering.get(room_id)
+        if current is not None and current.event_id == event_id:
             answering = self._generating.get(room_id)
             if answering is not None:
                 answering.cancel()

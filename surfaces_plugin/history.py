@@ -23,7 +23,7 @@ from .matrix import GatewayError, MatrixIO
 from .rooms import RoomDirectory, WorkingRoom
 from .store import Stores
 from .store.chats import Chat
-from .store.messages import DuplicateEventError, Message
+from .store.messages import DuplicateEventError, Message, Revision
 from .timeline import ends_conversation, history_from_timeline, read_back
 from .tokens import estimate_tokens
 from .tool_runs import ToolRun
@@ -213,6 +213,21 @@ class History:
         if removed:
             self.log.info("Removed the redacted %s and its answers from %s", event_id, room.room_id)
         return removed
+
+    async def revise_last_turn(
+        self, room: WorkingRoom, event_id: str, body: str
+    ) -> Revision | None:
+        """The owner's last message `event_id` now says `body` and its stored answer is gone (a
+        regenerated one replaces it); None, and nothing changed, when it is not their last."""
+        room = self.rooms.current(room)
+        await self.ensure(room)
+        return await self.messages.revise_last_user_turn(room.platform_chat_id, event_id, body)
+
+    async def turn_answered_by(self, room: WorkingRoom, answer_event_id: str) -> Message | None:
+        """The user message that the stored answer `answer_event_id` answers."""
+        room = self.rooms.current(room)
+        await self.ensure(room)
+        return await self.messages.user_turn_answered_by(room.platform_chat_id, answer_event_id)
 
     async def last_user_turn(self, room: WorkingRoom) -> Message | None:
         room = self.rooms.current(room)

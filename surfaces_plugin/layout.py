@@ -479,6 +479,8 @@ class TurnMarker:
     continues: str | None = None  # the previous message of an answer too long for one
     command: str | None = None  # the `!ai` command this answer is the effect of (retry, cancel)
     usage: TokenUsage | None = None  # on the final version of an answer's last message
+    # What made this version (the owner's edit of the message, or their 🔁 on the answer).
+    revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -503,6 +505,7 @@ def turn_marker(
     continues: str | None = None,
     command: str | None = None,
     usage: TokenUsage | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Keys to merge into a bot reply's content.
 
@@ -510,7 +513,9 @@ def turn_marker(
     marks a streamed answer until its final edit, so one cut off by a crash can be told apart;
     `continues` names the previous message of an answer split over several; `command` the
     `!ai` command it carries out (as `command_marker`); `usage` the tokens the answer cost
-    (on its final version only), so the usage ledger can be rebuilt from the timeline.
+    (on its final version only), so the usage ledger can be rebuilt from the timeline;
+    `revision` the owner's edit (or 🔁 reaction) this version of the answer was regenerated for,
+    so catch-up answers an edit once.
     """
     body: dict[str, Any] = {"platform_chat_id": platform_chat_id, "agent": agent}
     if answers:
@@ -521,6 +526,8 @@ def turn_marker(
         body["continues"] = continues
     if usage is not None and not partial:
         body["usage"] = usage.to_content()
+    if revision:
+        body["revision"] = revision
     return {TURN_KEY: body, **(command_marker(command) if command else {})}
 
 
@@ -582,6 +589,7 @@ def parse_turn_marker(content: object) -> TurnMarker | None:
     if not _nonempty_str(pcid) or not _nonempty_str(agent):
         return None
     answers, continues = body.get("answers"), body.get("continues")
+    revision = body.get("revision")
     return TurnMarker(
         platform_chat_id=pcid,
         agent=agent,
@@ -589,6 +597,7 @@ def parse_turn_marker(content: object) -> TurnMarker | None:
         partial=body.get("partial") is True,
         continues=continues if _nonempty_str(continues) else None,
         usage=parse_usage(body.get("usage")),
+        revision=revision if _nonempty_str(revision) else None,
     )
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from maubot import Plugin
 from maubot.handlers import event
-from mautrix.types import EncryptedEvent, EventType, MessageEvent, RedactionEvent, StateEvent
+from mautrix.types import (
+    EncryptedEvent,
+    EventType,
+    MessageEvent,
+    ReactionEvent,
+    RedactionEvent,
+    StateEvent,
+)
 from mautrix.util.async_db import UpgradeTable
 from mautrix.util.config import BaseProxyConfig
 
@@ -89,6 +96,14 @@ class SurfacesPlugin(Plugin):
             self._early.append(evt)
             return
         await self.app.on_redaction(evt)
+
+    @event.on(EventType.REACTION)
+    async def on_reaction(self, evt: ReactionEvent) -> None:
+        # Reactions in encrypted rooms arrive here decrypted, like messages.
+        if self.app is None:
+            self._early.append(evt)
+            return
+        await self.app.on_reaction(evt)
 
     @event.on(EventType.SPACE_CHILD)
     @event.on(EventType.SPACE_PARENT)

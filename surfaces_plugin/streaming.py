@@ -70,6 +70,7 @@ class StreamedReply:
         room_id: str,
         marker: layout.TurnMarker,
         txn: Callable[[str], str | None] = lambda label: None,
+        replaces: EventID | None = None,
     ) -> None:
         self.io = io
         self.txn = txn  # part label → the transaction id of that send (`Job.txn`)
@@ -77,8 +78,10 @@ class StreamedReply:
         self.room_id = room_id
         self.turn = marker
         self.text = ""  # the current message's text (earlier, full messages are in `_done`)
-        self.event_id: EventID | None = None  # the current message, once posted
-        self.first_event_id: EventID | None = None  # the answer's first message
+        # A regenerated answer takes the place of the previous one: it edits that message.
+        self.replaces = replaces
+        self.event_id: EventID | None = replaces  # the current message, once posted
+        self.first_event_id: EventID | None = replaces  # the answer's first message
         self._done: list[str] = []  # the texts of earlier, full messages
         self._part_ids: list[EventID] = []  # and their event ids
         self._shown = ""
@@ -90,6 +93,11 @@ class StreamedReply:
     def full_text(self) -> str:
         """Everything the answer said so far, over all its messages."""
         return "".join(self._done) + self.text
+
+    @property
+    def posted(self) -> tuple[EventID, ...]:
+        """The messages of this answer in the room so far."""
+        return (*self._part_ids, *([self.event_id] if self.event_id else []))
 
     async def add(self, text: str) -> None:
         self.text += text
@@ -111,6 +119,8 @@ class StreamedReply:
     async def cancelled(self, mark: str = CANCELLED_MARK) -> None:
         if self.full_text.strip():
             await self._show(self.text + mark)
+        elif self.replaces:  # the previous answer's text must not stay as if it were this one's
+            await self._show(mark.strip())
         elif mark == CANCELLED_MARK:
             handled = layout.command_marker(self.turn.command) if self.turn.command else None
             await self.io.send_notice(
@@ -121,7 +131,7 @@ class StreamedReply:
             )
 
     async def failed(self, message: str) -> None:
-        if self.full_text.strip():
+        if self.full_text.strip() or self.replaces:
             await self._show(self.text + "\n\n*(the answer stopped here)*")
         await self.io.send_notice(self.room_id, message, txn=self.txn("failed"))
 
@@ -142,6 +152,7 @@ class StreamedReply:
             continues=continues,
             command=t.command,
             usage=t.usage,
+            revision=t.revision,
         )
 
     def _fits(self, text: str) -> bool:

@@ -169,6 +169,32 @@ def is_bot_answer(event: Event, bot_id: str) -> bool:
     )
 
 
+def new_text(new_content: dict[str, Any] | None, is_command: Callable[[str], bool]) -> str | None:
+    """The text an owner's edit gives their message; None when it has none, or is a command
+    (an edit never turns a message into a command)."""
+    new = new_content.get("body") if new_content else None
+    return new if has_text(new) and not is_command(new) else None
+
+
+def edit_text(edit: Event | None, is_command: Callable[[str], bool]) -> str | None:
+    """`new_text` of an edit event."""
+    target = edit_target(edit) if edit is not None else None
+    return new_text(target[1] if target is not None else None, is_command)
+
+
+def note_owner_edit(
+    edits: dict[str, Event], event: Event, owner: str, is_command: Callable[[str], bool]
+) -> bool:
+    """Record the owner's edit in `edits` (message id → its newest edit with new text, as the
+    live path answers them); True if `event` is an edit by the owner (used or not)."""
+    if not owner or event.get("sender") != owner or not _is_edit(_content(event)):
+        return False
+    target = edit_target(event)
+    if target is not None and edit_text(event, is_command) is not None:
+        edits.setdefault(target[0], event)  # newest first: the first one seen is the latest
+    return True
+
+
 @dataclass(frozen=True)
 class TimelineTurn:
     role: str  # "user" | "assistant" | "tools" (content: the tool run's JSON record)
@@ -211,9 +237,11 @@ def history_from_timeline(
 ) -> TimelineHistory:
     """The conversation's turns and latest summary, back to its reset notice or the room start.
 
-    Redacted messages of the owner have no text left, and their answers are left out too.
+    Redacted messages of the owner have no text left, and their answers are left out too. The
+    owner's messages say what their latest edit says, as the regenerated answers assume.
     """
     latest: dict[str, dict[str, Any]] = {}  # answer id → its latest edit's content
+    edited: dict[str, Event] = {}  # owner message id → its latest edit
     retracted = {
         e["event_id"]
         for e in events_newest_first
@@ -231,6 +259,8 @@ def history_from_timeline(
         content = _content(event)
         sender = str(event.get("sender", ""))
         ts = event_ts(event)
+        if note_owner_edit(edited, event, owner, is_command):
+            continue
         if sender == bot_id and event.get("type") == "m.room.message":
             if note_edit(latest, event, bot_id):
                 continue
@@ -267,6 +297,8 @@ def history_from_timeline(
         turn = user_turn(event) if sender == owner else None
         if turn is not None and (turn[1] is not None or not is_command(turn[0])):
             text, attachment = turn
+            if attachment is None:  # the owner's latest edit of a text message
+                text = edit_text(edited.get(event["event_id"]), is_command) or text
             turns.append(TimelineTurn("user", text, event["event_id"], sender, ts, attachment))
             continued_by_newer = None
     turns.reverse()
@@ -313,6 +345,9 @@ class Scan:
     noticed_sessions: frozenset[str] = frozenset()  # sessions the bot already said it cannot read
     unfinished_tool_runs: tuple[UnfinishedToolRun, ...] = ()
     commands: tuple[Event, ...] = ()  # `!ai` commands (anyone's) nothing was sent for, oldest first
+    # The owner's newest edit of the answered message that no version of its answer was made
+    # for (an edit sent while the bot was down): that message is answered again, once.
+    edit: Event | None = None
 
 
 def scan_timeline(
@@ -328,7 +363,10 @@ def scan_timeline(
     it does not say) and newer than `after_ts` are missed; commands are not turns. When that
     answer's latest version is still partial, the bot died while streaming it. Commands in the
     same stretch, from anyone but the bot, are left for catch-up unless something the bot sent
-    (or edited) names them as handled (`layout.parse_command_marker`).
+    (or edited) names them as handled (`layout.parse_command_marker`). The owner's edits are
+    followed: a missed message says its latest text, and an edit of the answered message newer
+    than its answer that the answer's latest version was not regenerated for (its marker's
+    `revision`) is `edit`.
     """
     missed: list[Event] = []
     latest: dict[str, dict[str, Any]] = {}  # answer id → its latest edit's content
@@ -340,6 +378,10 @@ def scan_timeline(
     tool_runs: list[UnfinishedToolRun] = []
     commands: list[Event] = []
     handled: set[str] = set()  # commands something the bot sent names
+    owner_edits: dict[str, Event] = {}  # owner message id → its newest edit event
+    revised_for: str | None = None  # the edit the newest answer's latest version was made for
+    # The owner's edits newer than the newest answer; older ones were there when it was made.
+    edits_after_answer: dict[str, Event] = {}
     for event in events_newest_first:
         if not isinstance(event, dict):
             continue
@@ -353,6 +395,8 @@ def scan_timeline(
             if command is not None:
                 handled.add(command)
         if note_edit(latest, event, bot_id):
+            continue
+        if _well_formed(event) and note_owner_edit(owner_edits, event, owner, is_command):
             continue
         if (
             event.get("sender") == bot_id
@@ -371,6 +415,8 @@ def scan_timeline(
         if answered is None and is_bot_answer(event, bot_id):
             current = latest.get(str(event.get("event_id")), event.get("content"))
             marker = layout.parse_turn_marker(current)
+            revised_for = marker.revision if marker is not None else None
+            edits_after_answer = dict(owner_edits)
             if marker is not None and marker.partial:
                 body = current.get("body") if isinstance(current, dict) else None
                 interrupted = Interrupted(
@@ -401,7 +447,12 @@ def scan_timeline(
     missed.reverse()
     undecryptable.reverse()
     commands.reverse()
+    missed = [_as_edited(e, owner_edits.get(e["event_id"]), is_command) for e in missed]
+    edit = edits_after_answer.get(answered) if answered is not None else None
+    if edit is not None and edit["event_id"] == revised_for:
+        edit = None
     return Scan(
+        edit=edit,
         missed=missed,
         interrupted=interrupted,
         answered=answered,
@@ -411,3 +462,9 @@ def scan_timeline(
         unfinished_tool_runs=tuple(tool_runs),
         commands=tuple(commands),
     )
+
+
+def _as_edited(event: Event, edit: Event | None, is_command: Callable[[str], bool]) -> Event:
+    """A missed message as its latest edit says it (answered once, with the newest text)."""
+    text = edit_text(edit, is_command)
+    return event if text is None else {**event, "content": {**_content(event), "body": text}}

@@ -55,6 +55,15 @@ class Message:
         )
 
 
+@dataclass(frozen=True)
+class Revision:
+    """The last user message, revised: where it is, and the answer it had (its first message)."""
+
+    seq: int
+    ts: int
+    answer_event_id: str | None
+
+
 _COLUMNS = "platform_chat_id, seq, role, content, event_id, sender, ts, tokens, attachment"
 _NO_SEQ_AFTER = 2**31 - 1  # above every seq (an INTEGER column): "up to the end of the chat"
 
@@ -188,3 +197,51 @@ class MessageStore(Repository):
                 int(next_user) if next_user is not None else _NO_SEQ_AFTER,
             )
         return len(rows)
+
+    async def revise_last_user_turn(
+        self, platform_chat_id: str, event_id: str, content: str, *, conn: Connection | None = None
+    ) -> Revision | None:
+        """When `event_id` is the chat's last user message, it now says `content` and its answers
+        (the assistant and tool rows after it) are gone; None, and nothing changed, otherwise."""
+        async with self._acquire(conn) as c, c.transaction():
+            last = await c.fetchrow(
+                """SELECT seq, ts, event_id FROM messages WHERE platform_chat_id=$1 AND role='user'
+                ORDER BY seq DESC LIMIT 1""",
+                platform_chat_id,
+            )
+            if last is None or last["event_id"] != event_id:
+                return None
+            seq = int(last["seq"])
+            answer = await c.fetchval(
+                """SELECT event_id FROM messages WHERE platform_chat_id=$1 AND seq > $2
+                AND role='assistant' ORDER BY seq DESC LIMIT 1""",
+                platform_chat_id,
+                seq,
+            )
+            await c.execute(
+                "DELETE FROM messages WHERE platform_chat_id=$1 AND seq > $2",
+                platform_chat_id,
+                seq,
+            )
+            await c.execute(
+                "UPDATE messages SET content=$3 WHERE platform_chat_id=$1 AND seq=$2",
+                platform_chat_id,
+                seq,
+                storable(content),
+            )
+        return Revision(seq, int(last["ts"]), answer)
+
+    async def user_turn_answered_by(
+        self, platform_chat_id: str, answer_event_id: str, *, conn: Connection | None = None
+    ) -> Message | None:
+        """The user message the stored answer `answer_event_id` answers (the one before it)."""
+        async with self._acquire(conn) as c:
+            row = await c.fetchrow(
+                f"""SELECT {_COLUMNS} FROM messages WHERE platform_chat_id=$1 AND role='user'
+                AND seq < (SELECT seq FROM messages WHERE platform_chat_id=$1 AND event_id=$2
+                           AND role='assistant')
+                ORDER BY seq DESC LIMIT 1""",
+                platform_chat_id,
+                answer_event_id,
+            )
+        return Message.from_row(row) if row else None

@@ -49,6 +49,14 @@ class Harness:
         await self.app.on_redaction(self.client.redaction(room_id, sender, event_id))
         await self.settle()
 
+    async def edit(self, room_id: str, sender: str, target: str, body: str) -> None:
+        await self.app.on_message(self.client.edit(room_id, sender, target, body))
+        await self.settle()
+
+    async def react(self, room_id: str, sender: str, target: str, key: str) -> None:
+        await self.app.on_reaction(self.client.reaction(room_id, sender, target, key))
+        await self.settle()
+
     async def settle(self, timeout: float = 60) -> None:
         """Let background tasks (commands, room workers) run until none is left (or time out)."""
         loop = asyncio.get_running_loop()

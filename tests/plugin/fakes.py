@@ -25,6 +25,7 @@ from mautrix.errors import (
 from mautrix.types import (
     EventID,
     MessageEvent,
+    ReactionEvent,
     RedactionEvent,
     RoomID,
     UserID,
@@ -319,6 +320,26 @@ class FakeClient:
                "content": {"msgtype": msgtype, "body": body}, "room_id": room_id}
         self.rooms[room_id].timeline.append(raw)
         return MessageEvent.deserialize(raw)
+
+    def edit(self, room_id: str, sender: str, target: str, body: str) -> MessageEvent:
+        """Put `sender`'s edit of `target` (an `m.replace` as Element sends it) in the timeline
+        and return it as the sync would deliver it."""
+        new = {"msgtype": "m.text", "body": body}
+        raw = {"type": "m.room.message", "event_id": self._event_id(), "sender": sender,
+               "origin_server_ts": int(time.time() * 1000), "room_id": room_id,
+               "content": {"msgtype": "m.text", "body": f"* {body}", "m.new_content": new,
+                           "m.relates_to": {"rel_type": "m.replace", "event_id": target}}}
+        self.rooms[room_id].timeline.append(raw)
+        return MessageEvent.deserialize(json.loads(json.dumps(raw)))  # mautrix rewrites its input
+
+    def reaction(self, room_id: str, sender: str, target: str, key: str) -> ReactionEvent:
+        """Put `sender`'s reaction `key` on `target` in the timeline; return it as the sync would."""
+        raw = {"type": "m.reaction", "event_id": self._event_id(), "sender": sender,
+               "origin_server_ts": int(time.time() * 1000), "room_id": room_id,
+               "content": {"m.relates_to": {"rel_type": "m.annotation", "event_id": target,
+                                            "key": key}}}
+        self.rooms[room_id].timeline.append(raw)
+        return ReactionEvent.deserialize(raw)
 
     def redaction(self, room_id: str, sender: str, target: str) -> RedactionEvent:
         """Redact `target` as Synapse does (its content emptied, the redaction in the timeline)

@@ -146,3 +146,73 @@ def test_catch_up_reports_owner_messages_it_cannot_decrypt_and_sessions_already_
     assert [e["event_id"] for e in scan.undecryptable] == [first, second]
     assert scan.noticed_sessions == {"S1"}
     assert [e["content"]["body"] for e in scan.missed] == ["readable"]
+
+
+def owner_edit(t: Timeline, target: str, body: str) -> str:
+    """Alice's edit of her message `target`, as Element sends it."""
+    new = {"msgtype": "m.text", "body": body}
+    return t.add(ALICE, {"msgtype": "m.text", "body": f"* {body}", "m.new_content": new,
+                         "m.relates_to": {"rel_type": "m.replace", "event_id": target}})
+
+
+def regenerated(t: Timeline, answer: str, body: str, question: str, revision: str) -> None:
+    """The bot's in-place edit of `answer`, made for Alice's edit `revision`."""
+    marker = layout.turn_marker(CHAT, "echo", answers=question, revision=revision)
+    t.add(BOT, replies.edit(answer, replies.rendered(body, "m.text", marker)))
+
+
+def scan(t: Timeline, after_ts: int = 0):
+    return scan_timeline(list(reversed(t.events)), ALICE, BOT, after_ts,
+                         is_command=lambda body: body.startswith("!ai "))
+
+
+def test_a_rebuild_has_the_text_of_the_owners_latest_edit() -> None:
+    t = Timeline()
+    q = t.user("first try")
+    a = t.add(BOT, replies.rendered("re first", "m.text", layout.turn_marker(CHAT, "echo", answers=q)))
+    owner_edit(t, q, "second try")
+    e2 = owner_edit(t, q, "third try")
+    regenerated(t, a, "re third", q, e2)
+    owner_edit(t, q, "!ai reset")  # an edit never turns a message into a command
+    assert [(x.role, x.content) for x in t.history().turns] == [
+        ("user", "third try"),
+        ("assistant", "re third"),
+    ]
+
+
+def test_catch_up_answers_an_edit_the_answer_was_not_regenerated_for() -> None:
+    t = Timeline()
+    q = t.user("question")
+    a = t.add(BOT, replies.rendered("re", "m.text", layout.turn_marker(CHAT, "echo", answers=q)))
+    owner_edit(t, q, "better question")
+    newest = owner_edit(t, q, "best question")  # sent while the bot was down
+    found = scan(t)
+    assert found.answered == q and found.missed == []
+    assert found.edit is not None and found.edit["event_id"] == newest
+
+    regenerated(t, a, "re best", q, newest)  # answered: a later scan finds nothing to do
+    assert scan(t).edit is None
+
+
+def test_catch_up_reads_a_missed_message_as_its_latest_edit_says() -> None:
+    t = Timeline()
+    q = t.user("question")
+    t.add(BOT, replies.rendered("re", "m.text", layout.turn_marker(CHAT, "echo", answers=q)))
+    missed = t.user("typo")
+    owner_edit(t, missed, "fixed")
+    owner_edit(t, q, "!ai help")  # a command edit is no new text
+    found = scan(t)
+    assert [e["content"]["body"] for e in found.missed] == ["fixed"]
+    assert found.edit is None
+
+
+def test_a_regeneration_cut_off_by_a_crash_is_interrupted_not_answered_again() -> None:
+    t = Timeline()
+    q = t.user("question")
+    a = t.add(BOT, replies.rendered("re", "m.text", layout.turn_marker(CHAT, "echo", answers=q)))
+    edit = owner_edit(t, q, "better question")
+    marker = layout.turn_marker(CHAT, "echo", answers=q, partial=True, revision=edit)
+    t.add(BOT, replies.edit(a, replies.rendered("re bet", "m.text", marker)))
+    found = scan(t)
+    assert found.interrupted is not None and found.interrupted.marker.revision == edit
+    assert found.edit is None

@@ -65,3 +65,14 @@ def test_a_job_keys_its_sends_by_its_event_and_attempt() -> None:
     assert first.txn("post 0") == again.txn("post 0")
     assert retry.txn("post 0") != first.txn("post 0")
     assert Job("!r", "", "@u:hs", "hi", 1).txn("post 0") is None
+
+
+def test_a_regeneration_keys_its_sends_by_the_edit_or_reaction_that_asked() -> None:
+    first = Job("!r", "$msg", "@a:hs", "old text", 1)
+    by_edit = Job("!r", "$msg", "@a:hs", "new text", 2, regenerate="$edit1", edited=True)
+    again = Job("!r", "$msg", "@a:hs", "new text", 2, regenerate="$edit1", edited=True)
+    by_next_edit = Job("!r", "$msg", "@a:hs", "newer", 3, regenerate="$edit2", edited=True)
+    # The same edit answered again after a crash reuses its events; another edit does not.
+    assert by_edit.txn("edit $ans 1") == again.txn("edit $ans 1")
+    assert len({j.txn("edit $ans 1") for j in (first, by_edit, by_next_edit)}) == 3
+    assert by_edit.key == "$edit1" and first.key == "$msg"
