@@ -21,6 +21,7 @@ class Job:
     upto_seq: int | None = None  # a retry answers with the history up to that message
     attempt: str = ""  # a retry: the `!ai retry` event id, so its sends are not deduplicated
     attachment: Attachment | None = None  # an image or file the message carries (`body`: its text)
+    transcript: str | None = None  # a voice message's transcript already shown (catch-up)
 
     def txn(self, label: str) -> str | None:
         """The transaction id of this answer's part `label` (see `txn.txn_id`); None: random."""

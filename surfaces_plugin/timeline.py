@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from mautrix.api import Method, Path
@@ -220,6 +220,7 @@ def history_from_timeline(
         if _well_formed(e) and e.get("sender") == owner and is_redacted(e)
     }
     turns: list[TimelineTurn] = []
+    transcripts: dict[str, str] = {}  # voice message id → what the bot heard (newer: seen first)
     summary: str | None = None
     summary_upto: str | None = None
     continued_by_newer: str | None = None  # the message the last turn read says it continues
@@ -233,6 +234,10 @@ def history_from_timeline(
         ts = event_ts(event)
         if sender == bot_id and event.get("type") == "m.room.message":
             if note_edit(latest, event, bot_id):
+                continue
+            heard = layout.parse_transcript(content)
+            if heard is not None:
+                transcripts.setdefault(heard.of, heard.text)
                 continue
             tools = layout.parse_tools_marker(latest.get(event["event_id"], content))
             if tools is not None:
@@ -267,6 +272,7 @@ def history_from_timeline(
         turn = user_turn(event) if sender == owner else None
         if turn is not None and (turn[1] is not None or not is_command(turn[0])):
             text, attachment = turn
+            text = transcripts.get(event["event_id"], text)  # a voice message: what was heard
             turns.append(TimelineTurn("user", text, event["event_id"], sender, ts, attachment))
             continued_by_newer = None
     turns.reverse()
@@ -313,6 +319,7 @@ class Scan:
     noticed_sessions: frozenset[str] = frozenset()  # sessions the bot already said it cannot read
     unfinished_tool_runs: tuple[UnfinishedToolRun, ...] = ()
     commands: tuple[Event, ...] = ()  # `!ai` commands (anyone's) nothing was sent for, oldest first
+    transcripts: dict[str, str] = field(default_factory=dict)  # voice message id → shown transcript
 
 
 def scan_timeline(
@@ -340,6 +347,7 @@ def scan_timeline(
     tool_runs: list[UnfinishedToolRun] = []
     commands: list[Event] = []
     handled: set[str] = set()  # commands something the bot sent names
+    transcripts: dict[str, str] = {}
     for event in events_newest_first:
         if not isinstance(event, dict):
             continue
@@ -352,6 +360,10 @@ def scan_timeline(
             command = layout.parse_command_marker(event.get("content"))
             if command is not None:
                 handled.add(command)
+            heard = layout.parse_transcript(event.get("content"))
+            if heard is not None:
+                transcripts.setdefault(heard.of, heard.text)
+                continue
         if note_edit(latest, event, bot_id):
             continue
         if (
@@ -410,4 +422,5 @@ def scan_timeline(
         noticed_sessions=frozenset(noticed),
         unfinished_tool_runs=tuple(tool_runs),
         commands=tuple(commands),
+        transcripts=transcripts,
     )
