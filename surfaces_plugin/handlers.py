@@ -321,7 +321,9 @@ async def cmd_voice(req: Request, args: str) -> None:
     if not choice:
         state = "on: answers also come as voice messages" if room.voice else "off"
         missing = "" if configured else " (and no `speech.voice_backend` is configured)"
-        await req.reply(f"Voice answers are {state} in this room{missing}. `!{prefix} voice on|off` changes it.")
+        await req.reply(
+            f"Voice answers are {state} in this room{missing}. `!{prefix} voice on|off` changes it."
+        )
         return
     if choice not in ("on", "off"):
         raise UsageError(f"`{args.strip()}` is neither `on` nor `off`.")
