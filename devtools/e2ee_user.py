@@ -390,9 +390,11 @@ class E2EEUser:
         name: str,
         mimetype: str = "application/octet-stream",
         msgtype: str = "m.file",
+        extra: dict[str, Any] | None = None,
     ) -> str:
         """Upload `data` encrypted (nio) and send it as an `m.file` (or `msgtype`: `m.image`…)
-        with `file`, as an E2EE client does in an encrypted room; returns the event id."""
+        with `file`, as an E2EE client does in an encrypted room; returns the event id.
+        `extra`: more content keys (e.g. the voice-message flag)."""
         upload, keys = await self.client.upload(
             io.BytesIO(data), mimetype, name, encrypt=True, filesize=len(data)
         )
@@ -404,6 +406,7 @@ class E2EEUser:
             "filename": name,
             "info": {"mimetype": mimetype, "size": len(data)},
             "file": {**keys, "url": upload.content_uri},
+            **(extra or {}),
         }
         room = self.client.rooms.get(room_id)
         if room is not None and room.encrypted:

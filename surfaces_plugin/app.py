@@ -50,6 +50,7 @@ from .store import Stores
 from .timeline import has_text
 from .toolbox import ToolBox
 from .usage import UsageLedger
+from .voice import Voice
 
 _ROUTED_MSGTYPES = (MessageType.TEXT, MessageType.EMOTE)
 # What the ready gate holds, in arrival order.
@@ -133,6 +134,7 @@ class Surfaces:
         self.dispatcher = Dispatcher(
             io, rooms, history, context, access, backends, catch_up, current, log,
             on_caught_up=reconciler.note_catch_up, usage=usage, tools=tools, media=media,
+            voice=Voice(io, media, e2ee, backends, current, log.getChild("voice")),
         )
         self.reactions = Reactions(rooms, self.dispatcher, log)
         self.onboarding = onboarding

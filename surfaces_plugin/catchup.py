@@ -148,6 +148,7 @@ class CatchUp:
         for event in [e for e in missed if e["event_id"] in cut_off]:
             missed.remove(event)  # told above; stored so that `!ai retry` finds it
             text, attachment = _turn(event)
+            text = scan.transcripts.get(event["event_id"], text)
             await self.history.add_user_turn(
                 room, event["event_id"], event["sender"], text, _ts(event), attachment
             )
@@ -160,6 +161,7 @@ class CatchUp:
                 body=_turn(e)[0],
                 ts=int(e.get("origin_server_ts", 0)),
                 attachment=_turn(e)[1],
+                transcript=scan.transcripts.get(e["event_id"]),  # shown: not transcribed again
             )
             for e in missed
             if not (mark and e["event_id"] == mark.event_id)

@@ -40,6 +40,7 @@ from .streaming import CANCELLED_MARK, StreamedReply, Typing
 from .tool_runs import Outcome, ToolNotice, ToolSource, marker_for, without_tool_messages
 from .txn import content_label
 from .usage import Tally, UsageLedger
+from .voice import Voice
 
 CaughtUp = Callable[[int, int, float], None]  # (messages, rooms, seconds) once catch-up is done
 # What an answer shows once its question is redacted: none of the text it had streamed.
@@ -121,6 +122,7 @@ class Dispatcher:
         usage: UsageLedger,
         tools: ToolSource | None = None,
         media: MediaService | None = None,
+        voice: Voice | None = None,
     ) -> None:
         self.io = io
         self.rooms = rooms
@@ -135,6 +137,7 @@ class Dispatcher:
         self.tools = tools  # the agents' MCP tools: offered to the model, run for its calls
         self.usage = usage  # the token ledger: each answer is counted, quotas are checked
         self.media = media  # images and files: checked before they become turns
+        self.voice = voice  # voice messages transcribed; answers spoken where voice is on
         self._queues: dict[str, deque[Job]] = defaultdict(deque)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._generating: dict[str, asyncio.Task[None]] = {}
@@ -423,6 +426,8 @@ class Dispatcher:
         """The stored turn's text; an attachment is checked first (MediaError: the one notice)."""
         if job.attachment is None:
             return job.body
+        if job.attachment.kind == "audio" and self.voice is not None:
+            return await self.voice.transcript(room, job)
         if self.media is None:
             raise MediaError("Images and files are not handled here.")
         return await self.media.admit(job.attachment, self.context.agent_of(room))
@@ -517,6 +522,8 @@ class Dispatcher:
         if usage is not None and not notice.run.steps:  # with tools, the prompt grew as it went
             self.context.calibrate(agent.id, window.tokens, usage.prompt_tokens)
         await self.history.mark_processed(room, job.event_id, job.ts)
+        if self.voice is not None:  # the text answer is final: also spoken where voice is on
+            await self.voice.speak_answer(self.rooms.current(room), job, stream.full_text)
 
     async def _request(
         self, agent: AgentSpec, backend: Backend, window: Window, room: WorkingRoom

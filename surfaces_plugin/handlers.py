@@ -313,6 +313,39 @@ async def cmd_system(req: Request, args: str) -> None:
     )
 
 
+async def cmd_voice(req: Request, args: str) -> None:
+    room = await req.my_room()
+    prefix = req.settings.command_prefix
+    configured = bool(req.settings.speech.voice_backend)
+    choice = args.strip().lower()
+    if not choice:
+        state = "on: answers also come as voice messages" if room.voice else "off"
+        missing = "" if configured else " (and no `speech.voice_backend` is configured)"
+        await req.reply(
+            f"Voice answers are {state} in this room{missing}. `!{prefix} voice on|off` changes it."
+        )
+        return
+    if choice not in ("on", "off"):
+        raise UsageError(f"`{args.strip()}` is neither `on` nor `off`.")
+    on = choice == "on"
+    if on and not configured:
+        raise Refusal(
+            "Voice answers need text to speech, which is not set up here: an admin needs to set "
+            "`speech.voice_backend` in the bot's config."
+        )
+    if room.voice == on:
+        await req.reply(f"Voice answers are already {choice} in this room.")
+        return
+    await req.services.rooms.update_binding(room, voice=on)
+    if on:
+        await req.reply(
+            "Voice answers are on: from the next answer, each also comes as a voice message. "
+            f"`!{prefix} voice off` stops them."
+        )
+    else:
+        await req.reply("Voice answers are off: answers come as text only.")
+
+
 async def cmd_memory(req: Request, args: str) -> None:
     memory = req.services.memory
     action, _, rest = args.partition(" ")
@@ -497,6 +530,15 @@ def register_commands(tree: CommandTree) -> None:
         ),
         CommandSpec(
             "archive", "", "removes this room from your Space", cmd_archive, "working_room"
+        ),
+        # Late, `on`/`off` are told (they change state); showing it runs.
+        CommandSpec(
+            "voice",
+            "[on | off]",
+            "shows or sets whether answers also come as voice messages",
+            cmd_voice,
+            "working_room",
+            replay="run_to_show",
         ),
         CommandSpec(
             "usage", "[all]", "tokens you used (`all`: everyone's, admins)", cmd_usage, replay="run"

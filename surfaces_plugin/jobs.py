@@ -29,6 +29,7 @@ class Job:
     regenerate: str = ""  # the edit or reaction event that asks for the answer again
     edited: bool = False  # `regenerate` is an edit: `body` is the message's new text
     replaces: str | None = None  # the previous answer's event, edited in place
+    transcript: str | None = None  # a voice message's transcript already shown (catch-up)
 
     @property
     def key(self) -> str:

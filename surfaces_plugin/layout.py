@@ -34,6 +34,8 @@ SUMMARY_KEY = f"{NAMESPACE}.summary"
 COMPACTING_KEY = f"{NAMESPACE}.compacting"
 TOOLS_KEY = f"{NAMESPACE}.tools"
 COMMAND_KEY = f"{NAMESPACE}.command"
+TRANSCRIPT_KEY = f"{NAMESPACE}.transcript"
+VOICE_FLAG_KEY = "org.matrix.msc3245.voice"  # marks an m.audio as a voice message (MSC3245)
 
 BINDING = EventType.find(BINDING_TYPE, EventType.Class.STATE)
 MEMORY = EventType.find(MEMORY_TYPE, EventType.Class.STATE)
@@ -227,6 +229,7 @@ class Binding:
     platform_chat_id: str | None = None  # None only in the older layout; backfilled at start
     system_prompt: str | None = None
     archived: bool = False
+    voice: bool | None = None  # answers also spoken (`!ai voice on`); None: never set (off)
     v: int = LAYOUT_VERSION
 
     def to_content(self) -> dict[str, Any]:
@@ -243,6 +246,8 @@ class Binding:
             content["system_prompt"] = self.system_prompt
         if self.archived:
             content["archived"] = True
+        if self.voice is not None:
+            content["voice"] = self.voice
         return content
 
 
@@ -262,6 +267,7 @@ def parse_binding(content: object) -> Binding | None:
     pcid = get("platform_chat_id")
     prompt = get("system_prompt")
     archived = get("archived", False)
+    voice = get("voice")
     if (
         type(v) is not int
         or v < 1
@@ -283,6 +289,7 @@ def parse_binding(content: object) -> Binding | None:
         platform_chat_id=pcid,
         system_prompt=prompt,
         archived=archived,
+        voice=voice if isinstance(voice, bool) else None,  # tolerant: a bad flag is unset
         v=v,
     )
 
@@ -658,6 +665,65 @@ def parse_command_marker(content: object) -> str | None:
     body = _marker_body(content, COMMAND_KEY)
     answers = body.get("answers") if body is not None else None
     return answers if _nonempty_str(answers) else None
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """The bot's notice showing what it heard in a voice message: `of` is that message's id."""
+
+    of: str
+    text: str
+
+
+TRANSCRIPT_PREFIX = "🎤 "
+
+
+def transcript_notice_text(text: str) -> str:
+    """The transcript quoted (`> 🎤 …`), so the user can check what was heard."""
+    return "\n".join(f"> {line}".rstrip() for line in f"{TRANSCRIPT_PREFIX}{text}".splitlines())
+
+
+def transcript_marker(audio_event_id: str) -> dict[str, Any]:
+    """Keys to merge into a transcript notice, so catch-up and the rebuild find the transcript."""
+    return {TRANSCRIPT_KEY: {"of": audio_event_id}}
+
+
+def parse_transcript(content: object) -> Transcript | None:
+    """The transcript a notice shows (read back from its body); None when it is not one."""
+    if not _is_map(content):
+        return None
+    body = content.get(TRANSCRIPT_KEY)
+    of = body.get("of") if _is_map(body) else None
+    text = content.get("body")
+    if not _nonempty_str(of) or not isinstance(text, str):
+        return None
+    lines = [line.removeprefix(">").removeprefix(" ") for line in text.splitlines()]
+    return Transcript(of, "\n".join(lines).removeprefix(TRANSCRIPT_PREFIX).strip())
+
+
+def voice_message_content(
+    body: str,
+    filename: str,
+    media: Mapping[str, Any],
+    mime: str,
+    size: int,
+    duration_ms: int | None,
+) -> dict[str, Any]:
+    """An `m.audio` voice message (MSC3245: clients show a voice player); `media` is its `url`
+    or, in an encrypted room, its `file` (`E2EE.upload`)."""
+    info: dict[str, Any] = {"mimetype": mime, "size": size}
+    audio: dict[str, Any] = {}
+    if duration_ms is not None:
+        info["duration"] = audio["duration"] = duration_ms
+    return {
+        "msgtype": "m.audio",
+        "body": body,
+        "filename": filename,
+        **media,
+        "info": info,
+        "org.matrix.msc1767.audio": audio,
+        VOICE_FLAG_KEY: {},
+    }
 
 
 def parse_reset_marker(content: object) -> ResetMarker | None:

@@ -267,11 +267,6 @@ class RecentMedia:
             self.used -= dropped
 
 
-VOICE_NOT_SUPPORTED = (
-    "Voice messages are not supported yet: nothing was sent to the agent. Type your message instead."
-)
-
-
 class MediaService:
     def __init__(self, io: MatrixIO, settings: Callable[[], Settings], log: logging.Logger) -> None:
         self.io = io
@@ -289,8 +284,8 @@ class MediaService:
         """Check an attachment the owner sent before it becomes a turn; returns the turn's text.
 
         Raises MediaError with the one notice the room gets when it cannot be used."""
-        if attachment.kind == "audio":
-            return await self.voice_turn(attachment)
+        if attachment.kind == "audio":  # voice.Voice transcribes those (dispatch routes them)
+            raise MediaError("Voice messages are not handled here.")
         if attachment.kind == "image" and not agent.vision:
             raise MediaError(self.cannot_see(agent))
         try:
@@ -304,10 +299,6 @@ class MediaService:
                 f"Nothing was sent to `{agent.id}`."
             ) from e
         return attachment.turn_text
-
-    async def voice_turn(self, attachment: Attachment) -> str:
-        """The text a voice message stands for (the speech-to-text work replaces this)."""
-        raise MediaError(VOICE_NOT_SUPPORTED)
 
     def cannot_see(self, agent: AgentSpec) -> str:
         """The notice for an image sent to an agent without `vision`, naming those with it."""
@@ -365,6 +356,10 @@ class MediaService:
         part = file_part(text, max_chars)
         self.recent.put(key, part)
         return part
+
+    async def audio(self, attachment: Attachment) -> bytes:
+        """A voice message's bytes (decrypted), within `max_audio_bytes` (raises MediaError)."""
+        return await self._download(attachment, self.limits.max_audio_bytes, "max_audio_bytes")
 
     async def request_message(self, text: str, attachment: Attachment, *, vision: bool) -> ChatMessage:
         """A stored user turn (`text`) with its attachment as a request carries it: an image as

@@ -54,6 +54,11 @@ class WorkingRoom:
     def archived(self) -> bool:
         return self.binding.archived
 
+    @property
+    def voice(self) -> bool:
+        """Answers are also sent as voice messages (`!ai voice on`)."""
+        return self.binding.voice is True
+
     def with_binding(self, **changes: Any) -> WorkingRoom:
         return dataclasses.replace(self, binding=dataclasses.replace(self.binding, **changes))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from mautrix.api import Method, Path
@@ -248,6 +248,7 @@ def history_from_timeline(
         if _well_formed(e) and e.get("sender") == owner and is_redacted(e)
     }
     turns: list[TimelineTurn] = []
+    transcripts: dict[str, str] = {}  # voice message id → what the bot heard (newer: seen first)
     summary: str | None = None
     summary_upto: str | None = None
     continued_by_newer: str | None = None  # the message the last turn read says it continues
@@ -263,6 +264,10 @@ def history_from_timeline(
             continue
         if sender == bot_id and event.get("type") == "m.room.message":
             if note_edit(latest, event, bot_id):
+                continue
+            heard = layout.parse_transcript(content)
+            if heard is not None:
+                transcripts.setdefault(heard.of, heard.text)
                 continue
             tools = layout.parse_tools_marker(latest.get(event["event_id"], content))
             if tools is not None:
@@ -299,6 +304,7 @@ def history_from_timeline(
             text, attachment = turn
             if attachment is None:  # the owner's latest edit of a text message
                 text = edit_text(edited.get(event["event_id"]), is_command) or text
+            text = transcripts.get(event["event_id"], text)  # a voice message: what was heard
             turns.append(TimelineTurn("user", text, event["event_id"], sender, ts, attachment))
             continued_by_newer = None
     turns.reverse()
@@ -348,6 +354,7 @@ class Scan:
     # The owner's newest edit of the answered message that no version of its answer was made
     # for (an edit sent while the bot was down): that message is answered again, once.
     edit: Event | None = None
+    transcripts: dict[str, str] = field(default_factory=dict)  # voice message id → shown transcript
 
 
 def scan_timeline(
@@ -382,6 +389,7 @@ def scan_timeline(
     revised_for: str | None = None  # the edit the newest answer's latest version was made for
     # The owner's edits newer than the newest answer; older ones were there when it was made.
     edits_after_answer: dict[str, Event] = {}
+    transcripts: dict[str, str] = {}
     for event in events_newest_first:
         if not isinstance(event, dict):
             continue
@@ -394,6 +402,10 @@ def scan_timeline(
             command = layout.parse_command_marker(event.get("content"))
             if command is not None:
                 handled.add(command)
+            heard = layout.parse_transcript(event.get("content"))
+            if heard is not None:
+                transcripts.setdefault(heard.of, heard.text)
+                continue
         if note_edit(latest, event, bot_id):
             continue
         if _well_formed(event) and note_owner_edit(owner_edits, event, owner, is_command):
@@ -461,6 +473,7 @@ def scan_timeline(
         noticed_sessions=frozenset(noticed),
         unfinished_tool_runs=tuple(tool_runs),
         commands=tuple(commands),
+        transcripts=transcripts,
     )
 
 

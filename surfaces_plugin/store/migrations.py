@@ -188,3 +188,9 @@ async def upgrade_v5(conn: Connection) -> None:
 async def upgrade_v6(conn: Connection) -> None:
     # JSON of layout.Attachment (mxc URI or encrypted file, name, type); never the bytes.
     await conn.execute("ALTER TABLE messages ADD COLUMN attachment TEXT")
+
+
+@upgrade_table.register(description="rooms.voice: answers also spoken in this room (`!ai voice`)")
+async def upgrade_voice(conn: Connection) -> None:
+    # The binding's optional `voice` flag; NULL when the binding never set it.
+    await conn.execute("ALTER TABLE rooms ADD COLUMN voice BOOLEAN")

@@ -15,7 +15,7 @@ from devtools.documents import make_pdf
 from devtools.images import make_png
 from surfaces_plugin.backends import ChatMessage, ImagePart
 from surfaces_plugin.context_window import IMAGE_TOKENS
-from surfaces_plugin.media import VOICE_NOT_SUPPORTED, RecentMedia
+from surfaces_plugin.media import RecentMedia
 
 from .conftest import BASE_CONFIG
 from .test_context import ALICE, RecordingBackend, agents, forget_messages, onboarded, pcid
@@ -243,15 +243,6 @@ async def test_an_image_gone_from_the_server_later_becomes_a_note(make_surfaces)
         "Keep this in mind"
     )
     assert h.last_reply(room) == "re: What did I send?"
-
-
-async def test_a_voice_message_gets_the_not_supported_notice(make_surfaces) -> None:
-    h, room, backend, _ = await onboarded(make_surfaces)
-    mxc = await upload(h, b"OggS", "audio/ogg", "voice.ogg")
-    await send(h, room, media("m.audio", mxc, "voice.ogg", "audio/ogg", 4))
-    assert h.last_reply(room) == VOICE_NOT_SUPPORTED
-    await h.say(room, ALICE, "typed instead")
-    assert h.last_reply(room) == "re: typed instead"
 
 
 # durable: export, rebuild, catch-up, compaction

@@ -18,6 +18,9 @@ KEYS = [
     "platform_chat_id",
     "system_prompt",
     "archived",
+    "voice",
+    "of",
+    "body",
     "via",
     "order",
     "suggested",
@@ -38,6 +41,7 @@ KEYS = [
     layout.VERSION_KEY,
     layout.TURN_KEY,
     layout.RESET_KEY,
+    layout.TRANSCRIPT_KEY,
 ]
 
 odd_text = st.one_of(
@@ -76,6 +80,7 @@ PARSERS = {
     layout.parse_access: layout.AccessDecisions,
     layout.parse_turn_marker: layout.TurnMarker,
     layout.parse_reset_marker: layout.ResetMarker,
+    layout.parse_transcript: layout.Transcript,
     layout.parse_tombstone: str,
     layout.create_predecessor: str,
 }
@@ -107,6 +112,8 @@ def test_parsers_never_raise_on_arbitrary_json(content: object) -> None:
 
 VALID = [
     layout.Binding("@a:hs", "!s", "echo", "T", "c1", "p", True).to_content(),
+    layout.Binding("@a:hs", "!s", "echo", "T", "c1", voice=False).to_content(),
+    {"body": layout.transcript_notice_text("hi\nthere"), **layout.transcript_marker("$a")},
     layout.space_creation_content("@a:hs"),
     layout.working_creation_content("@a:hs"),
     layout.space_child_content("hs", "0001"),
