@@ -280,7 +280,14 @@ class Dispatcher:
         marker = layout.TurnMarker(
             room.platform_chat_id, agent.id, answers=answers, command=job.attempt or None
         )
-        stream = StreamedReply(self.io, self.settings, room.room_id, marker, job.txn)
+        stream = StreamedReply(
+            self.io,
+            self.settings,
+            room.room_id,
+            marker,
+            job.txn,
+            streaming=room.streams(settings.streaming.enabled),
+        )
         notice = ToolNotice(
             self.io, room.room_id, marker_for(room.platform_chat_id, agent.id, answers), job.txn
         )

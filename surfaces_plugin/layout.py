@@ -33,6 +33,8 @@ SUMMARY_KEY = f"{NAMESPACE}.summary"
 COMPACTING_KEY = f"{NAMESPACE}.compacting"
 TOOLS_KEY = f"{NAMESPACE}.tools"
 COMMAND_KEY = f"{NAMESPACE}.command"
+# MSC4357 (live messages): on a streamed answer's first post and intermediate edits, not its last.
+LIVE_KEY = "org.matrix.msc4357.live"
 
 BINDING = EventType.find(BINDING_TYPE, EventType.Class.STATE)
 MEMORY = EventType.find(MEMORY_TYPE, EventType.Class.STATE)
@@ -226,6 +228,7 @@ class Binding:
     platform_chat_id: str | None = None  # None only in the older layout; backfilled at start
     system_prompt: str | None = None
     archived: bool = False
+    stream: bool | None = None  # `!ai stream on|off`; None: the config's default
     v: int = LAYOUT_VERSION
 
     def to_content(self) -> dict[str, Any]:
@@ -242,6 +245,8 @@ class Binding:
             content["system_prompt"] = self.system_prompt
         if self.archived:
             content["archived"] = True
+        if self.stream is not None:
+            content["stream"] = self.stream
         return content
 
 
@@ -261,6 +266,7 @@ def parse_binding(content: object) -> Binding | None:
     pcid = get("platform_chat_id")
     prompt = get("system_prompt")
     archived = get("archived", False)
+    stream = get("stream")
     if (
         type(v) is not int
         or v < 1
@@ -282,6 +288,8 @@ def parse_binding(content: object) -> Binding | None:
         platform_chat_id=pcid,
         system_prompt=prompt,
         archived=archived,
+        # A display preference of the wrong shape falls back to the default; the room stays.
+        stream=stream if isinstance(stream, bool) else None,
         v=v,
     )
 
@@ -487,6 +495,11 @@ def turn_marker(
     if continues:
         body["continues"] = continues
     return {TURN_KEY: body, **(command_marker(command) if command else {})}
+
+
+def live_marker() -> dict[str, Any]:
+    """Keys to merge into a streamed answer while it is still being written (MSC4357)."""
+    return {LIVE_KEY: {}}
 
 
 def command_marker(command_event_id: str) -> dict[str, Any]:

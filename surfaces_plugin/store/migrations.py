@@ -154,3 +154,9 @@ async def upgrade_v4(conn: Connection) -> None:
     )
     await conn.execute("DROP TABLE messages")
     await conn.execute("ALTER TABLE messages_v4 RENAME TO messages")
+
+
+@upgrade_table.register(description="rooms.stream: the room's `!ai stream on|off` (NULL: default)")
+async def upgrade_v5(conn: Connection) -> None:
+    # Mirrors the binding's optional `stream`, so the cache carries what Matrix says.
+    await conn.execute("ALTER TABLE rooms ADD COLUMN stream BOOLEAN")

@@ -43,6 +43,7 @@ class Room:
                 platform_chat_id=row["platform_chat_id"] or None,
                 system_prompt=row["system_prompt"],
                 archived=bool(row["archived"]),
+                stream=None if row["stream"] is None else bool(row["stream"]),
             )
         return cls(
             room_id=row["room_id"],
@@ -75,12 +76,13 @@ class Room:
             self.last_activity_ms,
             bool(self.missing),
             self.created_ms,
+            b.stream if b else None,
         )
 
 
 _COLUMNS = (
     "room_id, kind, owner, space_id, agent, title, platform_chat_id, system_prompt, archived,"
-    " order_key, bot_membership, owner_membership, last_activity_ms, missing, created_ms"
+    " order_key, bot_membership, owner_membership, last_activity_ms, missing, created_ms, stream"
 )
 # Keeps the newest of the stored and the given value; NULL never erases a known one.
 _NEWEST_ACTIVITY = """CASE WHEN rooms.last_activity_ms IS NULL
@@ -91,7 +93,7 @@ _NEWEST_ACTIVITY = """CASE WHEN rooms.last_activity_ms IS NULL
 class RoomStore(Repository):
     _upsert = f"""
         INSERT INTO rooms ({_COLUMNS})
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
         ON CONFLICT (room_id) DO UPDATE SET
             kind=excluded.kind, owner=excluded.owner, space_id=excluded.space_id,
             agent=excluded.agent, title=excluded.title,
@@ -100,7 +102,8 @@ class RoomStore(Repository):
             bot_membership=excluded.bot_membership, owner_membership=excluded.owner_membership,
             last_activity_ms={_NEWEST_ACTIVITY},
             missing=excluded.missing,
-            created_ms=COALESCE(excluded.created_ms, rooms.created_ms)
+            created_ms=COALESCE(excluded.created_ms, rooms.created_ms),
+            stream=excluded.stream
     """
 
     async def get(self, room_id: str, *, conn: Connection | None = None) -> Room | None:
