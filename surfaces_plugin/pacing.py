@@ -16,6 +16,8 @@ from .config import StreamingSettings
 # A sentence ends at . ! ? … (and closing quotes, brackets or Markdown emphasis) before
 # whitespace, or at CJK full stops; a line ends at a newline (the break goes before it).
 _ENDS = re.compile(r"[.!?…]+[\"'”’)\]*_`]*(?=\s)|[。！？]|\n")
+# Edits over which the interval grows to its maximum (at 1 → 3 s: 1, 1.5, 2, 2.5, then 3 s).
+RAMP_EDITS = 4
 # `1. ` at the start of a line numbers a list item; it ends nothing.
 _LIST_MARKER = re.compile(r"[ \t]*\d+\.$")
 
@@ -76,9 +78,10 @@ class Pacer:
         self.sends = 0  # partial sends so far (the first post included)
 
     def interval(self) -> float:
-        """The pause before the next edit: from `interval_s` up to `max_interval_s` over the cap."""
+        """The pause before the next edit: from `interval_s` up to `max_interval_s` within
+        `RAMP_EDITS` edits, so a short answer is edited about once and a long one rarely."""
         p = self.pace
-        grown = min(1.0, max(0, self.sends - 1) / max(1, p.max_edits - 1))
+        grown = min(1.0, max(0, self.sends - 1) / RAMP_EDITS)
         return p.interval_s + (p.max_interval_s - p.interval_s) * grown
 
     def step(self, text: str, shown: int, now: float) -> Step:
