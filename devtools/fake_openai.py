@@ -10,7 +10,8 @@ ends cleanly without finish_reason or [DONE]), malformed (an event that is not J
 (200 text/html), think (<think> block split across events), reasoning (delta.reasoning_content
 first), json (ignores stream=true), error_event (an error object inside the 200 stream).
 Options (set_mode keywords or /_control keys): reply, status, message, retry_after, times, delay_s,
-chunk_chars, write_bytes.
+first_delay_s, chunk_chars, write_bytes. A model-like pace: `first_delay_s=0.4, delay_s=0.04`
+(first words at 400 ms, then 25 words a second).
 
 Tools, like a model would use them: when the request offers tools and the newest user message
 has a line `call <tool> <json arguments>`, the answer is that tool call (streamed as a real one:
@@ -119,6 +120,7 @@ class Behaviour:
     retry_after: str | None = "1"  # for mode "rate_limit"; None = no header
     times: int | None = None  # misbehave this many times, then back to normal
     delay_s: float = 0.0  # pause between events
+    first_delay_s: float = 0.0  # the first words this long after the headers (time to first token)
     chunk_chars: int = 0  # characters per content event; 0 = word by word
     write_bytes: int = 0  # split the raw output into writes of this size; 0 = one write an event
 
@@ -338,6 +340,8 @@ class FakeOpenAI(LoopbackServer):
         if how.mode == "reasoning":
             for piece in _split(THINKING, 0):
                 await send(stream.event({"reasoning_content": piece}))
+        if how.first_delay_s:  # the head event already paused delay_s
+            await asyncio.sleep(max(0.0, how.first_delay_s - how.delay_s))
         for i, piece in enumerate(pieces):
             if how.mode == "hang_mid" and i == 2:
                 await asyncio.Event().wait()
