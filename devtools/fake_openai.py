@@ -152,6 +152,8 @@ class FakeOpenAI(LoopbackServer):
         self.behaviour = Behaviour()
         self.requests: list[dict[str, Any]] = []
         self.received = asyncio.Event()  # set at every chat request
+        # (perf_counter, piece) as each piece of answer text is written; None: the stream ended.
+        self.stream_log: list[tuple[float, str | None]] = []
 
     @property
     def bodies(self) -> list[dict[str, Any]]:
@@ -163,6 +165,7 @@ class FakeOpenAI(LoopbackServer):
     def reset(self) -> None:
         self.behaviour = Behaviour()
         self.requests.clear()
+        self.stream_log.clear()
         self.disconnects = 0
         self.disconnected.clear()
         self.received.clear()
@@ -223,6 +226,7 @@ class FakeOpenAI(LoopbackServer):
             body = raw
         self.requests.append(
             {
+                "at": time.perf_counter(),  # benchmarks time the stream against it
                 "path": request.path,
                 "authorization": request.headers.get("Authorization"),
                 "body": body,
@@ -352,6 +356,7 @@ class FakeOpenAI(LoopbackServer):
             if how.mode == "error_event" and i == half:
                 await send(_sse({"error": {"message": "model overloaded", "type": "server_error"}}))
                 return response
+            self.stream_log.append((time.perf_counter(), piece))
             await send(stream.event({"content": piece}))
         if how.mode == "cut":
             request.transport.close()  # type: ignore[union-attr]  # no final chunk: a broken stream
@@ -363,6 +368,7 @@ class FakeOpenAI(LoopbackServer):
         options = body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
             await send(_sse({**stream.envelope(), "choices": [], "usage": usage}))
+        self.stream_log.append((time.perf_counter(), None))  # [DONE] goes out now
         await send(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
