@@ -41,7 +41,7 @@ def readable_end(text: str, start: int = 0) -> int:
 def word_end(text: str, start: int = 0) -> int:
     """The end of the last complete word after `start` (all of `text` when none is complete)."""
     at = max(text.rfind(" ", start), text.rfind("\n", start))
-    return at if at > start else len(text)
+    return at if at > start and text[start:at].strip() else len(text)
 
 
 @dataclass(frozen=True)

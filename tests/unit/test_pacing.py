@@ -28,6 +28,7 @@ def test_sentence_and_line_ends() -> None:
     assert readable_end(text, start=5) == len("One. Two.")
     assert word_end("one two thr") == len("one two")
     assert word_end("single") == len("single")
+    assert word_end("\n\nHel") == len("\n\nHel")  # never a post of blank lines
 
 
 def test_the_first_post_waits_for_a_complete_sentence() -> None:
