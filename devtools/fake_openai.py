@@ -10,7 +10,8 @@ ends cleanly without finish_reason or [DONE]), malformed (an event that is not J
 (200 text/html), think (<think> block split across events), reasoning (delta.reasoning_content
 first), json (ignores stream=true), error_event (an error object inside the 200 stream).
 Options (set_mode keywords or /_control keys): reply, status, message, retry_after, times, delay_s,
-chunk_chars, write_bytes.
+first_delay_s, chunk_chars, write_bytes. A model-like pace: `first_delay_s=0.4, delay_s=0.04`
+(first words at 400 ms, then 25 words a second).
 
 Tools, like a model would use them: when the request offers tools and the newest user message
 has a line `call <tool> <json arguments>`, the answer is that tool call (streamed as a real one:
@@ -211,6 +212,7 @@ class Behaviour:
     retry_after: str | None = "1"  # for mode "rate_limit"; None = no header
     times: int | None = None  # misbehave this many times, then back to normal
     delay_s: float = 0.0  # pause between events
+    first_delay_s: float = 0.0  # the first words this long after the headers (time to first token)
     chunk_chars: int = 0  # characters per content event; 0 = word by word
     write_bytes: int = 0  # split the raw output into writes of this size; 0 = one write an event
 
@@ -243,6 +245,8 @@ class FakeOpenAI(LoopbackServer):
         self.requests: list[dict[str, Any]] = []
         self.reported: list[dict[str, int]] = []  # each `usage` sent to a client, in order
         self.received = asyncio.Event()  # set at every chat request
+        # (perf_counter, piece) as each piece of answer text is written; None: the stream ended.
+        self.stream_log: list[tuple[float, str | None]] = []
 
     @property
     def bodies(self) -> list[dict[str, Any]]:
@@ -255,6 +259,7 @@ class FakeOpenAI(LoopbackServer):
         self.behaviour = Behaviour()
         self.requests.clear()
         self.reported.clear()
+        self.stream_log.clear()
         self.disconnects = 0
         self.disconnected.clear()
         self.received.clear()
@@ -318,6 +323,7 @@ class FakeOpenAI(LoopbackServer):
             body = raw
         self.requests.append(
             {
+                "at": time.perf_counter(),  # benchmarks time the stream against it
                 "path": request.path,
                 "authorization": request.headers.get("Authorization"),
                 "body": body,
@@ -440,6 +446,8 @@ class FakeOpenAI(LoopbackServer):
         if how.mode == "reasoning":
             for piece in _split(THINKING, 0):
                 await send(stream.event({"reasoning_content": piece}))
+        if how.first_delay_s:  # the head event already paused delay_s
+            await asyncio.sleep(max(0.0, how.first_delay_s - how.delay_s))
         for i, piece in enumerate(pieces):
             if how.mode == "hang_mid" and i == 2:
                 await asyncio.Event().wait()
@@ -450,6 +458,7 @@ class FakeOpenAI(LoopbackServer):
             if how.mode == "error_event" and i == half:
                 await send(_sse({"error": {"message": "model overloaded", "type": "server_error"}}))
                 return response
+            self.stream_log.append((time.perf_counter(), piece))
             await send(stream.event({"content": piece}))
         if how.mode == "cut":
             request.transport.close()  # type: ignore[union-attr]  # no final chunk: a broken stream
@@ -462,6 +471,7 @@ class FakeOpenAI(LoopbackServer):
         if isinstance(options, dict) and options.get("include_usage"):
             self.reported.append(usage)
             await send(_sse({**stream.envelope(), "choices": [], "usage": usage}))
+        self.stream_log.append((time.perf_counter(), None))  # [DONE] goes out now
         await send(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

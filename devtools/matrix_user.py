@@ -50,6 +50,7 @@ class RoomLog:
     ephemeral: list[Event] = field(default_factory=list)  # typing, receipts
     account_data: dict[str, Any] = field(default_factory=dict)
     seen_ids: set[str] = field(default_factory=set)
+    arrived: dict[str, float] = field(default_factory=dict)  # event id → perf_counter at its sync
 
     def add(self, event: Event) -> None:
         event_id = event.get("event_id")
@@ -57,6 +58,7 @@ class RoomLog:
             if event_id in self.seen_ids:
                 return
             self.seen_ids.add(event_id)
+            self.arrived[event_id] = time.perf_counter()
         self.events.append(event)
 
 

@@ -164,8 +164,11 @@ class SpaceSettings:
 
 @dataclass(frozen=True)
 class StreamingSettings:
-    enabled: bool = True
-    edit_interval_ms: int = 800
+    enabled: bool = True  # the default; `!ai stream on|off` decides per room
+    first_post_ms: int = 1000  # the first post's deadline after the first words
+    edit_interval_ms: int = 1000  # 0: every piece is shown at once, unpaced
+    max_edit_interval_ms: int = 3000
+    max_edits: int = 20
 
 
 @dataclass(frozen=True)
@@ -489,7 +492,12 @@ def parse_settings(data: dict[str, Any]) -> Settings:
         default_agent=default_agent,
         streaming=StreamingSettings(
             enabled=_bool(streaming, "enabled", "streaming.enabled", True),
-            edit_interval_ms=_int(streaming, "edit_interval_ms", "streaming.edit_interval_ms", 800),
+            first_post_ms=_int(streaming, "first_post_ms", "streaming.first_post_ms", 1000),
+            edit_interval_ms=_int(streaming, "edit_interval_ms", "streaming.edit_interval_ms", 1000),
+            max_edit_interval_ms=_int(
+                streaming, "max_edit_interval_ms", "streaming.max_edit_interval_ms", 3000
+            ),
+            max_edits=_int(streaming, "max_edits", "streaming.max_edits", 20, minimum=1),
         ),
         reconciliation=ReconciliationSettings(
             concurrency=_int(recon, "concurrency", "reconciliation.concurrency", 6, minimum=1),

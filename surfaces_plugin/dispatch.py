@@ -445,7 +445,13 @@ class Dispatcher:
             revision=job.regenerate or None,
         )
         stream = StreamedReply(
-            self.io, self.settings, room.room_id, marker, job.txn, replaces=job.replaces
+            self.io,
+            self.settings,
+            room.room_id,
+            marker,
+            job.txn,
+            replaces=job.replaces,
+            streaming=room.streams(settings.streaming.enabled),
         )
         self._streams[room.room_id] = stream
         notice = ToolNotice(

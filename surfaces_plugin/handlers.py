@@ -346,6 +346,29 @@ async def cmd_voice(req: Request, args: str) -> None:
         await req.reply("Voice answers are off: answers come as text only.")
 
 
+async def cmd_stream(req: Request, args: str) -> None:
+    room = await req.my_room()
+    default = req.settings.streaming.enabled
+    prefix = req.settings.command_prefix
+    choice = args.strip().lower()
+    if not choice:
+        how = "this room's choice" if room.binding.stream is not None else "the default"
+        on = room.streams(default)
+        mode = "on: answers appear as they are written" if on else "off: each answer comes whole"
+        await req.reply(f"Streaming is {mode} ({how}). `!{prefix} stream on|off` changes it.")
+        return
+    if choice not in ("on", "off"):
+        raise UsageError(f"`{args.strip()}` is neither `on` nor `off`.")
+    wanted = choice == "on"
+    if room.binding.stream != wanted:
+        await req.services.rooms.update_binding(room, stream=wanted)
+    await req.reply(
+        "Streaming is on here: answers appear as they are written and are edited until done."
+        if wanted
+        else "Streaming is off here: each answer is sent once, whole."
+    )
+
+
 async def cmd_memory(req: Request, args: str) -> None:
     memory = req.services.memory
     action, _, rest = args.partition(" ")
@@ -498,6 +521,14 @@ def register_commands(tree: CommandTree) -> None:
             "[text | -]",
             "shows or sets this room's system prompt",
             cmd_system,
+            "working_room",
+            replay="run_to_show",
+        ),
+        CommandSpec(
+            "stream",
+            "[on | off]",
+            "shows or sets whether answers here appear as they are written",
+            cmd_stream,
             "working_room",
             replay="run_to_show",
         ),

@@ -36,6 +36,8 @@ TOOLS_KEY = f"{NAMESPACE}.tools"
 COMMAND_KEY = f"{NAMESPACE}.command"
 TRANSCRIPT_KEY = f"{NAMESPACE}.transcript"
 VOICE_FLAG_KEY = "org.matrix.msc3245.voice"  # marks an m.audio as a voice message (MSC3245)
+# MSC4357 (live messages): on a streamed answer's first post and intermediate edits, not its last.
+LIVE_KEY = "org.matrix.msc4357.live"
 
 BINDING = EventType.find(BINDING_TYPE, EventType.Class.STATE)
 MEMORY = EventType.find(MEMORY_TYPE, EventType.Class.STATE)
@@ -230,6 +232,7 @@ class Binding:
     system_prompt: str | None = None
     archived: bool = False
     voice: bool | None = None  # answers also spoken (`!ai voice on`); None: never set (off)
+    stream: bool | None = None  # `!ai stream on|off`; None: the config's default
     v: int = LAYOUT_VERSION
 
     def to_content(self) -> dict[str, Any]:
@@ -248,6 +251,8 @@ class Binding:
             content["archived"] = True
         if self.voice is not None:
             content["voice"] = self.voice
+        if self.stream is not None:
+            content["stream"] = self.stream
         return content
 
 
@@ -268,6 +273,7 @@ def parse_binding(content: object) -> Binding | None:
     prompt = get("system_prompt")
     archived = get("archived", False)
     voice = get("voice")
+    stream = get("stream")
     if (
         type(v) is not int
         or v < 1
@@ -290,6 +296,8 @@ def parse_binding(content: object) -> Binding | None:
         system_prompt=prompt,
         archived=archived,
         voice=voice if isinstance(voice, bool) else None,  # tolerant: a bad flag is unset
+        # A display preference of the wrong shape falls back to the default; the room stays.
+        stream=stream if isinstance(stream, bool) else None,
         v=v,
     )
 
@@ -536,6 +544,11 @@ def turn_marker(
     if revision:
         body["revision"] = revision
     return {TURN_KEY: body, **(command_marker(command) if command else {})}
+
+
+def live_marker() -> dict[str, Any]:
+    """Keys to merge into a streamed answer while it is still being written (MSC4357)."""
+    return {LIVE_KEY: {}}
 
 
 def command_marker(command_event_id: str) -> dict[str, Any]:

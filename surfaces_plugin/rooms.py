@@ -59,6 +59,10 @@ class WorkingRoom:
         """Answers are also sent as voice messages (`!ai voice on`)."""
         return self.binding.voice is True
 
+    def streams(self, default: bool) -> bool:
+        """Whether answers here stream: the room's `!ai stream` choice, else the config's."""
+        return default if self.binding.stream is None else self.binding.stream
+
     def with_binding(self, **changes: Any) -> WorkingRoom:
         return dataclasses.replace(self, binding=dataclasses.replace(self.binding, **changes))
 

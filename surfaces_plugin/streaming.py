@@ -1,7 +1,8 @@
 """How an answer appears in the room: the typing notice, then one message posted and edited.
 
-A fast answer is one message and shows no typing notice; a slow one is posted once the edit
-interval has passed and edited as it grows. Every ending (finished, cancelled, failed) leaves
+A fast answer is one message and shows no typing notice; a slow one is posted at its first
+complete sentence (or a short deadline after its first words) and edited as it grows, at
+sentence ends, ever less often (`pacing.py`). Every ending (finished, cancelled, failed) leaves
 the message without the `partial` marker, so one cut off by a crash is recognisable.
 """
 
@@ -19,6 +20,7 @@ from . import layout, replies
 from . import txn as txns
 from .config import Settings
 from .matrix import GatewayError, MatrixIO
+from .pacing import Pace, Pacer
 
 TYPING_REFRESH_S = 20.0
 TYPING_DELAY_S = 0.3  # answers faster than this show no typing notice (two requests saved)
@@ -55,12 +57,15 @@ class Typing:
 
 
 class StreamedReply:
-    """One answer in the room: posted at the first chunk, then edited at most every interval.
+    """One answer in the room: posted and edited as it grows, paced by `pacing.Pacer`.
 
-    While streaming, the answer's marker carries `partial: true`; every ending (finished,
-    cancelled, failed) edits it without, so an answer cut off by a crash stays recognisable.
-    An answer too long for one event continues in a new message: the full one is finished
-    (without `partial`) at a natural break, and every part names the message it answers.
+    A pump task shows the answer while the agent writes it, so a slow homeserver never holds up
+    the stream; every ending (finished, cancelled, failed) stops the pump after its send in
+    flight, then sends the last text once. While streaming, the answer's marker carries
+    `partial: true` and MSC4357's live key; the ending drops both, so an answer cut off by a
+    crash stays recognisable. An answer too long for one event continues in a new message: the
+    full one is finished (without `partial`) at a natural break, and every part names the
+    message it answers.
     """
 
     def __init__(
@@ -71,12 +76,17 @@ class StreamedReply:
         marker: layout.TurnMarker,
         txn: Callable[[str], str | None] = lambda label: None,
         replaces: EventID | None = None,
+        *,
+        streaming: bool = True,  # the room's choice (`WorkingRoom.streams`): edit as it grows
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.io = io
         self.txn = txn  # part label → the transaction id of that send (`Job.txn`)
         self.settings = settings
         self.room_id = room_id
         self.turn = marker
+        self.streaming = streaming
+        self.clock = clock
         self.text = ""  # the current message's text (earlier, full messages are in `_done`)
         # A regenerated answer takes the place of the previous one: it edits that message.
         self.replaces = replaces
@@ -86,8 +96,12 @@ class StreamedReply:
         self._part_ids: list[EventID] = []  # and their event ids
         self._shown = ""
         self._shown_partial = False
-        self._last_edit = time.monotonic()  # the first post also waits one interval
         self._edits = 0  # partial edits of the current message
+        self._pacer = Pacer(Pace.of(settings().streaming))
+        self._pump: asyncio.Task[None] | None = None
+        self._more = asyncio.Event()  # new text, or the end: the pump looks again
+        self._closing = False
+        self._broken: Exception | None = None  # a send of the pump failed: the answer ends
 
     @property
     def full_text(self) -> str:
@@ -100,15 +114,43 @@ class StreamedReply:
         return (*self._part_ids, *([self.event_id] if self.event_id else []))
 
     async def add(self, text: str) -> None:
+        if self._broken is not None:
+            raise self._broken
         self.text += text
-        streaming = self.settings().streaming
-        if not streaming.enabled:
+        if not self.streaming:
             return
-        if time.monotonic() - self._last_edit < streaming.edit_interval_ms / 1000:
-            return  # an answer that ends within the interval is sent once, not posted and edited
-        await self._show(self.text, partial=True)
+        if self._pump is None:
+            self._pump = asyncio.create_task(self._run_pump(), name="streamed answer")
+        self._more.set()
+
+    async def _run_pump(self) -> None:
+        try:
+            while not self._closing:
+                self._more.clear()
+                step = self._pacer.step(self.text, len(self._shown), self.clock())
+                if step.show is None:
+                    try:
+                        await asyncio.wait_for(self._more.wait(), step.wait)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                started = self.clock()
+                await self._show(self.text[: step.show], partial=True)
+                self._pacer.sent(started, self.clock())
+        except Exception as e:  # raised by the next `add` or the ending, which end the answer
+            self._broken = e
+
+    async def _stop_pump(self) -> None:
+        """No more partial sends: the one in flight completes first, so the ending lands last."""
+        self._closing = True
+        self._more.set()
+        if self._pump is not None:
+            await asyncio.shield(self._pump)
 
     async def finish(self) -> None:
+        await self._stop_pump()
+        if self._broken is not None:
+            raise self._broken
         if not self.full_text.strip():
             self.text = "*(the agent sent an empty answer)*"
         else:
@@ -117,6 +159,7 @@ class StreamedReply:
             await self._show(self.text)
 
     async def cancelled(self, mark: str = CANCELLED_MARK) -> None:
+        await self._stop_pump()
         if self.full_text.strip():
             await self._show(self.text + mark)
         elif self.replaces:  # the previous answer's text must not stay as if it were this one's
@@ -131,12 +174,14 @@ class StreamedReply:
             )
 
     async def failed(self, message: str) -> None:
+        await self._stop_pump()
         if self.full_text.strip() or self.replaces:
             await self._show(self.text + "\n\n*(the answer stopped here)*")
         await self.io.send_notice(self.room_id, message, txn=self.txn("failed"))
 
     async def withdraw(self, text: str) -> None:
         """Replace every message of the answer posted so far with `text` (no `partial`)."""
+        await self._stop_pump()
         for event_id in [*self._part_ids, *([self.event_id] if self.event_id else [])]:
             content = self._content(text, partial=False)
             await self.io.edit(self.room_id, event_id, content, self._final_txn(event_id, content))
@@ -160,7 +205,8 @@ class StreamedReply:
         return replies.answer_fits(text + _ENDING_ROOM, self._marker(partial=True))
 
     async def _show(self, text: str, partial: bool = False) -> None:
-        """The current message shows `text`; what does not fit in it goes on in new messages."""
+        """The current message shows `text` (a prefix of `self.text` while streaming, or the
+        ending's text); what does not fit in it goes on in new messages."""
         *full, rest = replies.split_to_fit(text, self._fits)
         for part in full:
             await self._put(part, partial=False)
@@ -168,11 +214,14 @@ class StreamedReply:
             assert self.event_id is not None
             self._part_ids.append(self.event_id)
             self.event_id, self._shown, self._shown_partial = None, "", False
-        self.text = rest
+            self.text = self.text[len(part) :]  # sliced after the send: keeps what came meanwhile
+        if not partial:
+            self.text = rest  # an ending: nothing comes after it
         await self._put(rest, partial)
 
     def _content(self, text: str, partial: bool) -> dict[str, Any]:
-        return replies.rendered(text, "m.text", self._marker(partial))
+        live = layout.live_marker() if partial else {}
+        return replies.rendered(text, "m.text", {**self._marker(partial), **live})
 
     def _final_txn(self, event_id: str, content: dict[str, Any]) -> str | None:
         edits = self._edits if event_id == self.event_id else 0
@@ -202,4 +251,3 @@ class StreamedReply:
                 self.room_id, self.event_id, content, self._final_txn(self.event_id, content)
             )
         self._shown, self._shown_partial = text, partial
-        self._last_edit = time.monotonic()

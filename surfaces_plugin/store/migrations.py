@@ -194,3 +194,9 @@ async def upgrade_v6(conn: Connection) -> None:
 async def upgrade_voice(conn: Connection) -> None:
     # The binding's optional `voice` flag; NULL when the binding never set it.
     await conn.execute("ALTER TABLE rooms ADD COLUMN voice BOOLEAN")
+
+
+@upgrade_table.register(description="rooms.stream: the room's `!ai stream on|off` (NULL: default)")
+async def upgrade_stream(conn: Connection) -> None:
+    # Mirrors the binding's optional `stream`, so the cache carries what Matrix says.
+    await conn.execute("ALTER TABLE rooms ADD COLUMN stream BOOLEAN")

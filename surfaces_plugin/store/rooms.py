@@ -44,6 +44,7 @@ class Room:
                 system_prompt=row["system_prompt"],
                 archived=bool(row["archived"]),
                 voice=None if row["voice"] is None else bool(row["voice"]),
+                stream=None if row["stream"] is None else bool(row["stream"]),
             )
         return cls(
             room_id=row["room_id"],
@@ -77,12 +78,14 @@ class Room:
             bool(self.missing),
             self.created_ms,
             b.voice if b else None,
+            b.stream if b else None,
         )
 
 
 _COLUMNS = (
     "room_id, kind, owner, space_id, agent, title, platform_chat_id, system_prompt, archived,"
-    " order_key, bot_membership, owner_membership, last_activity_ms, missing, created_ms, voice"
+    " order_key, bot_membership, owner_membership, last_activity_ms, missing, created_ms, voice,"
+    " stream"
 )
 # Keeps the newest of the stored and the given value; NULL never erases a known one.
 _NEWEST_ACTIVITY = """CASE WHEN rooms.last_activity_ms IS NULL
@@ -93,7 +96,7 @@ _NEWEST_ACTIVITY = """CASE WHEN rooms.last_activity_ms IS NULL
 class RoomStore(Repository):
     _upsert = f"""
         INSERT INTO rooms ({_COLUMNS})
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
         ON CONFLICT (room_id) DO UPDATE SET
             kind=excluded.kind, owner=excluded.owner, space_id=excluded.space_id,
             agent=excluded.agent, title=excluded.title,
@@ -103,7 +106,8 @@ class RoomStore(Repository):
             last_activity_ms={_NEWEST_ACTIVITY},
             missing=excluded.missing,
             created_ms=COALESCE(excluded.created_ms, rooms.created_ms),
-            voice=excluded.voice
+            voice=excluded.voice,
+            stream=excluded.stream
     """
 
     async def get(self, room_id: str, *, conn: Connection | None = None) -> Room | None:

@@ -53,7 +53,15 @@ CRASH_SEED = int(os.environ.get("SURFACES_CRASH_SEED", "1"))
 LOAD_USERS = int(os.environ.get("SURFACES_LOAD_USERS", "6"))
 LOAD_MESSAGES = 5
 
-FAST_STREAM = {"streaming": {"enabled": True, "edit_interval_ms": 150}}
+# Edits every 150-300 ms from the first words on (the echo has no sentence ends to wait for).
+FAST_STREAM = {
+    "streaming": {
+        "enabled": True,
+        "first_post_ms": 150,
+        "edit_interval_ms": 150,
+        "max_edit_interval_ms": 150,
+    }
+}
 LONG_TEXT = " ".join(f"word{i}" for i in range(120))  # echo streams it for ~2.4 s
 
 

@@ -197,3 +197,18 @@ async def test_a_command_from_before_the_start_delivered_live_is_late_too(make_s
     assert not h2.app.rooms.room(room).archived
     await h2.say(room, ALICE, "!ai archive")  # sent now: run
     assert h2.last_reply(room).startswith("This room is archived")
+
+
+async def test_stream_off_sent_while_down_is_told_and_showing_the_mode_is_run(
+    make_surfaces,
+) -> None:
+    h, room, _ = await onboarded(make_surfaces)
+    await h.app.stop()
+    off = sent_while_down(h, room, ALICE, "!ai stream off")
+    show = sent_while_down(h, room, ALICE, "!ai stream")
+    h2 = await restart(make_surfaces, h)
+    [told] = for_command(h2, room, off)
+    assert told["content"]["body"].startswith(f"`!ai stream off` {NOT_RUN}")
+    [shown] = for_command(h2, room, show)
+    assert shown["content"]["body"].startswith("Streaming is on")  # the late `off` did not run
+    assert h2.app.rooms.room(room).binding.stream is None

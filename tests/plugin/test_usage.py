@@ -5,6 +5,7 @@ comes back from the turn markers after the database is lost."""
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import re
 from collections.abc import AsyncIterator
@@ -39,7 +40,12 @@ class MeteredBackend(Backend):
         last = request.messages[-1].content
         if not summarising:
             self.answered.append(last)
-        yield Chunk("a short summary" if summarising else f"re: {last[:30]}")
+        if summarising:
+            yield Chunk("a short summary")
+        else:  # in two pieces with a pause, so a streamed answer is posted, then edited
+            yield Chunk("re: ")
+            await asyncio.sleep(0.05)
+            yield Chunk(last[:30])
         if self.reports:
             n = len(self.reported)
             usage = Usage(prompt_tokens=100 + 17 * n, completion_tokens=9 + 3 * n)

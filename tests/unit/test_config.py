@@ -40,6 +40,8 @@ def test_base_config_is_valid_and_echo_is_default() -> None:
         ({"access": {"admins": ["bob"]}}, "access.admins[0]", "not a Matrix user id"),
         ({"command_prefix": "a b"}, "command_prefix", "one word"),
         ({"streaming": {"edit_interval_ms": "fast"}}, "streaming.edit_interval_ms", "number"),
+        ({"streaming": {"first_post_ms": -1}}, "streaming.first_post_ms", "at least 0"),
+        ({"streaming": {"max_edits": 0}}, "streaming.max_edits", "at least 1"),
         ({"spaces": {"name_template": "{nickname}"}}, "spaces.name_template", "{displayname}"),
         (
             {"backends": [{"id": "echo", "type": "echo"}, {"id": "o", "type": "openai"}]},

@@ -124,6 +124,17 @@ def test_binding_without_platform_chat_id_is_the_older_layout() -> None:
     assert layout.parse_binding({**content, "platform_chat_id": None}) == parsed
 
 
+def test_binding_keeps_the_rooms_streaming_choice() -> None:
+    assert "stream" not in binding().to_content() and binding().stream is None  # the default
+    for choice in (True, False):
+        chosen = binding(stream=choice)
+        assert chosen.to_content()["stream"] is choice
+        assert layout.parse_binding(chosen.to_content()) == chosen
+    # A preference of the wrong shape falls back to the default; the room keeps its binding.
+    odd = layout.parse_binding({**binding().to_content(), "stream": "yes"})
+    assert odd == binding()
+
+
 def test_binding_ignores_unknown_keys() -> None:
     content = {**binding().to_content(), "org.future.key": [1, 2]}
     assert layout.parse_binding(content) == binding()
