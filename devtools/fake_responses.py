@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import signal
 import time
 import uuid
 from collections import deque
@@ -38,7 +36,7 @@ from typing import Any
 from aiohttp import web
 
 from devtools.images import check_image, decode_data_url, describe_image, sniff_type
-from devtools.loopback import MAX_REQUEST_BYTES
+from devtools.loopback import LoopbackServer
 
 # Conversations API: "You may add up to 20 items at a time."
 MAX_ITEMS_PER_CALL = 20
@@ -93,7 +91,9 @@ class Turn:
     delay_s: float = 0.0  # pause between events
 
 
-class FakeResponses:
+class FakeResponses(LoopbackServer):
+    url_path = "/v1"
+
     def __init__(
         self,
         *,
@@ -102,22 +102,15 @@ class FakeResponses:
         answer: AnswerFn = default_answer,
         require_key: str | None = None,
     ) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(host=host, port=port)
         self.answer = answer
         self.require_key = require_key  # when set, other keys get a 401 that echoes them back
         self.requests: list[dict[str, Any]] = []  # {method, path, authorization, body}
         self.conversations: dict[str, dict[str, Any]] = {}
-        self.disconnected = asyncio.Event()  # a client hung up mid-answer
         self.received = asyncio.Event()  # a request arrived
         # While set to an unset Event, creating a conversation waits for it (a slow platform).
         self.conversation_gate: asyncio.Event | None = None
         self._script: deque[Turn] = deque()
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
 
     @property
     def bodies(self) -> list[dict[str, Any]]:
@@ -132,37 +125,13 @@ class FakeResponses:
     def delete_conversation(self, conversation_id: str) -> None:
         del self.conversations[conversation_id]
 
-    async def start(self) -> str:
-        app = web.Application(client_max_size=MAX_REQUEST_BYTES)  # images inline, not 1 MB
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_post("/v1/conversations", self._create_conversation)
         app.router.add_get("/v1/conversations/{id}", self._get_conversation)
         app.router.add_delete("/v1/conversations/{id}", self._delete_conversation)
         app.router.add_get("/v1/conversations/{id}/items", self._list_items)
         app.router.add_post("/v1/conversations/{id}/items", self._add_items)
-        # handler_cancellation: a client hanging up cancels the handler, so we can see it.
-        self._runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server  # the bound port, when 0 asked the OS to pick one
-        if server is not None and server.sockets:  # type: ignore[union-attr]
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self.base_url
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> FakeResponses:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     # ---- shared request handling
 
@@ -203,7 +172,7 @@ class FakeResponses:
             try:
                 await self.conversation_gate.wait()
             except asyncio.CancelledError:
-                self.disconnected.set()
+                self.saw_disconnect()
                 raise
         raw_items = body.get("items") or []
         if len(raw_items) > MAX_ITEMS_PER_CALL:
@@ -281,7 +250,7 @@ class FakeResponses:
         try:
             return await self._respond(request, body, turn)
         except (asyncio.CancelledError, ConnectionError):
-            self.disconnected.set()
+            self.saw_disconnect()
             raise
 
     async def _respond(
@@ -662,25 +631,13 @@ def _too_many_items(count: int) -> web.Response:
     return _error(400, message, param="items", code="array_above_max_length")
 
 
-async def _serve(host: str, port: int) -> None:
-    fake = FakeResponses(host=host, port=port)
-    await fake.start()
-    print(f"fake_responses listening on {fake.base_url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await fake.stop()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
     args = parser.parse_args()
-    asyncio.run(_serve(args.host, args.port))
+    fake = FakeResponses(host=args.host, port=args.port)
+    asyncio.run(fake.serve_until_signalled("fake_responses"))
 
 
 if __name__ == "__main__":

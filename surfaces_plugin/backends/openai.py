@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import aiohttp
@@ -19,8 +20,7 @@ from .base import (
     ToolCall,
     Usage,
 )
-from .http import HttpBackend, int_or_none, parse_retry_after
-from .sse import SSEDecoder
+from .http import HttpBackend, event_payloads, int_or_none, parse_retry_after
 from .think import ThinkFilter
 
 __all__ = ["OpenAIBackend", "parse_retry_after"]
@@ -211,18 +211,14 @@ class OpenAIBackend(HttpBackend):
         return body
 
     async def _read_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
-        decoder = SSEDecoder()
         answer = _Answer()
-        async for raw in response.content.iter_any():
-            text = self._apply_events(answer, decoder.feed(raw))
-            if text:
-                yield Chunk(text=text)
-            if answer.done:
-                break  # after [DONE] nothing else matters; don't wait for the server to close
-        else:
-            text = self._apply_events(answer, decoder.finish())
-            if text:
-                yield Chunk(text=text)
+        async with aclosing(event_payloads(response)) as batches:
+            async for payloads in batches:
+                text = self._apply_events(answer, payloads)
+                if text:
+                    yield Chunk(text=text)
+                if answer.done:
+                    break  # after [DONE] nothing else matters; don't wait for the server to close
         tail = answer.think.flush()
         if tail:
             yield Chunk(text=tail)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import aiohttp
@@ -29,8 +30,7 @@ from .base import (
     ToolSpec,
     Usage,
 )
-from .http import HttpBackend, int_or_none, one_line
-from .sse import SSEDecoder
+from .http import HttpBackend, event_payloads, int_or_none, one_line
 from .think import ThinkFilter
 
 # The Conversations API takes at most this many items per call (create, then add the rest).
@@ -288,18 +288,14 @@ class ResponsesBackend(HttpBackend):
         return body
 
     async def _read_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
-        decoder = SSEDecoder()
         answer = _Answer()
-        async for raw in response.content.iter_any():
-            text = self._apply_events(answer, decoder.feed(raw))
-            if text:
-                yield Chunk(text=text)
-            if answer.finished:
-                break  # the response is complete; don't wait for the server to close
-        else:
-            text = self._apply_events(answer, decoder.finish())
-            if text:
-                yield Chunk(text=text)
+        async with aclosing(event_payloads(response)) as batches:
+            async for payloads in batches:
+                text = self._apply_events(answer, payloads)
+                if text:
+                    yield Chunk(text=text)
+                if answer.finished:
+                    break  # the response is complete; don't wait for the server to close
         if not answer.finished:
             raise self._error(ErrorKind.MALFORMED, "the answer stream ended before it was complete")
         async for chunk in self._ending(answer):
